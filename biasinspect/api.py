@@ -1,0 +1,114 @@
+"""The library entry point: paths in, :class:`~biasinspect.model.Report` out.
+
+Every file is read by the reader its content calls for; every failure a file can cause becomes
+an :class:`~biasinspect.model.InspectionFailure` in the report, so one bad file never hides the
+others.  Nothing is printed here and no exit codes exist here (that is the CLI's job).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from biasinspect.analysis import analyze
+from biasinspect.detect import FileFormat, scan_folder, sniff
+from biasinspect.errors import BiasInspectError, ResourceLimitError
+from biasinspect.model import InspectionFailure, ModelDescription, ModelReport, Report
+
+
+def _reader_for(file_format: FileFormat) -> Callable[[Path], list[ModelDescription]]:
+    # Imported on demand so that start-up stays light and onnx is imported only for ONNX files.
+    if file_format is FileFormat.ONNX:
+        from biasinspect.readers.onnx_reader import read_onnx
+
+        return read_onnx
+    if file_format is FileFormat.ZIP:
+        from biasinspect.readers.torch_reader import read_torch_zip
+
+        return read_torch_zip
+    if file_format is FileFormat.PICKLE:
+        from biasinspect.readers.torch_reader import read_pickle_file
+
+        return read_pickle_file
+    if file_format is FileFormat.SAFETENSORS:
+        from biasinspect.readers.safetensors_reader import read_safetensors
+
+        return read_safetensors
+    from biasinspect.readers.sharded import read_sharded_index
+
+    return read_sharded_index
+
+
+def read_file(path: Path) -> list[ModelDescription]:
+    """Read one model file (or shard index) into descriptions; raises BiasInspectError subclasses."""
+    reader = _reader_for(sniff(path))
+    try:
+        return reader(path)
+    except RecursionError as error:
+        raise ResourceLimitError("structure nested too deeply to inspect") from error
+    except MemoryError as error:
+        raise ResourceLimitError("out of memory while reading the file structure") from error
+
+
+def inspect_file(path: Path) -> list[ModelReport]:
+    """Read and analyse one file."""
+    return [analyze(description) for description in read_file(path)]
+
+
+def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[tuple[Path, str | None]]:
+    """Turn command-line paths into files to read, folders expanded; each with a problem or None."""
+    expanded: list[tuple[Path, str | None]] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = list(scan_folder(path))
+            if not found:
+                expanded.append((path, "no model files found in this folder"))
+            expanded.extend((item.path, item.problem) for item in found)
+        else:
+            expanded.append((path, None))
+    return expanded
+
+
+def inspect(*paths: str | os.PathLike[str]) -> Report:
+    """Inspect files and folders (scanned recursively); failures are collected, not raised.
+
+    Each failure is an :class:`InspectionFailure` with a one-line reason.  An exception that is not
+    a :class:`BiasInspectError` is a bug in biasinspect and propagates.
+    """
+    return _inspect_all(paths, contain_bugs=False)
+
+
+def inspect_paths_for_cli(paths: Iterable[str | os.PathLike[str]]) -> Report:
+    """Like :func:`inspect`, but a bug met on one file is reported as that file's failure, so a
+    batch run still reports every other file (the CLI's promise of one line per bad path)."""
+    return _inspect_all(paths, contain_bugs=True)
+
+
+def _inspect_all(paths: Iterable[str | os.PathLike[str]], *, contain_bugs: bool) -> Report:
+    models: list[ModelReport] = []
+    errors: list[InspectionFailure] = []
+    for path, problem in expand_paths(paths):
+        if problem is not None:
+            errors.append(InspectionFailure(str(path), problem))
+            continue
+        try:
+            models.extend(inspect_file(path))
+        except BiasInspectError as error:
+            errors.append(InspectionFailure(str(path), _one_line(error)))
+        except Exception as error:
+            if not contain_bugs:
+                raise
+            errors.append(
+                InspectionFailure(str(path), f"internal error (please report): {type(error).__name__}: {error}")
+            )
+    return Report(models=tuple(models), errors=tuple(errors))
+
+
+def _one_line(error: BiasInspectError) -> str:
+    message = " ".join(str(error).split())
+    return message or type(error).__name__
+
+
+__all__ = ["inspect", "inspect_file", "inspect_paths_for_cli", "read_file"]

@@ -1,0 +1,189 @@
+"""The command line: the only module that reads argv, prints or exits.
+
+Exit codes (a public contract): 0 ok; 1 a ``--fail-on`` policy matched; 2 a path could not be
+inspected or the command line is wrong.  A path that cannot be inspected gives exactly one line on
+stderr, ``biasinspect: PATH: reason``; the other paths are still reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn, TextIO
+
+from biasinspect import __version__
+from biasinspect.errors import BiasInspectError, UsageError
+
+EXIT_OK = 0
+EXIT_POLICY = 1
+EXIT_INPUT = 2
+
+POLICY_KINDS = ("tied", "untied", "absent", "other", "unsafe")
+OUTPUT_FORMATS = ("table", "markdown", "csv", "json")
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so ``main`` can return the code."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _split_kinds(value: str) -> list[str]:
+    kinds = [part.strip().lower() for part in value.split(",") if part.strip()]
+    unknown = [kind for kind in kinds if kind not in POLICY_KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"invalid kind {', '.join(unknown) or repr(value)} (choose from {', '.join(POLICY_KINDS)})"
+        )
+    return kinds
+
+
+def _build_inspect_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="biasinspect",
+        description=(
+            "Classify every convolution's bias in ONNX, PyTorch, TorchScript, torch.export and safetensors "
+            "files as tied (one per output channel), untied (one per channel and location) or absent, and "
+            "print the exact parameter breakdown. Files are never executed and weights are never read. "
+            "Also: 'biasinspect calc --input 3x32x32 --filters 32x5x5' answers the question for one layer."
+        ),
+        epilog="Exit codes: 0 ok, 1 a --fail-on policy matched, 2 a path could not be inspected or bad usage.",
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="model files or folders (scanned recursively)")
+    parser.add_argument("--format", "-f", choices=OUTPUT_FORMATS, default="table", help="output format (default: table)")
+    parser.add_argument(
+        "--fail-on",
+        action="append",
+        type=_split_kinds,
+        default=[],
+        metavar="KIND",
+        help=(
+            "exit 1 after the report when any layer has this bias kind (tied, untied, absent, other), or when a "
+            "pickle references code-running callables (unsafe); repeat or comma-separate for several"
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"biasinspect {__version__}")
+    return parser
+
+
+def _dims(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.lower().replace("*", "x").replace(",", "x").split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 3x32x32, not {text!r}") from None
+    return values
+
+
+def _padding(text: str) -> list[int] | str:
+    if text.lower() in ("same", "valid"):
+        return text.lower()
+    return _dims(text)
+
+
+def _build_calc_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="biasinspect calc",
+        description=(
+            "Parameter count of one conv layer with tied and with untied biases, side by side. "
+            "Example: biasinspect calc --input 3x32x32 --filters 32x5x5"
+        ),
+    )
+    parser.add_argument("--input", required=True, type=_dims, metavar="CxHxW", help="input channels and size")
+    parser.add_argument("--filters", required=True, type=_dims, metavar="NxKHxKW", help="filter count and kernel")
+    parser.add_argument("--stride", type=_dims, default=[1], metavar="S", help="stride, one value or per axis (1)")
+    parser.add_argument(
+        "--padding", type=_padding, default=[0], metavar="P", help="padding per side, per axis, 'same' or 'valid' (0)"
+    )
+    parser.add_argument("--dilation", type=_dims, default=[1], metavar="D", help="dilation (1)")
+    parser.add_argument("--groups", type=int, default=1, metavar="G", help="groups (1)")
+    parser.add_argument("--format", "-f", choices=OUTPUT_FORMATS, default="table", help="output format")
+    return parser
+
+
+def _run_calc(argv: Sequence[str], stdout: TextIO) -> int:
+    from biasinspect.analysis import calc
+    from biasinspect.render import render_calc
+
+    args = _build_calc_parser().parse_args(list(argv))
+    result = calc(args.input, args.filters, args.stride, args.padding, args.dilation, args.groups)
+    stdout.write(render_calc(result, args.format))
+    return EXIT_OK
+
+
+def _policy_failures(report: object, kinds: set[str]) -> list[str]:
+    from biasinspect.model import Report
+
+    assert isinstance(report, Report)
+    messages: list[str] = []
+    for model in report.models:
+        where = model.path + (f" [{model.location}]" if model.location else "")
+        for kind in sorted(kinds - {"unsafe"}):
+            matching = [layer.name for layer in model.layers if str(layer.bias.kind) == kind]
+            if matching:
+                shown = ", ".join(matching[:5]) + (" ..." if len(matching) > 5 else "")
+                messages.append(f"{where}: {len(matching)} {kind} layer(s) (--fail-on {kind}): {shown}")
+        if "unsafe" in kinds and model.unsafe_callables:
+            messages.append(
+                f"{where}: pickle references code-running callables (--fail-on unsafe): "
+                + ", ".join(model.unsafe_callables)
+            )
+    return messages
+
+
+def _run_inspect(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
+    from biasinspect.api import inspect_paths_for_cli
+    from biasinspect.render import render
+
+    args = _build_inspect_parser().parse_args(list(argv))
+    kinds = {kind for group in args.fail_on for kind in group}
+    report = inspect_paths_for_cli(args.paths)
+    stdout.write(render(report, args.format))
+    stdout.flush()
+    for failure in report.errors:
+        stderr.write(f"biasinspect: {failure.path}: {failure.message}\n")
+    policy_messages = _policy_failures(report, kinds)
+    for message in policy_messages:
+        stderr.write(f"biasinspect: {message}\n")
+    if report.errors:
+        return EXIT_INPUT
+    return EXIT_POLICY if policy_messages else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """Run the CLI and return its exit code (0 ok, 1 policy failure, 2 unreadable input or usage error)."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    out = sys.stdout if stdout is None else stdout
+    err = sys.stderr if stderr is None else stderr
+    try:
+        if arguments and arguments[0] == "calc":
+            return _run_calc(arguments[1:], out)
+        return _run_inspect(arguments, out, err)
+    except UsageError as error:
+        err.write(f"biasinspect: error: {error}\n")
+        err.write("usage: biasinspect PATH... [--format FORMAT] [--fail-on KIND] | biasinspect calc --help\n")
+        return EXIT_INPUT
+    except BiasInspectError as error:
+        err.write(f"biasinspect: {error}\n")
+        return EXIT_INPUT
+    except SystemExit as exit_request:  # --help and --version
+        code = exit_request.code
+        return code if isinstance(code, int) else EXIT_OK
+
+
+def console_main() -> NoReturn:
+    """Entry point of the ``biasinspect`` console script."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Output piped into `head` and closed early: not an error worth a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = EXIT_OK
+    except KeyboardInterrupt:
+        sys.stderr.write("biasinspect: interrupted\n")
+        code = 130
+    sys.exit(code)

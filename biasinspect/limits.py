@@ -1,0 +1,42 @@
+"""Resource caps: every reader stops with ResourceLimitError before crossing one of these.
+
+They are documented in the README's security model; change both together.
+"""
+
+from __future__ import annotations
+
+MAX_PICKLE_BYTES = 256 * 1024 * 1024
+"""Largest pickle stream read (a torch zip's data.pkl, a legacy file's object pickle, a .pkl)."""
+
+MAX_ZIP_MEMBER_BYTES = 256 * 1024 * 1024
+"""Largest single zip member decompressed (only pickles and JSON/code text are ever read)."""
+
+MAX_ZIP_TOTAL_BYTES = 512 * 1024 * 1024
+"""Largest total decompressed from one archive."""
+
+MAX_ZIP_RATIO = 200
+"""Largest uncompressed/compressed ratio accepted for a deflated member (zip bombs)."""
+
+MAX_ZIP_MEMBERS = 1_000_000
+"""Largest number of central-directory entries."""
+
+MAX_PICKLE_OBJECTS = 5_000_000
+"""Node budget for the inert unpickler and for walks over what it produced."""
+
+MAX_CONTAINER_DEPTH = 1_000
+"""Deepest nesting of containers followed when walking an unpickled object tree."""
+
+MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024 * 1024
+"""Same cap as the safetensors library."""
+
+MAX_JSON_BYTES = 64 * 1024 * 1024
+"""Largest index.json or torch.export JSON read."""
+
+MAX_PROTO_DEPTH = 100
+"""Deepest protobuf message nesting followed in an ONNX file (protobuf's own default limit)."""
+
+MAX_ONNX_STRIPPED_BYTES = 1024 * 1024 * 1024
+"""Largest ONNX graph structure (after dropping tensor payloads) parsed; protobuf caps at 2 GiB."""
+
+MAX_SCAN_FILES = 100_000
+"""Most files a folder scan will look at."""

@@ -1,0 +1,178 @@
+"""The vocabulary every biasinspect module speaks.
+
+Readers turn a file into :class:`ModelDescription` objects (format-neutral facts: conv
+nodes, their weight shapes, their bias terms, their neighbours).  :mod:`biasinspect.analysis`
+turns those facts into :class:`ModelReport` objects (classified layers, formulas, totals),
+and :mod:`biasinspect.render` prints them.  Everything here is a frozen dataclass so that a
+report can be shared, hashed and compared in tests without defensive copies.
+
+A dimension is an ``int`` when it is known and ``None`` when it is symbolic or could not be
+resolved; a whole shape is ``None`` when even its rank is unknown.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Optional
+
+Dim = Optional[int]
+"""One dimension: an ``int`` when known, ``None`` when symbolic or unresolved."""
+
+Shape = tuple[Dim, ...]
+"""A tensor shape whose rank is known; individual dims may be unknown."""
+
+MaybeShape = Optional[Shape]
+"""A shape, or ``None`` when not even the rank is known."""
+
+
+class _StrEnum(str, enum.Enum):
+    """``enum.StrEnum`` for Python 3.10: members compare and format as their value."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class BiasKind(_StrEnum):
+    """How a convolution's bias is laid out."""
+
+    TIED = "tied"
+    """One bias per output channel: shape [C_out]."""
+    UNTIED = "untied"
+    """One bias per output channel and output location: [C_out, *spatial]."""
+    ABSENT = "absent"
+    """No bias at all (often because a BatchNorm follows)."""
+    OTHER = "other"
+    """A bias-like term that is neither of the above, e.g. one scalar for all channels."""
+
+
+class BiasSource(_StrEnum):
+    """Where a bias term was found."""
+
+    CONV = "conv"
+    """The conv's own bias (ONNX input 2, ``<conv>.bias`` in PyTorch)."""
+    ADD = "add"
+    """A separate addition after the conv (an ONNX ``Add``, or a PyTorch bias parameter)."""
+
+
+@dataclass(frozen=True)
+class BiasTerm:
+    """One tensor that is added to a convolution's output."""
+
+    name: str
+    shape: MaybeShape
+    source: BiasSource
+
+
+@dataclass(frozen=True)
+class ConvNode:
+    """A convolution as a reader found it: facts only, nothing classified yet.
+
+    ``weight_shape`` is in the framework's own layout: [C_out, C_in/groups, *kernel] for a
+    convolution, [C_in, C_out/groups, *kernel] for a transposed convolution.
+    """
+
+    name: str
+    op: str
+    weight_name: str
+    weight_shape: MaybeShape
+    transposed: Optional[bool]
+    """``None`` when the reader cannot tell a conv from a transposed conv (some state dicts)."""
+    groups: Optional[int]
+    """``None`` when unknown (state dicts do not record it)."""
+    kernel_shape: MaybeShape = None
+    """From node attributes when present; otherwise derived from the weight shape."""
+    output_spatial: MaybeShape = None
+    bias_terms: tuple[BiasTerm, ...] = ()
+    followed_by: Optional[str] = None
+    notes: tuple[str, ...] = ()
+    """Reader remarks about this layer that end up in the model's warnings."""
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """Everything a reader learned about one model (one weight set) in a file."""
+
+    path: str
+    format: str
+    convs: tuple[ConvNode, ...]
+    model_params: Optional[int]
+    """Elements of all trainable/floating parameter tensors; ``None`` when unknown."""
+    warnings: tuple[str, ...] = ()
+    location: Optional[str] = None
+    """Where in the file this weight set was found (e.g. ``state_dict`` or ``ema``)."""
+    unsafe_callables: tuple[str, ...] = ()
+    """Dotted names of callables a pickle would have run under ``torch.load``."""
+
+
+@dataclass(frozen=True)
+class BiasInfo:
+    """The classified bias of one layer."""
+
+    kind: BiasKind
+    shape: MaybeShape
+    params: Optional[int]
+    source: Optional[BiasSource]
+    terms: tuple[BiasTerm, ...] = ()
+
+
+@dataclass(frozen=True)
+class ConvLayer:
+    """One classified convolution: a row of the report."""
+
+    name: str
+    op: str
+    in_channels: Optional[int]
+    out_channels: Optional[int]
+    groups: Optional[int]
+    kernel_shape: MaybeShape
+    output_spatial: MaybeShape
+    weight_shape: MaybeShape
+    weight_params: Optional[int]
+    bias: BiasInfo
+    followed_by: Optional[str]
+    formula: str
+    transposed: Optional[bool] = None
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Sums over a model's conv layers, plus the whole model's parameter count."""
+
+    conv_layers: int
+    conv_weight_params: Optional[int]
+    conv_bias_params: Optional[int]
+    tied: int
+    untied: int
+    absent: int
+    other: int
+    model_params: Optional[int]
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    """The report for one model (one weight set) in one file."""
+
+    path: str
+    format: str
+    layers: tuple[ConvLayer, ...]
+    totals: Totals
+    warnings: tuple[str, ...] = ()
+    location: Optional[str] = None
+    unsafe_callables: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class InspectionFailure:
+    """A path that could not be inspected, with the one-line reason."""
+
+    path: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Report:
+    """The result of inspecting one or more paths."""
+
+    models: tuple[ModelReport, ...] = ()
+    errors: tuple[InspectionFailure, ...] = ()

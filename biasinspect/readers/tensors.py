@@ -1,0 +1,41 @@
+"""A tensor as readers see it: a name's shape and dtype, never its data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+FLOATING_DTYPES = frozenset(
+    {
+        "float64", "float32", "float16", "bfloat16",
+        "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
+        "float4_e2m1", "complex64", "complex128", "complex32",
+    }
+)
+"""dtypes whose tensors count as parameters."""
+
+QUANTIZED_DTYPES = frozenset({"qint8", "quint8", "qint32", "quint4x2", "quint2x4"})
+"""Quantized dtypes (PyTorch quantized tensors); these count as parameters too."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape and dtype of one stored tensor.  ``storage_key`` names its storage, when known,
+    so that two names sharing one storage (tied weights, EMA aliases) can be recognised."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    storage_key: Optional[str] = None
+    storage_offset: int = 0
+
+    def numel(self) -> int:
+        """Number of elements (1 for a scalar)."""
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count
+
+    @property
+    def is_parameter_dtype(self) -> bool:
+        """True for floating-point and quantized dtypes: the ones model_params counts."""
+        return self.dtype in FLOATING_DTYPES or self.dtype in QUANTIZED_DTYPES

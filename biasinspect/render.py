@@ -1,0 +1,276 @@
+"""Rendering of reports: a text table (default), markdown, CSV and JSON.
+
+JSON is a public contract (see README, "JSON report"): keys are only ever added.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from tabulate import tabulate
+
+from biasinspect import __version__
+from biasinspect.analysis import CalcResult, format_count, format_dims, format_shape, totals_sentence
+from biasinspect.model import BiasTerm, ConvLayer, MaybeShape, ModelReport, Report
+
+FORMATS = ("table", "markdown", "csv", "json")
+
+_TABLE_HEADERS = (
+    "layer", "op", "in", "out", "groups", "kernel", "output", "weights",
+    "bias", "bias shape", "bias params", "followed by", "formula",
+)  # fmt: skip
+
+
+def _shape_json(shape: MaybeShape) -> list[int | None] | None:
+    return None if shape is None else list(shape)
+
+
+def _term_json(term: BiasTerm) -> dict[str, Any]:
+    return {"name": term.name, "shape": _shape_json(term.shape), "source": str(term.source)}
+
+
+def layer_to_json(layer: ConvLayer) -> dict[str, Any]:
+    """One layer as the JSON contract spells it."""
+    return {
+        "name": layer.name,
+        "op": layer.op,
+        "in_channels": layer.in_channels,
+        "out_channels": layer.out_channels,
+        "groups": layer.groups,
+        "kernel_shape": _shape_json(layer.kernel_shape),
+        "output_spatial": _shape_json(layer.output_spatial),
+        "weight_shape": _shape_json(layer.weight_shape),
+        "weight_params": layer.weight_params,
+        "transposed": layer.transposed,
+        "bias": {
+            "kind": str(layer.bias.kind),
+            "shape": _shape_json(layer.bias.shape),
+            "params": layer.bias.params,
+            "source": None if layer.bias.source is None else str(layer.bias.source),
+            "terms": [_term_json(term) for term in layer.bias.terms],
+        },
+        "followed_by": layer.followed_by,
+        "formula": layer.formula,
+    }
+
+
+def model_to_json(model: ModelReport) -> dict[str, Any]:
+    """One model report as the JSON contract spells it."""
+    totals = model.totals
+    return {
+        "path": model.path,
+        "format": model.format,
+        "location": model.location,
+        "layers": [layer_to_json(layer) for layer in model.layers],
+        "totals": {
+            "conv_layers": totals.conv_layers,
+            "conv_weight_params": totals.conv_weight_params,
+            "conv_bias_params": totals.conv_bias_params,
+            "tied": totals.tied,
+            "untied": totals.untied,
+            "absent": totals.absent,
+            "other": totals.other,
+            "model_params": totals.model_params,
+        },
+        "warnings": list(model.warnings),
+        "unsafe_callables": list(model.unsafe_callables),
+    }
+
+
+def report_to_json(report: Report) -> dict[str, Any]:
+    """The whole report as a JSON-ready dict."""
+    return {
+        "tool": "biasinspect",
+        "version": __version__,
+        "models": [model_to_json(model) for model in report.models],
+        "errors": [{"path": failure.path, "message": failure.message} for failure in report.errors],
+    }
+
+
+def render_json(report: Report) -> str:
+    """Pretty JSON, one document for all paths."""
+    return json.dumps(report_to_json(report), indent=2) + "\n"
+
+
+def _dims_or_blank(shape: MaybeShape) -> str:
+    return "" if shape is None else format_dims(shape)
+
+
+def _optional(value: object) -> str:
+    return "?" if value is None else str(value)
+
+
+def _layer_row(layer: ConvLayer) -> list[str]:
+    return [
+        layer.name,
+        layer.op,
+        _optional(layer.in_channels),
+        _optional(layer.out_channels),
+        _optional(layer.groups),
+        _dims_or_blank(layer.kernel_shape),
+        _dims_or_blank(layer.output_spatial) or "?",
+        format_count(layer.weight_params),
+        str(layer.bias.kind),
+        "" if layer.bias.shape is None and not layer.bias.terms else format_shape(layer.bias.shape),
+        "0" if not layer.bias.terms else format_count(layer.bias.params),
+        layer.followed_by or "",
+        layer.formula,
+    ]
+
+
+def model_heading(model: ModelReport) -> str:
+    """``path (format)``, with the location inside the file when there is one."""
+    where = f" [{model.location}]" if model.location else ""
+    return f"{model.path}{where} ({model.format})"
+
+
+def _totals_lines(model: ModelReport) -> list[str]:
+    totals = model.totals
+    return [
+        totals_sentence(totals),
+        f"conv weights {format_count(totals.conv_weight_params)}, conv biases {format_count(totals.conv_bias_params)}, "
+        f"model parameters {format_count(totals.model_params)}",
+    ]
+
+
+def _render_text(report: Report, table_format: str, heading_prefix: str) -> str:
+    blocks: list[str] = []
+    for model in report.models:
+        lines = [heading_prefix + model_heading(model)]
+        if model.layers:
+            lines.append("")
+            lines.append(
+                tabulate(
+                    [_layer_row(layer) for layer in model.layers],
+                    headers=_TABLE_HEADERS,
+                    tablefmt=table_format,
+                    disable_numparse=True,
+                )
+            )
+            lines.append("")
+        lines.extend(_totals_lines(model))
+        lines.extend(f"warning: {warning}" for warning in model.warnings)
+        blocks.append("\n".join(lines))
+    if report.errors and report.models:  # a batch: list the bad paths beside the good ones
+        blocks.append(
+            "\n".join(
+                [f"{len(report.errors)} path(s) could not be inspected:"]
+                + [f"  {failure.path}: {failure.message}" for failure in report.errors]
+            )
+        )
+    return "\n\n".join(blocks) + ("\n" if blocks else "")
+
+
+def render_table(report: Report) -> str:
+    """The default human-readable report."""
+    return _render_text(report, "simple", "")
+
+
+def render_markdown(report: Report) -> str:
+    """A markdown report: one heading and one pipe table per model."""
+    return _render_text(report, "github", "## ")
+
+
+_CSV_HEADERS = (
+    "path", "location", "format", "layer", "op", "in_channels", "out_channels", "groups", "kernel_shape",
+    "output_spatial", "weight_shape", "weight_params", "bias_kind", "bias_shape", "bias_params", "bias_source",
+    "followed_by", "formula",
+)  # fmt: skip
+
+
+def render_csv(report: Report) -> str:
+    """One CSV row per conv layer over all models; shapes as ``32x28x28``, unknown values empty."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(_CSV_HEADERS)
+    for model in report.models:
+        for layer in model.layers:
+            writer.writerow(
+                [
+                    model.path,
+                    model.location or "",
+                    model.format,
+                    layer.name,
+                    layer.op,
+                    _csv_value(layer.in_channels),
+                    _csv_value(layer.out_channels),
+                    _csv_value(layer.groups),
+                    _dims_or_blank(layer.kernel_shape),
+                    _dims_or_blank(layer.output_spatial),
+                    _dims_or_blank(layer.weight_shape),
+                    _csv_value(layer.weight_params),
+                    str(layer.bias.kind),
+                    _dims_or_blank(layer.bias.shape),
+                    _csv_value(layer.bias.params if layer.bias.terms else 0),
+                    "" if layer.bias.source is None else str(layer.bias.source),
+                    layer.followed_by or "",
+                    layer.formula,
+                ]
+            )
+    return buffer.getvalue()
+
+
+def _csv_value(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def render(report: Report, fmt: str) -> str:
+    """Render in one of :data:`FORMATS`."""
+    renderers = {"table": render_table, "markdown": render_markdown, "csv": render_csv, "json": render_json}
+    return renderers[fmt](report)
+
+
+def render_calc(result: CalcResult, fmt: str) -> str:
+    """The ``calc`` answer: tied and untied counts side by side."""
+    if fmt == "json":
+        return json.dumps(
+            {
+                "tool": "biasinspect",
+                "version": __version__,
+                "input": [result.in_channels, *result.input_spatial],
+                "filters": [result.out_channels, *result.kernel],
+                "groups": result.groups,
+                "output": [result.out_channels, *result.output_spatial],
+                "weight_params": result.weight_params,
+                "tied": {
+                    "bias_params": result.tied_bias_params,
+                    "total": result.tied_total,
+                    "formula": result.tied_formula,
+                },
+                "untied": {
+                    "bias_params": result.untied_bias_params,
+                    "total": result.untied_total,
+                    "formula": result.untied_formula,
+                },
+                "absent": {"bias_params": 0, "total": result.weight_params, "formula": result.absent_formula},
+            },
+            indent=2,
+        ) + "\n"
+    rows: Sequence[Sequence[str]] = [
+        ["tied (one bias per output channel)", format_count(result.tied_bias_params),
+         format_count(result.tied_total), result.tied_formula],
+        ["untied (one bias per channel and location)", format_count(result.untied_bias_params),
+         format_count(result.untied_total), result.untied_formula],
+        ["absent (no bias)", "0", format_count(result.weight_params), result.absent_formula],
+    ]  # fmt: skip
+    table_format = "github" if fmt == "markdown" else "simple"
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["bias", "bias_params", "total_params", "formula"])
+        writer.writerows(rows)
+        return buffer.getvalue()
+    heading = (
+        f"input {format_dims((result.in_channels, *result.input_spatial))}, "
+        f"{result.out_channels} filters of {format_dims((result.in_channels // result.groups, *result.kernel))}"
+        + (f" in {result.groups} groups" if result.groups > 1 else "")
+        + f" -> output {format_dims((result.out_channels, *result.output_spatial))}"
+    )
+    table = tabulate(
+        rows, headers=("bias", "bias params", "total params", "formula"), tablefmt=table_format, disable_numparse=True
+    )
+    return f"{heading}\n\n{table}\n"
