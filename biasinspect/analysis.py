@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Optional
 
 from biasinspect.errors import UsageError
 from biasinspect.model import (
@@ -41,7 +40,7 @@ from biasinspect.model import (
 _KIND_PRECEDENCE = (BiasKind.UNTIED, BiasKind.TIED, BiasKind.OTHER)
 
 
-def product(dims: Iterable[Dim]) -> Optional[int]:
+def product(dims: Iterable[Dim]) -> int | None:
     """Product of dims, or ``None`` when any dim is unknown (1 for no dims)."""
     total = 1
     for dim in dims:
@@ -51,12 +50,12 @@ def product(dims: Iterable[Dim]) -> Optional[int]:
     return total
 
 
-def shape_params(shape: MaybeShape) -> Optional[int]:
+def shape_params(shape: MaybeShape) -> int | None:
     """Element count of a shape, ``None`` when unknown."""
     return None if shape is None else product(shape)
 
 
-def format_count(count: Optional[int]) -> str:
+def format_count(count: int | None) -> str:
     """``2432`` -> ``"2,432"``; unknown -> ``"?"``."""
     return "?" if count is None else f"{count:,}"
 
@@ -79,11 +78,11 @@ def format_shape(shape: MaybeShape) -> str:
 class ConvGeometry:
     """Channel bookkeeping derived from a weight shape."""
 
-    in_channels: Optional[int]
-    out_channels: Optional[int]
-    fan_in: Optional[Shape]
+    in_channels: int | None
+    out_channels: int | None
+    fan_in: Shape | None
     """Factors of the weights feeding one output channel: (C_in/groups, *kernel)."""
-    spatial_rank: Optional[int]
+    spatial_rank: int | None
 
 
 def conv_geometry(node: ConvNode) -> ConvGeometry:
@@ -99,7 +98,7 @@ def conv_geometry(node: ConvNode) -> ConvGeometry:
         out_channels = None if per_group_out is None or groups is None else per_group_out * groups
         in_channels = weight[0]
         if in_channels is None or groups is None or groups <= 0 or in_channels % groups:
-            fan_in: Optional[Shape] = None
+            fan_in: Shape | None = None
         else:
             fan_in = (in_channels // groups, *kernel)
     else:
@@ -110,8 +109,17 @@ def conv_geometry(node: ConvNode) -> ConvGeometry:
     return ConvGeometry(in_channels, out_channels, fan_in, len(kernel))
 
 
-def classify_term(term: BiasTerm, out_channels: Optional[int], spatial_rank: Optional[int]) -> BiasKind:
-    """Classify one bias term by broadcasting it against ``[N, C_out, *spatial]``."""
+def classify_term(
+    term: BiasTerm,
+    out_channels: int | None,
+    spatial_rank: int | None,
+    output_spatial: MaybeShape = None,
+) -> BiasKind:
+    """Classify one bias term by broadcasting it against ``[N, C_out, *spatial]``.
+
+    A term that cannot broadcast against the output (a channel extent other than 1 or C_out, a
+    spatial extent other than 1 or the output's) is **other**: it is reported, not interpreted.
+    """
     if term.source is BiasSource.CONV:
         return BiasKind.TIED
     shape = term.shape
@@ -122,13 +130,17 @@ def classify_term(term: BiasTerm, out_channels: Optional[int], spatial_rank: Opt
         return BiasKind.OTHER
     aligned = (1,) * (output_rank - len(shape)) + tuple(shape)
     batch, channel, spatial = aligned[0], aligned[1], aligned[2:]
-    if any(dim is None for dim in spatial):
+    if batch != 1 or any(dim is None for dim in spatial):
         return BiasKind.OTHER
+    if channel != 1 and (channel is None or out_channels is None or channel != out_channels):
+        return BiasKind.OTHER
+    if output_spatial is not None and len(output_spatial) == spatial_rank:
+        for extent, size in zip(spatial, output_spatial, strict=False):
+            if size is not None and extent not in (1, size):
+                return BiasKind.OTHER
     if any(dim is not None and dim > 1 for dim in spatial):
         return BiasKind.UNTIED
-    if batch != 1:
-        return BiasKind.OTHER
-    if out_channels is not None and channel == out_channels:
+    if channel == out_channels:
         return BiasKind.TIED
     return BiasKind.OTHER
 
@@ -153,8 +165,8 @@ def _term_expression(shape: MaybeShape) -> str:
 
 
 def parameter_formula(
-    fan_in: Optional[Shape],
-    out_channels: Optional[int],
+    fan_in: Shape | None,
+    out_channels: int | None,
     weight_shape: MaybeShape,
     terms: Sequence[BiasTerm],
     kind: BiasKind,
@@ -166,17 +178,19 @@ def parameter_formula(
     (a transposed conv whose groups are unknown) the weight shape itself is written out.
     """
     bias_total = _sum_params(terms)
-    if fan_in is not None and out_channels is not None:
+    if fan_in is not None and (out_channels is not None or weight_shape is None or weight_shape[0] is None):
         fan_text = format_dims(fan_in)
         weights = product(fan_in)
-        weight_total = None if weights is None else weights * out_channels
-        single_per_channel = (
-            kind is BiasKind.TIED and len(terms) == 1 and bias_total == out_channels and weights is not None
-        )
-        if single_per_channel:
-            total = None if weight_total is None else weight_total + out_channels
-            return f"({fan_text} + 1) x {out_channels} = {format_count(total)}"
-        weight_text = f"{fan_text} x {out_channels}"
+        weight_total = None if weights is None or out_channels is None else weights * out_channels
+        if (
+            kind is BiasKind.TIED
+            and len(terms) == 1
+            and out_channels is not None
+            and bias_total == out_channels
+            and weight_total is not None
+        ):
+            return f"({fan_text} + 1) x {out_channels} = {format_count(weight_total + out_channels)}"
+        weight_text = f"{fan_text} x {'?' if out_channels is None else out_channels}"
     elif weight_shape is not None:
         weight_total = product(weight_shape)
         weight_text = format_dims(weight_shape)
@@ -188,7 +202,7 @@ def parameter_formula(
     return f"{' + '.join(parts)} = {format_count(total)}"
 
 
-def _sum_params(terms: Sequence[BiasTerm]) -> Optional[int]:
+def _sum_params(terms: Sequence[BiasTerm]) -> int | None:
     total = 0
     for term in terms:
         count = shape_params(term.shape)
@@ -201,9 +215,12 @@ def _sum_params(terms: Sequence[BiasTerm]) -> Optional[int]:
 def analyze_conv(node: ConvNode) -> ConvLayer:
     """Classify one convolution and compute its counts and formula."""
     geometry = conv_geometry(node)
-    term_kinds = [classify_term(term, geometry.out_channels, geometry.spatial_rank) for term in node.bias_terms]
+    term_kinds = [
+        classify_term(term, geometry.out_channels, geometry.spatial_rank, node.output_spatial)
+        for term in node.bias_terms
+    ]
     kind = layer_kind(term_kinds)
-    deciding = next((t for t, k in zip(node.bias_terms, term_kinds) if k is kind), None)
+    deciding = next((t for t, k in zip(node.bias_terms, term_kinds, strict=False) if k is kind), None)
     bias = BiasInfo(
         kind=kind,
         shape=deciding.shape if deciding is not None else None,
@@ -226,12 +243,14 @@ def analyze_conv(node: ConvNode) -> ConvLayer:
         weight_params=shape_params(node.weight_shape),
         bias=bias,
         followed_by=node.followed_by if kind is BiasKind.ABSENT else None,
-        formula=parameter_formula(geometry.fan_in, geometry.out_channels, node.weight_shape, node.bias_terms, kind),
+        formula=parameter_formula(
+            geometry.fan_in, geometry.out_channels, node.weight_shape, node.bias_terms, kind
+        ),
         transposed=node.transposed,
     )
 
 
-def _sum_known(values: Iterable[Optional[int]]) -> Optional[int]:
+def _sum_known(values: Iterable[int | None]) -> int | None:
     total = 0
     for value in values:
         if value is None:
@@ -240,7 +259,7 @@ def _sum_known(values: Iterable[Optional[int]]) -> Optional[int]:
     return total
 
 
-def compute_totals(layers: Sequence[ConvLayer], model_params: Optional[int]) -> Totals:
+def compute_totals(layers: Sequence[ConvLayer], model_params: int | None) -> Totals:
     """Sum the layers; a total is ``None`` (unknown) when any of its addends is unknown."""
     kinds = [layer.bias.kind for layer in layers]
     return Totals(
@@ -259,8 +278,7 @@ def analyze(description: ModelDescription) -> ModelReport:
     """Turn a reader's description of one model into its report."""
     layers = tuple(analyze_conv(node) for node in description.convs)
     warnings = list(description.warnings)
-    for node in description.convs:
-        warnings.extend(f"{node.name}: {note}" for note in node.notes)
+    warnings.extend(_grouped_notes(description.convs))
     unknown_weights = [layer.name for layer in layers if layer.weight_params is None]
     if unknown_weights:
         warnings.append(
@@ -277,6 +295,22 @@ def analyze(description: ModelDescription) -> ModelReport:
         location=description.location,
         unsafe_callables=description.unsafe_callables,
     )
+
+
+def _grouped_notes(convs: Sequence[ConvNode]) -> list[str]:
+    """One warning per distinct note; a note shared by many layers is said once, naming a few."""
+    layers_by_note: dict[str, list[str]] = {}
+    for node in convs:
+        for note in node.notes:
+            layers_by_note.setdefault(note, []).append(node.name)
+    grouped = []
+    for note, names in layers_by_note.items():
+        if len(names) == 1:
+            grouped.append(f"{names[0]}: {note}")
+        else:
+            shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+            grouped.append(f"{len(names)} layers: {note}: {shown}")
+    return grouped
 
 
 def totals_sentence(totals: Totals) -> str:
@@ -345,22 +379,28 @@ def calc(
     rank = len(spatial)
     if len(filters) != rank + 1:
         raise UsageError(
-            f"--filters needs a count and {rank} kernel size(s) to match --input, e.g. 32x" + "x".join(["5"] * rank)
+            f"--filters needs a count and {rank} kernel size(s) to match --input, e.g. 32x"
+            + "x".join(["5"] * rank)
         )
     out_channels, kernel = filters[0], tuple(filters[1:])
     if min((channels, out_channels, groups, *spatial, *kernel)) <= 0:
         raise UsageError("sizes, counts and --groups must be positive")
     if channels % groups or out_channels % groups:
-        raise UsageError(f"--groups {groups} must divide both the input channels ({channels}) and filters ({out_channels})")
+        raise UsageError(
+            f"--groups {groups} must divide both the input channels ({channels}) and filters ({out_channels})"
+        )
     strides = _broadcast(stride, rank, "stride")
     dilations = _broadcast(dilation, rank, "dilation")
     if min(strides) <= 0 or min(dilations) <= 0:
         raise UsageError("--stride and --dilation must be positive")
     if isinstance(padding, str):
         if padding == "valid":
-            output = tuple(conv_output_size(s, k, st, 0, d) for s, k, st, d in zip(spatial, kernel, strides, dilations))
+            output = tuple(
+                conv_output_size(s, k, st, 0, d)
+                for s, k, st, d in zip(spatial, kernel, strides, dilations, strict=False)
+            )
         elif padding == "same":
-            output = tuple(math.ceil(s / st) for s, st in zip(spatial, strides))
+            output = tuple(math.ceil(s / st) for s, st in zip(spatial, strides, strict=False))
         else:
             raise UsageError(f"--padding must be numbers, 'same' or 'valid', not {padding!r}")
     else:
@@ -368,7 +408,8 @@ def calc(
         if min(pads) < 0:
             raise UsageError("--padding must not be negative")
         output = tuple(
-            conv_output_size(s, k, st, 2 * p, d) for s, k, st, p, d in zip(spatial, kernel, strides, pads, dilations)
+            conv_output_size(s, k, st, 2 * p, d)
+            for s, k, st, p, d in zip(spatial, kernel, strides, pads, dilations, strict=False)
         )
     if min(output) <= 0:
         raise UsageError(

@@ -101,7 +101,9 @@ def _inspect_all(paths: Iterable[str | os.PathLike[str]], *, contain_bugs: bool)
             if not contain_bugs:
                 raise
             errors.append(
-                InspectionFailure(str(path), f"internal error (please report): {type(error).__name__}: {error}")
+                InspectionFailure(
+                    str(path), f"internal error (please report): {type(error).__name__}: {error}"
+                )
             )
     return Report(models=tuple(models), errors=tuple(errors))
 

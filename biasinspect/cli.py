@@ -52,8 +52,12 @@ def _build_inspect_parser() -> argparse.ArgumentParser:
         ),
         epilog="Exit codes: 0 ok, 1 a --fail-on policy matched, 2 a path could not be inspected or bad usage.",
     )
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="model files or folders (scanned recursively)")
-    parser.add_argument("--format", "-f", choices=OUTPUT_FORMATS, default="table", help="output format (default: table)")
+    parser.add_argument(
+        "paths", nargs="+", metavar="PATH", help="model files or folders (scanned recursively)"
+    )
+    parser.add_argument(
+        "--format", "-f", choices=OUTPUT_FORMATS, default="table", help="output format (default: table)"
+    )
     parser.add_argument(
         "--fail-on",
         action="append",
@@ -92,10 +96,18 @@ def _build_calc_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--input", required=True, type=_dims, metavar="CxHxW", help="input channels and size")
-    parser.add_argument("--filters", required=True, type=_dims, metavar="NxKHxKW", help="filter count and kernel")
-    parser.add_argument("--stride", type=_dims, default=[1], metavar="S", help="stride, one value or per axis (1)")
     parser.add_argument(
-        "--padding", type=_padding, default=[0], metavar="P", help="padding per side, per axis, 'same' or 'valid' (0)"
+        "--filters", required=True, type=_dims, metavar="NxKHxKW", help="filter count and kernel"
+    )
+    parser.add_argument(
+        "--stride", type=_dims, default=[1], metavar="S", help="stride, one value or per axis (1)"
+    )
+    parser.add_argument(
+        "--padding",
+        type=_padding,
+        default=[0],
+        metavar="P",
+        help="padding per side, per axis, 'same' or 'valid' (0)",
     )
     parser.add_argument("--dilation", type=_dims, default=[1], metavar="D", help="dilation (1)")
     parser.add_argument("--groups", type=int, default=1, metavar="G", help="groups (1)")
@@ -152,7 +164,9 @@ def _run_inspect(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
     return EXIT_POLICY if policy_messages else EXIT_OK
 
 
-def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None
+) -> int:
     """Run the CLI and return its exit code (0 ok, 1 policy failure, 2 unreadable input or usage error)."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     out = sys.stdout if stdout is None else stdout

@@ -30,13 +30,28 @@ class FileFormat(str, enum.Enum):
 
 
 MODEL_SUFFIXES = frozenset(
-    {".onnx", ".pt", ".pth", ".bin", ".ckpt", ".pt2", ".safetensors", ".pkl", ".pickle", ".ptl", ".torchscript", ".jit"}
+    {
+        ".onnx",
+        ".pt",
+        ".pth",
+        ".bin",
+        ".ckpt",
+        ".pt2",
+        ".safetensors",
+        ".pkl",
+        ".pickle",
+        ".ptl",
+        ".torchscript",
+        ".jit",
+    }
 )
 """Suffixes a folder scan picks up (a file named explicitly is read whatever its name)."""
 
 INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json", ".pt.index.json", ".pth.index.json")
 
-_PICKLE_SUFFIXES = frozenset({".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".ptl", ".jit", ".torchscript"})
+_PICKLE_SUFFIXES = frozenset(
+    {".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".ptl", ".jit", ".torchscript"}
+)
 
 # Field tags a serialized ModelProto can start with (ir_version, producer_name, ..., graph, opset_import).
 _ONNX_FIRST_BYTES = frozenset({0x08, 0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72, 0xA2, 0xCA})
@@ -111,7 +126,7 @@ def _safetensors_header_plausible(head: bytes, file_size: int) -> bool:
         return False
     (header_length,) = struct.unpack("<Q", head[:8])
     # A plausible length alone identifies the format even when it is wrong; the reader says why.
-    return header_length > 0 and (header_length <= file_size or header_length <= 4 * MAX_SAFETENSORS_HEADER_BYTES)
+    return bool(0 < header_length <= max(file_size, 4 * MAX_SAFETENSORS_HEADER_BYTES))
 
 
 def sniff(path: Path) -> FileFormat:
@@ -190,7 +205,9 @@ def scan_folder(folder: Path) -> Iterator[FoundPath]:
             if lowered.endswith(INDEX_SUFFIXES) or entry_path.suffix.lower() in MODEL_SUFFIXES:
                 candidates.append(entry_path)
                 if len(candidates) > MAX_SCAN_FILES:
-                    problems.append(FoundPath(folder, f"more than {MAX_SCAN_FILES:,} model files; scan stopped"))
+                    problems.append(
+                        FoundPath(folder, f"more than {MAX_SCAN_FILES:,} model files; scan stopped")
+                    )
                     pending.clear()
                     break
     covered: set[Path] = set()

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Optional
 
-Dim = Optional[int]
+Dim = int | None
 """One dimension: an ``int`` when known, ``None`` when symbolic or unresolved."""
 
 Shape = tuple[Dim, ...]
 """A tensor shape whose rank is known; individual dims may be unknown."""
 
-MaybeShape = Optional[Shape]
+MaybeShape = Shape | None
 """A shape, or ``None`` when not even the rank is known."""
 
 
@@ -76,15 +75,15 @@ class ConvNode:
     op: str
     weight_name: str
     weight_shape: MaybeShape
-    transposed: Optional[bool]
+    transposed: bool | None
     """``None`` when the reader cannot tell a conv from a transposed conv (some state dicts)."""
-    groups: Optional[int]
+    groups: int | None
     """``None`` when unknown (state dicts do not record it)."""
     kernel_shape: MaybeShape = None
     """From node attributes when present; otherwise derived from the weight shape."""
     output_spatial: MaybeShape = None
     bias_terms: tuple[BiasTerm, ...] = ()
-    followed_by: Optional[str] = None
+    followed_by: str | None = None
     notes: tuple[str, ...] = ()
     """Reader remarks about this layer that end up in the model's warnings."""
 
@@ -96,10 +95,10 @@ class ModelDescription:
     path: str
     format: str
     convs: tuple[ConvNode, ...]
-    model_params: Optional[int]
+    model_params: int | None
     """Elements of all trainable/floating parameter tensors; ``None`` when unknown."""
     warnings: tuple[str, ...] = ()
-    location: Optional[str] = None
+    location: str | None = None
     """Where in the file this weight set was found (e.g. ``state_dict`` or ``ema``)."""
     unsafe_callables: tuple[str, ...] = ()
     """Dotted names of callables a pickle would have run under ``torch.load``."""
@@ -111,8 +110,8 @@ class BiasInfo:
 
     kind: BiasKind
     shape: MaybeShape
-    params: Optional[int]
-    source: Optional[BiasSource]
+    params: int | None
+    source: BiasSource | None
     terms: tuple[BiasTerm, ...] = ()
 
 
@@ -122,17 +121,17 @@ class ConvLayer:
 
     name: str
     op: str
-    in_channels: Optional[int]
-    out_channels: Optional[int]
-    groups: Optional[int]
+    in_channels: int | None
+    out_channels: int | None
+    groups: int | None
     kernel_shape: MaybeShape
     output_spatial: MaybeShape
     weight_shape: MaybeShape
-    weight_params: Optional[int]
+    weight_params: int | None
     bias: BiasInfo
-    followed_by: Optional[str]
+    followed_by: str | None
     formula: str
-    transposed: Optional[bool] = None
+    transposed: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -140,13 +139,13 @@ class Totals:
     """Sums over a model's conv layers, plus the whole model's parameter count."""
 
     conv_layers: int
-    conv_weight_params: Optional[int]
-    conv_bias_params: Optional[int]
+    conv_weight_params: int | None
+    conv_bias_params: int | None
     tied: int
     untied: int
     absent: int
     other: int
-    model_params: Optional[int]
+    model_params: int | None
 
 
 @dataclass(frozen=True)
@@ -158,7 +157,7 @@ class ModelReport:
     layers: tuple[ConvLayer, ...]
     totals: Totals
     warnings: tuple[str, ...] = ()
-    location: Optional[str] = None
+    location: str | None = None
     unsafe_callables: tuple[str, ...] = ()
 
 

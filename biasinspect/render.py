@@ -11,8 +11,6 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from tabulate import tabulate
-
 from biasinspect import __version__
 from biasinspect.analysis import CalcResult, format_count, format_dims, format_shape, totals_sentence
 from biasinspect.model import BiasTerm, ConvLayer, MaybeShape, ModelReport, Report
@@ -23,6 +21,8 @@ _TABLE_HEADERS = (
     "layer", "op", "in", "out", "groups", "kernel", "output", "weights",
     "bias", "bias shape", "bias params", "followed by", "formula",
 )  # fmt: skip
+_TABLE_ALIGN = ("left", "left", "right", "right", "right", "left", "left", "right",
+                "left", "left", "right", "left", "left")  # fmt: skip
 
 
 def _shape_json(shape: MaybeShape) -> list[int | None] | None:
@@ -138,6 +138,8 @@ def _totals_lines(model: ModelReport) -> list[str]:
 
 
 def _render_text(report: Report, table_format: str, heading_prefix: str) -> str:
+    from tabulate import tabulate  # only text formats pay for it (it imports importlib.metadata)
+
     blocks: list[str] = []
     for model in report.models:
         lines = [heading_prefix + model_heading(model)]
@@ -149,6 +151,7 @@ def _render_text(report: Report, table_format: str, heading_prefix: str) -> str:
                     headers=_TABLE_HEADERS,
                     tablefmt=table_format,
                     disable_numparse=True,
+                    colalign=_TABLE_ALIGN,
                 )
             )
             lines.append("")
@@ -227,29 +230,36 @@ def render(report: Report, fmt: str) -> str:
 def render_calc(result: CalcResult, fmt: str) -> str:
     """The ``calc`` answer: tied and untied counts side by side."""
     if fmt == "json":
-        return json.dumps(
-            {
-                "tool": "biasinspect",
-                "version": __version__,
-                "input": [result.in_channels, *result.input_spatial],
-                "filters": [result.out_channels, *result.kernel],
-                "groups": result.groups,
-                "output": [result.out_channels, *result.output_spatial],
-                "weight_params": result.weight_params,
-                "tied": {
-                    "bias_params": result.tied_bias_params,
-                    "total": result.tied_total,
-                    "formula": result.tied_formula,
+        return (
+            json.dumps(
+                {
+                    "tool": "biasinspect",
+                    "version": __version__,
+                    "input": [result.in_channels, *result.input_spatial],
+                    "filters": [result.out_channels, *result.kernel],
+                    "groups": result.groups,
+                    "output": [result.out_channels, *result.output_spatial],
+                    "weight_params": result.weight_params,
+                    "tied": {
+                        "bias_params": result.tied_bias_params,
+                        "total": result.tied_total,
+                        "formula": result.tied_formula,
+                    },
+                    "untied": {
+                        "bias_params": result.untied_bias_params,
+                        "total": result.untied_total,
+                        "formula": result.untied_formula,
+                    },
+                    "absent": {
+                        "bias_params": 0,
+                        "total": result.weight_params,
+                        "formula": result.absent_formula,
+                    },
                 },
-                "untied": {
-                    "bias_params": result.untied_bias_params,
-                    "total": result.untied_total,
-                    "formula": result.untied_formula,
-                },
-                "absent": {"bias_params": 0, "total": result.weight_params, "formula": result.absent_formula},
-            },
-            indent=2,
-        ) + "\n"
+                indent=2,
+            )
+            + "\n"
+        )
     rows: Sequence[Sequence[str]] = [
         ["tied (one bias per output channel)", format_count(result.tied_bias_params),
          format_count(result.tied_total), result.tied_formula],
@@ -270,7 +280,12 @@ def render_calc(result: CalcResult, fmt: str) -> str:
         + (f" in {result.groups} groups" if result.groups > 1 else "")
         + f" -> output {format_dims((result.out_channels, *result.output_spatial))}"
     )
+    from tabulate import tabulate
+
     table = tabulate(
-        rows, headers=("bias", "bias params", "total params", "formula"), tablefmt=table_format, disable_numparse=True
+        rows,
+        headers=("bias", "bias params", "total params", "formula"),
+        tablefmt=table_format,
+        disable_numparse=True,
     )
     return f"{heading}\n\n{table}\n"

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 FLOATING_DTYPES = frozenset(
     {
-        "float64", "float32", "float16", "bfloat16",
-        "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
-        "float4_e2m1", "complex64", "complex128", "complex32",
+        "float64",
+        "float32",
+        "float16",
+        "bfloat16",
+        "float8_e4m3fn",
+        "float8_e4m3fnuz",
+        "float8_e5m2",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+        "float4_e2m1", "float6_e2m3", "float6_e3m2",
+        "complex64",
+        "complex128",
+        "complex32",
     }
 )
 """dtypes whose tensors count as parameters."""
@@ -25,7 +34,7 @@ class TensorInfo:
 
     shape: tuple[int, ...]
     dtype: str
-    storage_key: Optional[str] = None
+    storage_key: str | None = None
     storage_offset: int = 0
 
     def numel(self) -> int:

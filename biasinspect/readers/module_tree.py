@@ -1,0 +1,437 @@
+"""Convolutions of a module object tree: a pickled ``nn.Module`` or a TorchScript object.
+
+Both sources are first turned into :class:`ModuleNode` trees (names, class, parameters,
+buffers, children in registration order, plain attributes) -- by :func:`module_from_pickle`
+here and by :mod:`biasinspect.readers.torchscript` for TorchScript -- and then
+:func:`describe_module_tree` reports the facts:
+
+Conv detection
+    A module is a conv when its weight (``weight``; ``weight_v`` under the old weight norm;
+    ``weight_orig`` under the old spectral norm; the packed weight of a quantized conv) has rank
+    3-5 and either its class name contains ``Conv`` or it carries the conv attributes
+    ``kernel_size``, ``stride`` and ``groups`` (user subclasses).  Fused containers such as
+    ``ConvReLU2d``/``ConvBn2d`` (``Sequential`` subclasses) have no weight of their own: their
+    ``Conv2d`` child is the conv.  ``transposed`` comes from the ``transposed`` attribute, else
+    from the class name; ``groups`` from the ``groups`` attribute (``None`` if absent).
+Bias terms
+    ``<conv>.bias`` of rank 1 -> CONV term (any other rank -> ADD); other parameters of the conv
+    module whose name contains ``bias`` -> ADD; a parameter of the parent module whose name
+    contains ``bias`` with shape [C_out, *spatial] or [1, C_out, *spatial] -> ADD on the one
+    matching child conv (bias-less convs preferred; ambiguous -> attached to none, warned).
+followed_by (bias-less convs only)
+    A norm child of the conv (QAT ``ConvBn2d``), else the next leaf module in registration order
+    (pre-order, observers/fake-quant/``Identity``/``Dropout`` skipped) when it is a BatchNorm /
+    SyncBatchNorm / GroupNorm / affine InstanceNorm of the conv's width: its class name.
+model_params
+    Elements of every distinct parameter tensor of every module (the ``_parameters`` dicts,
+    or the TorchScript ``__parameters__`` lists) -- what ``sum(p.numel() for p in
+    model.parameters())`` gives.  Exception: quantized modules keep their packed weights outside
+    ``_parameters``; those weights and biases are counted too (as state dicts count them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from biasinspect import limits
+from biasinspect.errors import ResourceLimitError
+from biasinspect.model import BiasSource, BiasTerm, ConvNode, ModelDescription
+from biasinspect.readers.pickle_inert import Call, TensorRef, tensor_of
+
+__all__ = ["ModuleNode", "describe_module_tree", "is_module_object", "module_from_pickle"]
+
+_NORM_CLASSES = frozenset(
+    {
+        "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LazyBatchNorm1d",
+        "LazyBatchNorm2d", "LazyBatchNorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d",
+        "InstanceNorm3d", "FrozenBatchNorm2d",
+    }
+)
+"""Norm layers whose shift plays the tied-bias role after a bias-less conv."""
+
+_TRANSPARENT = ("Observer", "FakeQuantize", "QuantStub", "Identity", "Dropout")
+"""Leaf modules that do not separate a conv from the norm after it (substrings of class names)."""
+
+
+@dataclass
+class ModuleNode:
+    """One module of a tree, format-neutral."""
+
+    path: str
+    cls: str
+    params: dict[str, TensorRef | None] = field(default_factory=dict)
+    buffers: dict[str, TensorRef | None] = field(default_factory=dict)
+    children: list[ModuleNode] = field(default_factory=list)
+    attrs: dict[str, object] = field(default_factory=dict)
+    extra_params: list[TensorRef] = field(default_factory=list)
+    """Tensors counted as parameters although outside ``params`` (quantized packed weights)."""
+    conv_weight: TensorRef | None = None
+    """Set by a builder that knows the conv weight (quantized packed weight)."""
+    conv_bias: TensorRef | None = None
+    forward_conv: dict[str, object] = field(default_factory=dict)
+    """Facts parsed from a TorchScript forward (``groups``, ``transposed``), when known."""
+    unresolved: list[str] = field(default_factory=list)
+    """Parameter names whose value is not a tensor we can size (e.g. UninitializedParameter)."""
+
+    @property
+    def leaf_class(self) -> str:
+        """The class name without its module path."""
+        return self.cls.rsplit(".", 1)[-1]
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def is_module_object(obj: object) -> bool:
+    """True for a pickled ``nn.Module`` stub (its ``__dict__`` has ``_modules`` and ``_parameters``),
+    or a quantized module whose ``__getstate__`` returns a tuple."""
+    if not isinstance(obj, Call):
+        return False
+    state = obj.state
+    if isinstance(state, dict):
+        return "_modules" in state and "_parameters" in state
+    return _quantized_conv_state(obj) is not None
+
+
+def _quantized_conv_state(obj: Call) -> tuple[object, ...] | None:
+    """Quantized conv ``__getstate__``: (in_ch, out_ch, kernel, stride, padding, dilation,
+    transposed, output_padding, groups, padding_mode, weight, bias, scale, zero_point, training)."""
+    state = obj.state
+    if (
+        isinstance(state, tuple)
+        and len(state) >= 12
+        and tensor_of(state[10]) is not None
+        and isinstance(state[8], int)
+    ):
+        return state
+    return None
+
+
+def _tensor_dict(value: object) -> dict[str, TensorRef | None]:
+    out: dict[str, TensorRef | None] = {}
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str):
+                out[key] = tensor_of(item)
+    return out
+
+
+def module_from_pickle(root: Call, path: str = "") -> ModuleNode:
+    """Build a :class:`ModuleNode` tree from a pickled ``nn.Module`` stub (iteratively).
+
+    A module object met twice (shared submodule) is listed once, as ``named_modules()`` does.
+    """
+    seen: set[int] = {id(root)}
+    top = ModuleNode(path, root.func_name or "<dynamic>")
+    work: list[tuple[Call, ModuleNode, int]] = [(root, top, 0)]
+    budget = limits.MAX_PICKLE_OBJECTS
+    while work:
+        obj, node, depth = work.pop()
+        budget -= 1
+        if budget < 0:
+            raise ResourceLimitError("module tree is larger than the node budget")
+        state = obj.state
+        qstate = _quantized_conv_state(obj)
+        if qstate is not None:
+            _fill_quantized(node, qstate)
+            continue
+        if isinstance(state, tuple):
+            # Other packed modules (quantized Linear params...): count their tensors.
+            node.extra_params.extend(t for t in (tensor_of(v) for v in state) if t is not None)
+            continue
+        if not isinstance(state, dict):
+            continue
+        node.params = _tensor_dict(state.get("_parameters"))
+        raw_params = state.get("_parameters")
+        if isinstance(raw_params, dict):
+            node.unresolved = [
+                k for k, v in raw_params.items()
+                if isinstance(k, str) and v is not None and node.params.get(k) is None
+            ]
+        node.buffers = _tensor_dict(state.get("_buffers"))
+        for key, value in state.items():
+            if isinstance(key, str) and not key.startswith("_"):
+                node.attrs[key] = value
+        modules = state.get("_modules")
+        pending: list[tuple[Call, ModuleNode, int]] = []
+        if isinstance(modules, dict):
+            for name, child in modules.items():
+                if not isinstance(name, str) or not isinstance(child, Call) or id(child) in seen:
+                    continue
+                seen.add(id(child))
+                if depth + 1 > limits.MAX_CONTAINER_DEPTH:
+                    raise ResourceLimitError(
+                        f"module nesting deeper than {limits.MAX_CONTAINER_DEPTH} levels at "
+                        f"{_join(node.path, name)!r}"
+                    )
+                child_node = ModuleNode(_join(node.path, name), child.func_name or "<dynamic>")
+                node.children.append(child_node)
+                pending.append((child, child_node, depth + 1))
+        work.extend(reversed(pending))
+    return top
+
+
+def _fill_quantized(node: ModuleNode, state: tuple[object, ...]) -> None:
+    weight = tensor_of(state[10])
+    bias = tensor_of(state[11])
+    node.conv_weight = weight
+    node.conv_bias = bias
+    node.attrs.update(
+        {"in_channels": state[0], "out_channels": state[1], "kernel_size": state[2],
+         "stride": state[3], "transposed": state[6], "groups": state[8]}
+    )
+    node.extra_params.extend(t for t in (weight, bias) if t is not None)
+
+
+# --------------------------------------------------------------------------------------------
+# Description
+
+
+def _iter_preorder(root: ModuleNode) -> list[ModuleNode]:
+    out: list[ModuleNode] = []
+    work = [root]
+    while work:
+        node = work.pop()
+        out.append(node)
+        work.extend(reversed(node.children))
+    return out
+
+
+def _conv_weight(node: ModuleNode) -> tuple[str, TensorRef] | None:
+    if node.conv_weight is not None:
+        return "weight", node.conv_weight
+    for name in ("weight", "weight_v", "weight_orig"):
+        tensor = node.params.get(name)
+        if tensor is not None:
+            return name, tensor
+    return None
+
+
+def _is_conv(node: ModuleNode) -> tuple[str, TensorRef] | None:
+    found = _conv_weight(node)
+    if found is None:
+        return None
+    rank = len(found[1].info.shape)
+    if not 3 <= rank <= 5:
+        return None
+    has_attrs = all(key in node.attrs for key in ("kernel_size", "stride", "groups"))
+    if "Conv" in node.leaf_class or has_attrs or node.forward_conv:
+        return found
+    return None
+
+
+def _int_attr(node: ModuleNode, name: str) -> int | None:
+    value = node.attrs.get(name, node.forward_conv.get(name))
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value
+
+
+def _transposed(node: ModuleNode) -> bool | None:
+    for source in (node.attrs, node.forward_conv):
+        value = source.get("transposed")
+        if isinstance(value, bool):
+            return value
+    if "Transpose" in node.leaf_class:
+        return True
+    if "Conv" in node.leaf_class:
+        return False
+    return None
+
+
+def _out_channels(shape: tuple[int, ...], transposed: bool | None, groups: int | None) -> int | None:
+    if transposed:
+        return None if groups is None else shape[1] * groups
+    return shape[0]
+
+
+def _norm_width(node: ModuleNode) -> int | None:
+    for key in ("num_features", "num_channels"):
+        value = node.attrs.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    for tensors in (node.params, node.buffers):
+        for key in ("weight", "bias", "running_mean"):
+            tensor = tensors.get(key)
+            if tensor is not None and len(tensor.info.shape) == 1:
+                return tensor.info.shape[0]
+    return None
+
+
+def _is_norm(node: ModuleNode, width: int | None) -> bool:
+    leaf = node.leaf_class
+    if leaf not in _NORM_CLASSES:
+        return False
+    if leaf.startswith("InstanceNorm") and node.attrs.get("affine") is not True:
+        return False
+    if leaf == "GroupNorm" and node.attrs.get("affine") is False:
+        return False
+    return width is not None and _norm_width(node) == width
+
+
+def _spatial_bias_fits(shape: tuple[int, ...], c_out: int | None, spatial_rank: int) -> bool:
+    if c_out is None:
+        return False
+    if len(shape) == spatial_rank + 1:
+        return shape[0] == c_out
+    if len(shape) == spatial_rank + 2:
+        return shape[0] == 1 and shape[1] == c_out
+    return False
+
+
+@dataclass
+class _Found:
+    node: ModuleNode
+    weight_name: str
+    weight: TensorRef
+    transposed: bool | None
+    groups: int | None
+    c_out: int | None
+    terms: list[BiasTerm] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    followed_by: str | None = None
+
+
+def _op_name(rank: int, transposed: bool | None) -> str:
+    if transposed is None:
+        return f"Conv{rank - 2}d?"
+    return f"{'ConvTranspose' if transposed else 'Conv'}{rank - 2}d"
+
+
+def describe_module_tree(
+    root: ModuleNode,
+    *,
+    path: str,
+    format: str,
+    location: str | None = None,
+    warnings: Sequence[str] = (),
+    unsafe_callables: Sequence[str] = (),
+) -> ModelDescription:
+    """Report the convs of a module tree (see the module docstring for the rules)."""
+    order = _iter_preorder(root)
+    notes_out: list[str] = list(warnings)
+    found: dict[int, _Found] = {}
+    for node in order:
+        if node.unresolved:
+            notes_out.append(
+                f"module {node.path or '<root>'!r} ({node.leaf_class}) has parameters without a known "
+                f"shape (not materialised?): {', '.join(node.unresolved)}"
+            )
+        hit = _is_conv(node)
+        if hit is None:
+            continue
+        weight_name, weight = hit
+        transposed = _transposed(node)
+        groups = _int_attr(node, "groups")
+        item = _Found(node, weight_name, weight, transposed, groups,
+                      _out_channels(weight.info.shape, transposed, groups))
+        bias = node.conv_bias if node.conv_weight is not None else node.params.get("bias")
+        if bias is not None:
+            source = BiasSource.CONV if len(bias.info.shape) == 1 else BiasSource.ADD
+            item.terms.append(BiasTerm(_join(node.path, "bias"), bias.info.shape, source))
+        for name, tensor in node.params.items():
+            if tensor is not None and name != "bias" and "bias" in name:
+                item.terms.append(BiasTerm(_join(node.path, name), tensor.info.shape, BiasSource.ADD))
+        if weight_name == "weight_v":
+            item.notes.append("weight norm (weight_g/weight_v): weight shape taken from weight_v")
+        elif weight_name == "weight_orig":
+            item.notes.append("spectral norm: weight shape taken from weight_orig")
+        found[id(node)] = item
+
+    _attach_parent_biases(order, found, notes_out)
+    _attach_followers(order, found)
+
+    convs: list[ConvNode] = []
+    for node in order:
+        conv = found.get(id(node))
+        if conv is None:
+            continue
+        shape = conv.weight.info.shape
+        convs.append(
+            ConvNode(
+                name=node.path or "<root>",
+                op=_op_name(len(shape), conv.transposed),
+                weight_name=_join(node.path, conv.weight_name),
+                weight_shape=shape,
+                transposed=conv.transposed,
+                groups=conv.groups,
+                kernel_shape=shape[2:],
+                output_spatial=None,
+                bias_terms=tuple(conv.terms),
+                followed_by=conv.followed_by if not conv.terms else None,
+                notes=tuple(conv.notes),
+            )
+        )
+    return ModelDescription(
+        path=path,
+        format=format,
+        convs=tuple(convs),
+        model_params=model_params(order),
+        warnings=tuple(notes_out),
+        location=location,
+        unsafe_callables=tuple(unsafe_callables),
+    )
+
+
+def _attach_parent_biases(order: list[ModuleNode], found: dict[int, _Found], warnings: list[str]) -> None:
+    for parent in order:
+        child_convs = [found[id(c)] for c in parent.children if id(c) in found]
+        if not child_convs:
+            continue
+        for name, tensor in parent.params.items():
+            if tensor is None or "bias" not in name or id(parent) in found:
+                continue
+            shape = tensor.info.shape
+            fits = [
+                c for c in child_convs
+                if _spatial_bias_fits(shape, c.c_out, len(c.weight.info.shape) - 2)
+            ]
+            bare = [c for c in fits if not c.terms]
+            pick = bare if bare else fits
+            if len(pick) == 1:
+                pick[0].terms.append(BiasTerm(_join(parent.path, name), shape, BiasSource.ADD))
+            elif len(pick) > 1:
+                warnings.append(
+                    f"bias parameter {_join(parent.path, name)!r} fits several convs "
+                    f"({', '.join(c.node.path for c in pick)}); attached to none"
+                )
+
+
+def _attach_followers(order: list[ModuleNode], found: dict[int, _Found]) -> None:
+    leaves = [n for n in order if not n.children or id(n) in found]
+    index = {id(n): i for i, n in enumerate(leaves)}
+    for node in order:
+        item = found.get(id(node))
+        if item is None or item.terms:
+            continue
+        for child in _iter_preorder(node)[1:]:
+            if _is_norm(child, item.c_out):
+                item.followed_by = child.leaf_class
+                break
+        if item.followed_by is not None:
+            continue
+        subtree = {id(n) for n in _iter_preorder(node)}
+        for nxt in leaves[index[id(node)] + 1 :]:
+            if id(nxt) in subtree:
+                continue
+            if any(word in nxt.leaf_class for word in _TRANSPARENT):
+                continue
+            if _is_norm(nxt, item.c_out):
+                item.followed_by = nxt.leaf_class
+            break
+
+
+def model_params(order: list[ModuleNode]) -> int:
+    """Elements of every distinct parameter tensor in the tree (identity-deduplicated)."""
+    seen: set[int] = set()
+    total = 0
+    for node in order:
+        for tensor in [*node.params.values(), *node.extra_params]:
+            if tensor is None or id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            total += tensor.info.numel()
+    return total
+

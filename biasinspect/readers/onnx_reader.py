@@ -1,0 +1,1125 @@
+"""Read an ONNX model's convolutions and their bias terms from the graph structure alone.
+
+The file is never given to ``onnx.load``: :mod:`biasinspect.readers.protowire` walks it over an
+``mmap`` and produces a copy without tensor payloads, which is parsed and run through ONNX
+shape inference (with data propagation).  External data files are never opened.
+
+Convolutions
+    ``Conv``, ``ConvTranspose``, ``QLinearConv`` and ``ConvInteger`` (default domain) and
+    ``com.microsoft`` ``FusedConv`` / ``NhwcConv``, found in the main graph, in ``If``/``Loop``/
+    ``Scan`` bodies at any depth and in model-local functions (analysed once per call site, with
+    the call's input shapes bound to the formal inputs; a function that is never called is
+    analysed once with unknown inputs).  A layer is named by its node name, or ``<op>_<index>``
+    when unnamed; layers inside subgraphs are prefixed ``owner/attribute/`` and layers inside a
+    function ``call_node/``.  ``NhwcConv`` weights are stored [M, k..., C/group] (ONNX Runtime's
+    transformer transposes them so); they are reported in the [M, C/group, k...] layout.
+
+Bias terms
+    The conv's own bias input (input 2; input 8 for QLinearConv), source ``conv``; and the other
+    operand of an ``Add`` that is the only consumer of the conv output, when that operand is a
+    *parameter* (an initializer, a ``Constant``, a model-local function input bound to one, or
+    anything computed only from those -- e.g. Reshape/Unsqueeze/Cast/DequantizeLinear/
+    DynamicQuantizeLinear of an initializer), source ``add``.  On the way to the ``Add`` single-
+    consumer ``Cast``/``Identity`` nodes are followed, and for ``ConvInteger`` (whose int32 output
+    is rescaled first) also ``Mul``/``Div`` by an operand that does not grow the tensor (a scalar
+    scale).  A graph input operand (e.g. a residual connection) is not a parameter.  A conv with
+    no bias term whose output feeds only a ``BatchNormalization`` gets ``followed_by=
+    "BatchNormalization"``; one feeding only a ``Mul`` by a parameter whose output feeds only an
+    ``Add`` of a parameter gets ``followed_by="Mul+Add"``.
+
+model_params
+    The number of elements of every floating-point or quantized *parameter* tensor in the model:
+    initializers (sparse ones by their dense shape) and ``Constant``-node tensors (``value``,
+    ``sparse_value``, ``value_float``, ``value_floats``) of the main graph, of every subgraph and
+    of every model-local function body, each counted once per graph by name.  Floating-point
+    dtypes (float16/32/64, bfloat16, float8/6/4 variants, complex) always count; 8-, 4-, 2- and
+    16-bit integer dtypes (quantized weights and their zero points) always count; INT32 counts
+    only when the tensor is a quantized bias (QLinearConv input 8, or DequantizeLinear input 0);
+    INT64, UINT32, UINT64, BOOL and STRING tensors (shapes, indices, masks) never count.
+    Training-info graphs are not counted.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from biasinspect.errors import (
+    BiasInspectError,
+    MalformedModelError,
+    UnreadableFileError,
+    UnsupportedFormatError,
+)
+from biasinspect.model import BiasSource, BiasTerm, ConvNode, Dim, MaybeShape, ModelDescription
+from biasinspect.readers.protowire import strip_model_proto
+
+_INT64_MAX = (1 << 63) - 1
+
+# onnx.TensorProto.DataType values.
+_FLOAT_TYPES = frozenset({1, 10, 11, 14, 15, 16, 17, 18, 19, 20, 23, 24, 27, 28})
+_SMALL_INT_TYPES = frozenset({2, 3, 4, 5, 21, 22, 25, 26})  # (u)int8/16/4/2
+_INT32 = 6
+_INT64 = 7
+_EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
+
+# onnx.AttributeProto.AttributeType values.
+_A_FLOAT, _A_INT, _A_STRING, _A_TENSOR, _A_GRAPH = 1, 2, 3, 4, 5
+_A_FLOATS, _A_INTS, _A_GRAPHS, _A_SPARSE = 6, 7, 10, 11
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_MS_DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class _ConvSpec:
+    """Where a conv-like op keeps its inputs."""
+
+    x: int
+    weight: int
+    bias: int | None
+    transposed: bool = False
+    channels_last: bool = False
+
+
+_CONV_SPECS: dict[tuple[str, str], _ConvSpec] = {
+    ("", "Conv"): _ConvSpec(0, 1, 2),
+    ("", "ConvTranspose"): _ConvSpec(0, 1, 2, transposed=True),
+    ("", "QLinearConv"): _ConvSpec(0, 3, 8),
+    ("", "ConvInteger"): _ConvSpec(0, 1, None),
+    (_MS_DOMAIN, "FusedConv"): _ConvSpec(0, 1, 2),
+    (_MS_DOMAIN, "NhwcConv"): _ConvSpec(0, 1, 2, channels_last=True),
+}
+
+# Top-level ModelProto fields and their wire types: the first field of a real ONNX file is one
+# of these, which tells an ONNX file from arbitrary bytes.
+_MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
+
+# Ops whose output has the shape of their first input (used when shape inference gave nothing).
+_SHAPE_PRESERVING = frozenset(
+    {
+        "Identity", "Cast", "CastLike", "Floor", "Round", "Ceil", "Neg", "Abs", "Relu", "Sqrt",
+        "Reciprocal", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Clip",
+    }
+)
+_BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow"})
+_MAX_EXPR_DEPTH = 64
+"""How far back through producing nodes shape fallbacks and parameter checks look."""
+_MAX_FOLLOW = 16
+"""How many pass-through nodes are followed from a conv output towards its bias Add."""
+_MAX_FUNCTION_DEPTH = 32
+"""Deepest chain of nested model-local function calls analysed."""
+
+
+def _dims_of_tensor(tensor: Any, what: str, name: str | None = None) -> tuple[int, ...]:
+    """A (Sparse)TensorProto's dims, checked: negative dims or an int64-overflowing size are malformed."""
+    if name is None:
+        name = str(tensor.name)
+    dims = tuple(int(d) for d in tensor.dims)
+    count = 1
+    for dim in dims:
+        if dim < 0:
+            raise MalformedModelError(f"{what} '{name}' has a negative dimension {dim}")
+        count *= dim
+        if count > _INT64_MAX:
+            raise MalformedModelError(f"{what} '{name}' has dims {list(dims)} whose product overflows int64")
+    return dims
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _attr(node: Any, name: str) -> Any:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return attribute
+    return None
+
+
+def _attr_int(node: Any, name: str, default: int) -> int:
+    attribute = _attr(node, name)
+    if attribute is None or attribute.type != _A_INT:
+        return default
+    return int(attribute.i)
+
+
+def _attr_ints(node: Any, name: str) -> tuple[int, ...] | None:
+    attribute = _attr(node, name)
+    if attribute is None or attribute.type != _A_INTS:
+        return None
+    return tuple(int(v) for v in attribute.ints)
+
+
+def _attr_str(node: Any, name: str, default: str) -> str:
+    attribute = _attr(node, name)
+    if attribute is None or attribute.type != _A_STRING:
+        return default
+    return bytes(attribute.s).decode("utf-8", "replace")
+
+
+def _is_default_domain(node: Any) -> bool:
+    return str(node.domain) in _DEFAULT_DOMAINS
+
+
+def _conv_spec(node: Any) -> _ConvSpec | None:
+    domain = "" if _is_default_domain(node) else str(node.domain)
+    return _CONV_SPECS.get((domain, str(node.op_type)))
+
+
+def _type_shape(type_proto: Any) -> tuple[int, MaybeShape]:
+    """(elem_type, shape) of a TypeProto; elem_type 0 and shape None when unknown."""
+    if type_proto.WhichOneof("value") != "tensor_type":
+        return 0, None
+    tensor_type = type_proto.tensor_type
+    if not tensor_type.HasField("shape"):
+        return int(tensor_type.elem_type), None
+    dims: list[Dim] = []
+    for dim in tensor_type.shape.dim:
+        if dim.WhichOneof("value") == "dim_value" and dim.dim_value >= 0:
+            dims.append(int(dim.dim_value))
+        else:
+            dims.append(None)
+    return int(tensor_type.elem_type), tuple(dims)
+
+
+def _tensor_int_values(tensor: Any) -> list[int] | None:
+    """The values of a small INT32/INT64 tensor whose data the stripped copy kept."""
+    if tensor.data_type not in (_INT32, _INT64) or tensor.data_location == _EXTERNAL:
+        return None
+    count = _numel([int(d) for d in tensor.dims]) if all(d >= 0 for d in tensor.dims) else -1
+    if count < 0:
+        return None
+    if tensor.data_type == _INT64 and len(tensor.int64_data) == count:
+        return [int(v) for v in tensor.int64_data]
+    if tensor.data_type == _INT32 and len(tensor.int32_data) == count:
+        return [int(v) for v in tensor.int32_data]
+    raw = bytes(tensor.raw_data)
+    size = 8 if tensor.data_type == _INT64 else 4
+    if raw and len(raw) == count * size:
+        return list(struct.unpack("<" + ("q" if size == 8 else "i") * count, raw))
+    return None
+
+
+def _broadcast(shapes: Sequence[MaybeShape]) -> MaybeShape:
+    """Numpy broadcasting of shapes with unknown dims; None if any rank is unknown."""
+    if any(shape is None for shape in shapes):
+        return None
+    known = [shape for shape in shapes if shape is not None]
+    rank = max((len(shape) for shape in known), default=0)
+    result: list[Dim] = []
+    for axis in range(rank):
+        dims = [shape[axis - rank + len(shape)] for shape in known if axis - rank + len(shape) >= 0]
+        concrete = {dim for dim in dims if dim is not None and dim != 1}
+        if len(concrete) > 1:
+            return None
+        if concrete:
+            result.append(concrete.pop())
+        elif any(dim is None for dim in dims):
+            result.append(None)
+        else:
+            result.append(1)
+    return tuple(result)
+
+
+def _conv_output_spatial(
+    node: Any, transposed: bool, in_spatial: MaybeShape, kernel: MaybeShape
+) -> MaybeShape:
+    """Output spatial size from the input size and the node's attributes (None where unknown)."""
+    if transposed:
+        output_shape = _attr_ints(node, "output_shape")
+        if output_shape:
+            rank = len(kernel) if kernel is not None else (len(in_spatial) if in_spatial is not None else None)
+            if rank is not None and len(output_shape) >= rank:
+                return tuple(output_shape[len(output_shape) - rank:])
+    if in_spatial is None:
+        return None
+    rank = len(in_spatial)
+    if kernel is None or len(kernel) != rank:
+        return tuple(None for _ in range(rank))
+    strides = _attr_ints(node, "strides") or (1,) * rank
+    dilations = _attr_ints(node, "dilations") or (1,) * rank
+    pads = _attr_ints(node, "pads") or (0,) * (2 * rank)
+    auto_pad = _attr_str(node, "auto_pad", "NOTSET")
+    out_pad = _attr_ints(node, "output_padding") or (0,) * rank
+    if len(strides) != rank or len(dilations) != rank or len(pads) != 2 * rank or len(out_pad) != rank:
+        return tuple(None for _ in range(rank))
+    result: list[Dim] = []
+    for axis in range(rank):
+        size, k = in_spatial[axis], kernel[axis]
+        stride, dilation = strides[axis], dilations[axis]
+        if size is None or k is None or stride <= 0 or dilation <= 0:
+            result.append(None)
+            continue
+        extent = dilation * (k - 1) + 1
+        if transposed:
+            if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+                out = size * stride
+            else:
+                total_pad = 0 if auto_pad == "VALID" else pads[axis] + pads[axis + rank]
+                out = stride * (size - 1) + out_pad[axis] + extent - total_pad
+        elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            out = -(-size // stride)
+        elif auto_pad == "VALID":
+            out = (size - extent) // stride + 1
+        else:
+            out = (size + pads[axis] + pads[axis + rank] - extent) // stride + 1
+        result.append(out if out >= 0 else None)
+    return tuple(result)
+
+
+def _subgraphs(node: Any) -> Iterator[tuple[str, Any]]:
+    """(label, GraphProto) for every graph attribute of a node."""
+    for attribute in node.attribute:
+        if attribute.type == _A_GRAPH or (attribute.type == 0 and attribute.HasField("g")):
+            yield str(attribute.name), attribute.g
+        elif attribute.type == _A_GRAPHS:
+            for index, graph in enumerate(attribute.graphs):
+                yield f"{attribute.name}[{index}]", graph
+
+
+def _free_names(graph: Any, depth: int = 0) -> set[str]:
+    """Names a subgraph uses from enclosing scopes."""
+    if depth > _MAX_EXPR_DEPTH:
+        return set()
+    defined = {str(t.name) for t in graph.initializer}
+    defined.update(str(t.values.name) for t in graph.sparse_initializer)
+    defined.update(str(v.name) for v in graph.input)
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(str(name) for name in node.input if name)
+        for _, sub in _subgraphs(node):
+            used.update(_free_names(sub, depth + 1))
+        defined.update(str(name) for name in node.output)
+    used.update(str(v.name) for v in graph.output)
+    return used - defined
+
+
+class _Scope:
+    """One graph (main graph, subgraph or function body at one call site) and its lookups."""
+
+    def __init__(
+        self,
+        nodes: Sequence[Any],
+        *,
+        initializers: Iterable[Any] = (),
+        sparse_initializers: Iterable[Any] = (),
+        inputs: Iterable[str] = (),
+        outputs: Iterable[str] = (),
+        value_infos: Iterable[Any] = (),
+        parent: _Scope | None = None,
+        prefix: str = "",
+        bindings: dict[str, tuple[_Scope, str]] | None = None,
+    ) -> None:
+        self.nodes = list(nodes)
+        self.parent = parent
+        self.prefix = prefix
+        self.bindings = bindings or {}
+        self.initializers: dict[str, Any] = {str(t.name): t for t in initializers}
+        self.sparse: dict[str, Any] = {}
+        for sparse in sparse_initializers:
+            self.sparse[str(sparse.values.name)] = sparse
+        self.inputs = {name for name in inputs if name}
+        self.outputs = {name for name in outputs if name}
+        self.types: dict[str, tuple[int, MaybeShape]] = {}
+        for info in value_infos:
+            self.types[str(info.name)] = _type_shape(info.type)
+        self.producer: dict[str, tuple[int, int]] = {}
+        self.consumers: dict[str, list[int]] = {}
+        for index, node in enumerate(self.nodes):
+            for slot, name in enumerate(node.output):
+                if name:
+                    self.producer.setdefault(str(name), (index, slot))
+            used = {str(name) for name in node.input if name}
+            for _, sub in _subgraphs(node):
+                used |= _free_names(sub)
+            for name in used:
+                self.consumers.setdefault(name, []).append(index)
+        self._param_memo: dict[str, bool] = {}
+
+    # -- name resolution -----------------------------------------------------------------------
+
+    def defines(self, name: str) -> bool:
+        return (
+            name in self.initializers or name in self.sparse or name in self.producer or name in self.inputs
+        )
+
+    def owner(self, name: str) -> _Scope | None:
+        """The innermost enclosing scope that defines ``name``."""
+        scope: _Scope | None = self
+        while scope is not None:
+            if scope.defines(name):
+                return scope
+            scope = scope.parent
+        return None
+
+    def node_name(self, index: int) -> str:
+        node = self.nodes[index]
+        return str(node.name) or f"{node.op_type}_{index}"
+
+    # -- facts about values --------------------------------------------------------------------
+
+    def elem_type(self, name: str) -> int:
+        scope = self.owner(name)
+        if scope is None:
+            return 0
+        if name in scope.initializers:
+            return int(scope.initializers[name].data_type)
+        if name in scope.sparse:
+            return int(scope.sparse[name].values.data_type)
+        if name in scope.types and scope.types[name][0]:
+            return scope.types[name][0]
+        if name in scope.bindings:
+            caller, actual = scope.bindings[name]
+            return caller.elem_type(actual)
+        return 0
+
+    def shape(self, name: str, depth: int = 0) -> MaybeShape:
+        """Best known shape of a value: stored dims, then inference, then a local fallback."""
+        scope = self.owner(name)
+        if scope is None or depth > _MAX_EXPR_DEPTH:
+            return None
+        if name in scope.initializers:
+            return _dims_of_tensor(scope.initializers[name], "initializer")
+        if name in scope.sparse:
+            return _dims_of_tensor(scope.sparse[name], "sparse initializer", name)
+        inferred = scope.types.get(name, (0, None))[1]
+        if name in scope.producer:
+            index, slot = scope.producer[name]
+            node = scope.nodes[index]
+            if node.op_type == "Constant" and _is_default_domain(node):
+                return _constant_shape(node)
+            if inferred is not None and None not in inferred:
+                return inferred
+            fallback = scope._fallback_shape(node, slot, depth + 1)
+            return _merge_shapes(inferred, fallback)
+        if inferred is not None and None not in inferred:
+            return inferred
+        if name in scope.bindings:
+            caller, actual = scope.bindings[name]
+            return _merge_shapes(inferred, caller.shape(actual, depth + 1))
+        return inferred
+
+    def int_values(self, name: str) -> list[int] | None:
+        """Values of a small constant integer tensor (shape vectors), when stored in the file."""
+        scope = self.owner(name)
+        if scope is None:
+            return None
+        if name in scope.initializers:
+            return _tensor_int_values(scope.initializers[name])
+        if name in scope.producer:
+            node = scope.nodes[scope.producer[name][0]]
+            if node.op_type == "Constant" and _is_default_domain(node):
+                for attribute in node.attribute:
+                    if attribute.name == "value" and attribute.HasField("t"):
+                        return _tensor_int_values(attribute.t)
+                    if attribute.name == "value_ints":
+                        return [int(v) for v in attribute.ints]
+                    if attribute.name == "value_int":
+                        return [int(attribute.i)]
+        if name in scope.bindings:
+            caller, actual = scope.bindings[name]
+            return caller.int_values(actual)
+        return None
+
+    def _fallback_shape(self, node: Any, slot: int, depth: int) -> MaybeShape:
+        """Shape of a node output for the few ops that matter for biases and weights."""
+        if not _is_default_domain(node):
+            return None
+        op = str(node.op_type)
+        inputs = [str(name) for name in node.input]
+        if op in _SHAPE_PRESERVING and inputs and inputs[0]:
+            if op == "DynamicQuantizeLinear" and slot > 0:
+                return ()
+            return self.shape(inputs[0], depth) if slot == 0 else None
+        if op in _BROADCASTING and len(inputs) == 2 and slot == 0:
+            return _broadcast([self.shape(inputs[0], depth), self.shape(inputs[1], depth)])
+        if op == "Unsqueeze" and inputs and slot == 0:
+            base = self.shape(inputs[0], depth)
+            axes = _attr_ints(node, "axes")
+            if axes is None and len(inputs) > 1 and inputs[1]:
+                values = self.int_values(inputs[1])
+                axes = tuple(values) if values is not None else None
+            if base is None or axes is None:
+                return None
+            rank = len(base) + len(axes)
+            norm = sorted(a + rank if a < 0 else a for a in axes)
+            if any(not 0 <= a < rank for a in norm) or len(set(norm)) != len(norm):
+                return None
+            rest = iter(base)
+            return tuple(1 if axis in norm else next(rest) for axis in range(rank))
+        if op == "Reshape" and len(inputs) > 1 and slot == 0:
+            target = self.int_values(inputs[1])
+            if target is None:
+                return None
+            base = self.shape(inputs[0], depth)
+            allow_zero = _attr_int(node, "allowzero", 0)
+            dims: list[Dim] = []
+            for axis, value in enumerate(target):
+                if value == 0 and not allow_zero:
+                    dims.append(base[axis] if base is not None and axis < len(base) else None)
+                else:
+                    dims.append(value)
+            if dims.count(-1) == 1:
+                known = [d for d in dims if d is not None and d != -1]
+                total = None if base is None or None in base else _numel([d for d in base if d is not None])
+                dims = [
+                    (total // _numel(known) if total is not None and known and None not in dims and _numel(known)
+                     else None) if d == -1 else d
+                    for d in dims
+                ]
+            if any(d is not None and d < 0 for d in dims):
+                return None
+            return tuple(dims)
+        if op == "ConstantOfShape" and inputs and slot == 0:
+            values = self.int_values(inputs[0])
+            return tuple(values) if values is not None and all(v >= 0 for v in values) else None
+        if op == "Transpose" and inputs and slot == 0:
+            base = self.shape(inputs[0], depth)
+            perm = _attr_ints(node, "perm")
+            if base is None:
+                return None
+            if perm is None:
+                return tuple(reversed(base))
+            if sorted(perm) != list(range(len(base))):
+                return None
+            return tuple(base[p] for p in perm)
+        return None
+
+    def is_parameter(self, name: str, depth: int = 0) -> bool:
+        """True when ``name`` is fixed by the file: an initializer, a Constant, or computed only
+        from those (cycles and over-long chains count as not a parameter)."""
+        scope = self.owner(name)
+        if scope is None:
+            return False
+        if name in scope._param_memo:
+            return scope._param_memo[name]
+        if depth > _MAX_EXPR_DEPTH:
+            return False
+        scope._param_memo[name] = False  # provisional: breaks cycles
+        result = False
+        if name in scope.initializers or name in scope.sparse:
+            result = True
+        elif name in scope.producer:
+            node = scope.nodes[scope.producer[name][0]]
+            inputs = [str(i) for i in node.input if i]
+            if node.op_type == "Constant" and _is_default_domain(node):
+                result = True
+            elif inputs and not any(True for _ in _subgraphs(node)):
+                result = all(scope.is_parameter(i, depth + 1) for i in inputs)
+        elif name in scope.bindings:
+            caller, actual = scope.bindings[name]
+            result = caller.is_parameter(actual, depth + 1)
+        scope._param_memo[name] = result
+        return result
+
+    def single_consumer(self, name: str) -> Any | None:
+        """The only node consuming ``name`` in this graph, or None (zero, several, or an output)."""
+        if name in self.outputs:
+            return None
+        users = self.consumers.get(name, [])
+        if len(users) != 1:
+            return None
+        node = self.nodes[users[0]]
+        if sum(1 for i in node.input if i == name) != 1 or any(True for _ in _subgraphs(node)):
+            return None
+        return node
+
+
+def _merge_shapes(first: MaybeShape, second: MaybeShape) -> MaybeShape:
+    """Combine two views of one shape, preferring known dims."""
+    if first is None:
+        return second
+    if second is None or len(first) != len(second):
+        return first
+    return tuple(a if a is not None else b for a, b in zip(first, second, strict=True))
+
+
+def _constant_shape(node: Any) -> MaybeShape:
+    """Shape of a Constant node's output from its attribute."""
+    for attribute in node.attribute:
+        name = attribute.name
+        if name == "value" and attribute.HasField("t"):
+            return _dims_of_tensor(attribute.t, f"Constant '{node.output[0]}' tensor")
+        if name == "sparse_value" and attribute.HasField("sparse_tensor"):
+            return _dims_of_tensor(attribute.sparse_tensor, "Constant sparse tensor", str(node.output[0]))
+        if name in ("value_float", "value_int", "value_string"):
+            return ()
+        if name == "value_floats":
+            return (len(attribute.floats),)
+        if name == "value_ints":
+            return (len(attribute.ints),)
+        if name == "value_strings":
+            return (len(attribute.strings),)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameter counting and external data
+
+
+def _count_graph_params(
+    nodes: Sequence[Any],
+    initializers: Sequence[Any],
+    sparse_initializers: Sequence[Any],
+    warn_external: Any,
+) -> tuple[int, list[Any]]:
+    """Parameter elements declared in one graph (see the module docstring) and its subgraphs."""
+    quantized_biases: set[str] = set()
+    for node in nodes:
+        if not _is_default_domain(node):
+            continue
+        if node.op_type == "QLinearConv" and len(node.input) > 8 and node.input[8]:
+            quantized_biases.add(str(node.input[8]))
+        if node.op_type == "DequantizeLinear" and node.input and node.input[0]:
+            quantized_biases.add(str(node.input[0]))
+
+    def counts(name: str, data_type: int) -> bool:
+        if data_type in _FLOAT_TYPES or data_type in _SMALL_INT_TYPES:
+            return True
+        return data_type == _INT32 and name in quantized_biases
+
+    seen: set[str] = set()
+    total = 0
+    for tensor in initializers:
+        dims = _dims_of_tensor(tensor, "initializer")
+        warn_external(tensor)
+        name = str(tensor.name)
+        if name not in seen and counts(name, int(tensor.data_type)):
+            total += _numel(dims)
+        seen.add(name)
+    for sparse in sparse_initializers:
+        name = str(sparse.values.name)
+        dims = _dims_of_tensor(sparse, "sparse initializer", name)
+        _dims_of_tensor(sparse.values, "sparse initializer values")
+        _dims_of_tensor(sparse.indices, "sparse initializer indices")
+        warn_external(sparse.values)
+        if name not in seen and counts(name, int(sparse.values.data_type)):
+            total += _numel(dims)
+        seen.add(name)
+    subgraphs: list[Any] = []
+    for node in nodes:
+        for _, graph in _subgraphs(node):
+            subgraphs.append(graph)
+        if not (node.op_type == "Constant" and _is_default_domain(node)) or not node.output:
+            continue
+        name = str(node.output[0])
+        for attribute in node.attribute:
+            elements: int | None = None
+            data_type = 0
+            if attribute.name == "value" and attribute.HasField("t"):
+                elements = _numel(_dims_of_tensor(attribute.t, f"Constant '{name}' tensor"))
+                data_type = int(attribute.t.data_type)
+                warn_external(attribute.t)
+            elif attribute.name == "sparse_value" and attribute.HasField("sparse_tensor"):
+                elements = _numel(_dims_of_tensor(attribute.sparse_tensor, "Constant sparse tensor", name))
+                data_type = int(attribute.sparse_tensor.values.data_type)
+            elif attribute.name == "value_float":
+                elements, data_type = 1, 1
+            elif attribute.name == "value_floats":
+                elements, data_type = len(attribute.floats), 1
+            if elements is not None and name not in seen and counts(name, data_type):
+                total += elements
+        seen.add(name)
+    return total, subgraphs
+
+
+def _count_model_params(model: Any, warn_external: Any) -> int:
+    """model_params over the main graph, all subgraphs and all model-local functions."""
+    total = 0
+    pending: list[tuple[Sequence[Any], Sequence[Any], Sequence[Any]]] = [
+        (model.graph.node, model.graph.initializer, model.graph.sparse_initializer)
+    ]
+    pending.extend((function.node, (), ()) for function in model.functions)
+    while pending:
+        nodes, initializers, sparse = pending.pop()
+        count, subgraphs = _count_graph_params(nodes, initializers, sparse, warn_external)
+        total += count
+        pending.extend((g.node, g.initializer, g.sparse_initializer) for g in subgraphs)
+    return total
+
+
+def _external_location_problem(location: str, model_dir: Path) -> str | None:
+    """Why an external-data location is suspicious, or None.  Nothing is opened."""
+    if not location:
+        return "has no location"
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", location):
+        return f"has an absolute location {location!r}"
+    parts = re.split(r"[\\/]+", location)
+    depth = 0
+    for part in parts:
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return f"location {location!r} climbs out of the model's folder"
+        elif part not in ("", "."):
+            depth += 1
+    try:
+        base = os.path.realpath(model_dir)
+        target = os.path.realpath(os.path.join(model_dir, location))
+    except (OSError, ValueError):
+        return None
+    if os.path.commonpath([base, target]) != base:
+        return f"location {location!r} resolves outside the model's folder (symbolic link)"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# The graph walk
+
+
+@dataclass
+class _Context:
+    """State shared by one model's walk."""
+
+    model: Any
+    functions: dict[tuple[str, str, str], Any]
+    convs: list[ConvNode] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    called: set[tuple[str, str, str]] = field(default_factory=set)
+    inference_cache: dict[bytes, Any] = field(default_factory=dict)
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+
+def _function_key(domain: str, name: str, overload: str) -> tuple[str, str, str]:
+    return ("" if domain == "ai.onnx" else domain, name, overload)
+
+
+def _walk(ctx: _Context, scope: _Scope, stack: tuple[tuple[str, str, str], ...]) -> None:
+    """Collect the convs of one scope, recursing into subgraphs and function calls in node order."""
+    for index, node in enumerate(scope.nodes):
+        spec = _conv_spec(node)
+        if spec is not None:
+            ctx.convs.append(_conv_node(scope, index, spec))
+        elif node.op_type in ("Conv", "ConvTranspose") and not _is_default_domain(node):
+            key = _function_key(str(node.domain), str(node.op_type), str(getattr(node, "overload", "")))
+            if key not in ctx.functions:
+                ctx.warn(
+                    f"{scope.prefix}{scope.node_name(index)}: {node.op_type} in domain '{node.domain}' "
+                    "is not a standard convolution and was not analysed"
+                )
+        for label, graph in _subgraphs(node):
+            child = _Scope(
+                graph.node,
+                initializers=graph.initializer,
+                sparse_initializers=graph.sparse_initializer,
+                inputs=[str(v.name) for v in graph.input],
+                outputs=[str(v.name) for v in graph.output],
+                value_infos=[*graph.input, *graph.value_info, *graph.output],
+                parent=scope,
+                prefix=f"{scope.prefix}{scope.node_name(index)}/{label}/",
+            )
+            _walk(ctx, child, stack)
+        key = _function_key(str(node.domain), str(node.op_type), str(getattr(node, "overload", "")))
+        function = ctx.functions.get(key)
+        if function is not None:
+            ctx.called.add(key)
+            _walk_function(ctx, function, key, scope, index, stack)
+
+
+def _substitute_attributes(nodes: Iterable[Any], call: Any | None, function: Any, depth: int = 0) -> None:
+    """Replace attribute references (``ref_attr_name``) in a function body with the call's values."""
+    defaults = {str(a.name): a for a in function.attribute_proto}
+    provided = {str(a.name): a for a in call.attribute} if call is not None else {}
+    for node in nodes:
+        kept = []
+        for attribute in node.attribute:
+            ref = str(attribute.ref_attr_name)
+            if ref:
+                source = provided.get(ref, defaults.get(ref))
+                if source is None:
+                    continue
+                replacement = type(attribute)()
+                replacement.CopyFrom(source)
+                replacement.name = attribute.name
+                kept.append(replacement)
+            else:
+                if depth < _MAX_EXPR_DEPTH:
+                    for _, graph in _subgraphs_of_attribute(attribute):
+                        _substitute_attributes(graph.node, call, function, depth + 1)
+                kept.append(attribute)
+        del node.attribute[:]
+        node.attribute.extend(kept)
+
+
+def _subgraphs_of_attribute(attribute: Any) -> Iterator[tuple[str, Any]]:
+    if attribute.type == _A_GRAPH:
+        yield str(attribute.name), attribute.g
+    elif attribute.type == _A_GRAPHS:
+        for index, graph in enumerate(attribute.graphs):
+            yield f"{attribute.name}[{index}]", graph
+
+
+def _walk_function(
+    ctx: _Context,
+    function: Any,
+    key: tuple[str, str, str],
+    caller: _Scope | None,
+    call_index: int | None,
+    stack: tuple[tuple[str, str, str], ...],
+) -> None:
+    """Analyse a function body for one call site (or, with no caller, with unknown inputs)."""
+    import onnx
+
+    label = f"{key[0]}.{key[1]}" if key[0] else key[1]
+    if key in stack:
+        ctx.warn(f"function '{label}' calls itself; the recursive call was not followed")
+        return
+    if len(stack) >= _MAX_FUNCTION_DEPTH:
+        ctx.warn(f"function calls nested deeper than {_MAX_FUNCTION_DEPTH}; '{label}' was not analysed")
+        return
+    call = caller.nodes[call_index] if caller is not None and call_index is not None else None
+    formals = [str(name) for name in function.input]
+    actuals = [str(name) for name in call.input] if call is not None else []
+    bindings: dict[str, tuple[_Scope, str]] = {}
+    graph = onnx.GraphProto()
+    graph.name = str(function.name)
+    for position, formal in enumerate(formals):
+        info = graph.input.add()
+        info.name = formal
+        actual = actuals[position] if position < len(actuals) else ""
+        if caller is None or not actual:
+            continue
+        bindings[formal] = (caller, actual)
+        elem_type, shape = caller.elem_type(actual), caller.shape(actual)
+        if elem_type:
+            tensor_type = info.type.tensor_type
+            tensor_type.elem_type = elem_type
+            if shape is not None:
+                tensor_type.shape.SetInParent()
+                for dim in shape:
+                    proto_dim = tensor_type.shape.dim.add()
+                    if dim is not None:
+                        proto_dim.dim_value = dim
+    graph.node.extend(function.node)
+    _substitute_attributes(graph.node, call, function)
+    for name in function.output:
+        graph.output.add().name = str(name)
+    model = onnx.ModelProto()
+    model.ir_version = ctx.model.ir_version
+    domains: dict[str, int] = {str(o.domain): int(o.version) for o in ctx.model.opset_import}
+    domains.update({str(o.domain): int(o.version) for o in function.opset_import})
+    for domain, version in domains.items():
+        model.opset_import.add(domain=domain, version=version)
+    model.functions.extend(ctx.model.functions)
+    model.graph.CopyFrom(graph)
+    cache_key = model.SerializeToString(deterministic=True)
+    inferred = ctx.inference_cache.get(cache_key)
+    if inferred is None:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(
+                model, check_type=False, strict_mode=False, data_prop=True
+            )
+        except Exception as error:  # onnx raises several unrelated types
+            ctx.warn(f"shape inference failed in function '{label}': {_first_line(error)}")
+            inferred = model
+        ctx.inference_cache[cache_key] = inferred
+    body = inferred.graph
+    prefix = (
+        f"{caller.prefix}{caller.node_name(call_index)}/"
+        if caller is not None and call_index is not None
+        else f"{label}/"
+    )
+    scope = _Scope(
+        body.node,
+        inputs=formals,
+        outputs=[str(name) for name in function.output],
+        value_infos=[*body.input, *body.value_info, *body.output],
+        prefix=prefix,
+        bindings=bindings,
+    )
+    _walk(ctx, scope, (*stack, key))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]
+
+
+def _conv_node(scope: _Scope, index: int, spec: _ConvSpec) -> ConvNode:
+    """The facts of one conv-like node."""
+    node = scope.nodes[index]
+    op = str(node.op_type)
+    name = scope.prefix + scope.node_name(index)
+    inputs = [str(i) for i in node.input]
+    notes: list[str] = []
+
+    weight_name = inputs[spec.weight] if len(inputs) > spec.weight else ""
+    weight_shape: MaybeShape = None
+    if not weight_name:
+        notes.append("has no weight input")
+    elif scope.owner(weight_name) is None:
+        notes.append(f"weight '{weight_name}' has no producer (not an initializer, input or node output)")
+    else:
+        weight_shape = scope.shape(weight_name)
+        if weight_shape is None:
+            notes.append(f"shape of weight '{weight_name}' is unknown")
+
+    kernel = _attr_ints(node, "kernel_shape")
+    if spec.channels_last and weight_shape is not None and len(weight_shape) >= 3:
+        # ONNX Runtime stores NhwcConv weights as [M, k..., C/group]; report [M, C/group, k...].
+        as_stored_oihw = kernel is not None and tuple(weight_shape[2:]) == kernel
+        as_ohwi = kernel is not None and tuple(weight_shape[1:-1]) == kernel
+        if as_ohwi or not as_stored_oihw:
+            weight_shape = (weight_shape[0], weight_shape[-1], *weight_shape[1:-1])
+            if kernel is None:
+                notes.append("NhwcConv without kernel_shape: weight layout [M, k..., C/group] assumed")
+    kernel_shape: MaybeShape = kernel
+    if kernel_shape is None and weight_shape is not None and len(weight_shape) > 2:
+        kernel_shape = tuple(weight_shape[2:])
+
+    groups = _attr_int(node, "group", 1)
+
+    # Output spatial size: shape inference first, our own arithmetic for what it left unknown.
+    out_shape = scope.shape(str(node.output[0])) if node.output and node.output[0] else None
+    from_inference: MaybeShape = None
+    if out_shape is not None and len(out_shape) >= 2:
+        from_inference = tuple(out_shape[1:-1]) if spec.channels_last else tuple(out_shape[2:])
+    x_shape = scope.shape(inputs[spec.x]) if len(inputs) > spec.x and inputs[spec.x] else None
+    in_spatial: MaybeShape = None
+    if x_shape is not None and len(x_shape) >= 2:
+        in_spatial = tuple(x_shape[1:-1]) if spec.channels_last else tuple(x_shape[2:])
+    computed = _conv_output_spatial(node, spec.transposed, in_spatial, kernel_shape)
+    output_spatial = _merge_shapes(from_inference, computed)
+
+    terms: list[BiasTerm] = []
+    if spec.bias is not None and len(inputs) > spec.bias and inputs[spec.bias]:
+        bias_name = inputs[spec.bias]
+        if scope.owner(bias_name) is None:
+            notes.append(f"bias '{bias_name}' has no producer (not an initializer, input or node output)")
+        terms.append(BiasTerm(bias_name, scope.shape(bias_name), BiasSource.CONV))
+
+    followed_by: str | None = None
+    if node.output and node.output[0]:
+        add_term, follower = _follow_output(scope, str(node.output[0]), op)
+        if add_term is not None:
+            shape = add_term.shape
+            if spec.channels_last and shape is not None and output_spatial is not None:
+                rank = 2 + len(output_spatial)
+                if len(shape) <= rank:
+                    padded = (1,) * (rank - len(shape)) + tuple(shape)
+                    shape = (padded[0], padded[-1], *padded[1:-1])
+                    notes.append(
+                        f"bias '{add_term.name}' is added in channels-last layout; reported as {list(shape)}"
+                    )
+            terms.append(BiasTerm(add_term.name, shape, BiasSource.ADD))
+        if not terms:
+            followed_by = follower
+
+    return ConvNode(
+        name=name,
+        op=op,
+        weight_name=weight_name,
+        weight_shape=weight_shape,
+        transposed=spec.transposed,
+        groups=groups,
+        kernel_shape=kernel_shape,
+        output_spatial=output_spatial,
+        bias_terms=tuple(terms),
+        followed_by=followed_by,
+        notes=tuple(notes),
+    )
+
+
+def _preserves_size(scope: _Scope, operand: str, value_shape: MaybeShape) -> bool:
+    """True when multiplying a value by ``operand`` cannot change its element count."""
+    shape = scope.shape(operand)
+    if shape is None:
+        return False
+    if all(dim == 1 for dim in shape):
+        return value_shape is None or len(shape) <= len(value_shape)
+    if value_shape is None or len(shape) > len(value_shape):
+        return False
+    aligned = value_shape[len(value_shape) - len(shape):]
+    return all(dim == 1 or (dim is not None and dim == target) for dim, target in zip(shape, aligned, strict=True))
+
+
+def _follow_output(scope: _Scope, output: str, op: str) -> tuple[BiasTerm | None, str | None]:
+    """Find an Add of a parameter after a conv output, or the norm that follows it."""
+    current = output
+    visited = {current}
+    for _ in range(_MAX_FOLLOW):
+        consumer = scope.single_consumer(current)
+        if consumer is None or not _is_default_domain(consumer):
+            return None, None
+        kind = str(consumer.op_type)
+        inputs = [str(i) for i in consumer.input]
+        nxt = str(consumer.output[0]) if consumer.output else ""
+        if kind == "Add" and len(inputs) == 2:
+            other = inputs[1] if inputs[0] == current else inputs[0]
+            if other and scope.is_parameter(other):
+                return BiasTerm(other, scope.shape(other), BiasSource.ADD), None
+            return None, None
+        if kind == "BatchNormalization" and inputs and inputs[0] == current:
+            return None, "BatchNormalization"
+        if kind == "Mul" and len(inputs) == 2:
+            other = inputs[1] if inputs[0] == current else inputs[0]
+            if op == "ConvInteger" and nxt and _preserves_size(scope, other, scope.shape(current)):
+                current = nxt  # the int32 -> float rescale of a quantized conv
+            elif other and scope.is_parameter(other) and nxt:
+                after = scope.single_consumer(nxt)
+                if (
+                    after is not None
+                    and _is_default_domain(after)
+                    and after.op_type == "Add"
+                    and len(after.input) == 2
+                ):
+                    add_other = str(after.input[1] if after.input[0] == nxt else after.input[0])
+                    if add_other and scope.is_parameter(add_other):
+                        return None, "Mul+Add"
+                return None, None
+            else:
+                return None, None
+        elif kind == "Div" and len(inputs) == 2 and inputs[0] == current and op == "ConvInteger":
+            if not (nxt and _preserves_size(scope, inputs[1], scope.shape(current))):
+                return None, None
+            current = nxt
+        elif kind in ("Cast", "Identity") and nxt:
+            current = nxt
+        else:
+            return None, None
+        if current in visited:
+            return None, None
+        visited.add(current)
+    return None, None
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _load_stripped(path: Path) -> Any:
+    """mmap the file, strip payloads, parse the result into an onnx.ModelProto."""
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 -- closed below, after the mmap
+    except OSError as error:
+        raise UnreadableFileError(f"cannot open: {error.strerror or error}") from error
+    with handle:
+        try:
+            size = os.fstat(handle.fileno()).st_size
+        except OSError as error:
+            raise UnreadableFileError(f"cannot stat: {error.strerror or error}") from error
+        if size == 0:
+            raise UnsupportedFormatError("not an ONNX model: the file is empty")
+        try:
+            view = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as error:
+            raise UnreadableFileError(f"cannot map the file: {error}") from error
+        try:
+            _check_looks_like_onnx(view)
+            stripped = strip_model_proto(view)
+        finally:
+            view.close()
+    import onnx
+
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(stripped.data)
+    except Exception as error:  # google.protobuf.message.DecodeError and friends
+        raise MalformedModelError(
+            f"ONNX protobuf could not be parsed (malformed, or nested deeper than protobuf allows): "
+            f"{_first_line(error)}"
+        ) from error
+    if not model.HasField("graph"):
+        if model.ir_version or len(model.opset_import):
+            raise MalformedModelError("ONNX model has no graph")
+        raise UnsupportedFormatError("not an ONNX model: no ModelProto graph, ir_version or opset_import")
+    return model
+
+
+def _check_looks_like_onnx(view: mmap.mmap) -> None:
+    """Reject bytes whose first protobuf field cannot start a ModelProto."""
+    first = view[0]
+    number, wire = first >> 3, first & 7
+    if first & 0x80:  # a multi-byte tag: only field 20, 25, 26 (two-byte tags) are plausible
+        second = view[1] if len(view) > 1 else 0
+        number = (first & 0x7F) >> 3 | (second & 0x7F) << 4
+    if _MODEL_FIELDS.get(number) != wire:
+        raise UnsupportedFormatError(
+            f"not an ONNX model: the first bytes ({bytes(view[:8]).hex(' ')}) do not start a ModelProto"
+        )
+
+
+def read_onnx(path: Path) -> list[ModelDescription]:
+    """Read the conv layers of an ONNX model file without loading its weights.
+
+    Returns one :class:`ModelDescription` (``format="onnx"``).  Raises a
+    :class:`~biasinspect.errors.BiasInspectError` subclass for files that are not ONNX,
+    truncated, malformed or over a resource limit.
+    """
+    path = Path(path)
+    model = _load_stripped(path)
+    import onnx
+
+    warnings: list[str] = []
+    model_dir = path.parent
+
+    def warn_external(tensor: Any) -> None:
+        if tensor.data_location != _EXTERNAL:
+            return
+        location = next((str(e.value) for e in tensor.external_data if e.key == "location"), "")
+        problem = _external_location_problem(location, model_dir)
+        if problem is not None:
+            message = f"external data of tensor '{tensor.name}' {problem}; not opened"
+            if message not in warnings:
+                warnings.append(message)
+
+    try:
+        model_params = _count_model_params(model, warn_external)
+    except BiasInspectError:
+        raise
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as error:  # InferenceError, ValidationError, RuntimeError, ...
+        warnings.append(f"shape inference failed: {_first_line(error)}")
+        inferred = model
+
+    functions: dict[tuple[str, str, str], Any] = {}
+    for function in inferred.functions:
+        key = _function_key(str(function.domain), str(function.name), str(getattr(function, "overload", "")))
+        functions.setdefault(key, function)
+    ctx = _Context(model=inferred, functions=functions, warnings=warnings)
+    graph = inferred.graph
+    main = _Scope(
+        graph.node,
+        initializers=graph.initializer,
+        sparse_initializers=graph.sparse_initializer,
+        inputs=[str(v.name) for v in graph.input],
+        outputs=[str(v.name) for v in graph.output],
+        value_infos=[*graph.input, *graph.value_info, *graph.output],
+    )
+    _walk(ctx, main, ())
+    # Functions nobody calls are analysed once, with unknown inputs.  Roots first (functions not
+    # called from any function body), so that a chain of uncalled functions is walked from its top.
+    called_by_functions = {
+        _function_key(str(n.domain), str(n.op_type), str(getattr(n, "overload", "")))
+        for function in functions.values()
+        for n in function.node
+    }
+    uncalled = [key for key in functions if key not in ctx.called]
+    for key in [k for k in uncalled if k not in called_by_functions] + uncalled:
+        if key not in ctx.called:
+            ctx.called.add(key)
+            _walk_function(ctx, functions[key], key, None, None, ())
+
+    return [
+        ModelDescription(
+            path=str(path),
+            format="onnx",
+            convs=tuple(ctx.convs),
+            model_params=model_params,
+            warnings=tuple(ctx.warnings),
+        )
+    ]

@@ -1,0 +1,337 @@
+"""A protobuf wire-format walker that copies an ONNX ``ModelProto`` without its tensor payloads.
+
+``onnx.load`` reads a whole model -- weights included -- into memory before anything can be
+looked at; a VGG19 file is half a gigabyte of floats we never need.  This module walks the
+serialized message over a read-only buffer (normally an ``mmap`` of the file, so pages holding
+weights are never touched) and produces a *stripped copy*: the same message with every
+TensorProto payload field removed.  The copy is a few kilobytes to a few megabytes and can be
+handed to ``onnx.ModelProto().ParseFromString`` and to shape inference.
+
+What is kept and what is dropped:
+
+* TensorProto payload fields -- ``float_data`` (4), ``int32_data`` (5), ``string_data`` (6),
+  ``int64_data`` (7), ``raw_data`` (9), ``double_data`` (10), ``uint64_data`` (11) -- are
+  dropped, except for small INT32/INT64 tensors (at most :data:`SMALL_INT_TENSOR_ELEMENTS`
+  elements): those are shape vectors (Reshape targets, ConstantOfShape inputs) that shape
+  inference's data propagation needs.  ``dims``, ``data_type``, ``name``, ``data_location`` and
+  ``external_data`` (file name strings only) are kept; no external file is ever opened.
+* Everything that can contain a TensorProto is walked: ModelProto.graph/functions/training_info,
+  TrainingInfoProto graphs, GraphProto.node/initializer/sparse_initializer, NodeProto.attribute,
+  AttributeProto.t/g/tensors/graphs/sparse_tensor/sparse_tensors, SparseTensorProto
+  values/indices, FunctionProto.node/attribute_proto.  All other fields are copied byte for byte.
+
+Safety: every varint and length is checked against the end of its enclosing message (a
+truncated file gives :class:`MalformedModelError` "truncated protobuf ..."), group wire types
+(3, 4) and the undefined ones (6, 7) are rejected, the walk is depth-bounded by
+:data:`biasinspect.limits.MAX_PROTO_DEPTH` (so no ``RecursionError`` can escape) and the copy is
+capped at :data:`biasinspect.limits.MAX_ONNX_STRIPPED_BYTES`.
+"""
+
+from __future__ import annotations
+
+import enum
+import mmap
+from dataclasses import dataclass, field
+
+from biasinspect import limits
+from biasinspect.errors import MalformedModelError, ResourceLimitError
+
+SMALL_INT_TENSOR_ELEMENTS = 64
+"""INT32/INT64 tensors with at most this many elements keep their data (shape vectors)."""
+
+_SMALL_PAYLOAD_BYTES = SMALL_INT_TENSOR_ELEMENTS * 10
+"""Largest kept payload field: 64 varints of at most 10 bytes.  A "small" tensor whose payload
+is bigger than this is lying about its size, and its payload is dropped like any other."""
+
+# Wire types.
+_VARINT = 0
+_I64 = 1
+_LEN = 2
+_I32 = 5
+
+# TensorProto field numbers.
+_T_DIMS = 1
+_T_DATA_TYPE = 2
+_T_PAYLOAD_FIELDS = frozenset({4, 5, 6, 7, 9, 10, 11})
+_T_INT_PAYLOAD_FIELDS = frozenset({5, 7, 9})
+_INT32 = 6
+_INT64 = 7
+
+
+Buffer = bytes | bytearray | memoryview | mmap.mmap
+"""What the walker reads from; normally an ``mmap`` of the model file."""
+
+
+class _Msg(enum.Enum):
+    """The message types whose fields may need rewriting."""
+
+    MODEL = "ModelProto"
+    TRAINING = "TrainingInfoProto"
+    GRAPH = "GraphProto"
+    NODE = "NodeProto"
+    ATTRIBUTE = "AttributeProto"
+    TENSOR = "TensorProto"
+    SPARSE = "SparseTensorProto"
+    FUNCTION = "FunctionProto"
+
+
+# For each message type: field number -> child message type to walk into.  Fields not listed
+# are copied as they are.
+_CHILDREN: dict[_Msg, dict[int, _Msg]] = {
+    _Msg.MODEL: {7: _Msg.GRAPH, 20: _Msg.TRAINING, 25: _Msg.FUNCTION},
+    _Msg.TRAINING: {1: _Msg.GRAPH, 2: _Msg.GRAPH},
+    _Msg.GRAPH: {1: _Msg.NODE, 5: _Msg.TENSOR, 15: _Msg.SPARSE},
+    _Msg.NODE: {5: _Msg.ATTRIBUTE},
+    _Msg.ATTRIBUTE: {
+        5: _Msg.TENSOR, 6: _Msg.GRAPH, 10: _Msg.TENSOR, 11: _Msg.GRAPH, 22: _Msg.SPARSE, 23: _Msg.SPARSE,
+    },
+    _Msg.SPARSE: {1: _Msg.TENSOR, 2: _Msg.TENSOR},
+    _Msg.FUNCTION: {7: _Msg.NODE, 11: _Msg.ATTRIBUTE},
+    _Msg.TENSOR: {},
+}
+
+# A piece of output: a (start, end) range of the input buffer, or new bytes.
+_Piece = tuple[int, int] | bytes
+
+
+@dataclass
+class StripResult:
+    """The stripped ModelProto bytes plus what the walk noticed on the way."""
+
+    data: bytes
+    dropped_payload_bytes: int = 0
+    """Total size of the payload fields left out (never read)."""
+    top_level_fields: list[int] = field(default_factory=list)
+    """Field numbers seen at the top level (ModelProto), in order."""
+
+
+class _Walker:
+    """One strip pass over one buffer."""
+
+    def __init__(self, buf: Buffer, max_depth: int, max_bytes: int) -> None:
+        self.buf = buf
+        self.max_depth = max_depth
+        self.max_bytes = max_bytes
+        self.dropped = 0
+        self.top_fields: list[int] = []
+
+    # -- primitive readers -------------------------------------------------------------------
+
+    def varint(self, pos: int, end: int, what: str) -> tuple[int, int]:
+        """Decode an unsigned varint at ``pos``; return (value, next position)."""
+        buf = self.buf
+        result = 0
+        shift = 0
+        while True:
+            if pos >= end:
+                raise MalformedModelError(f"truncated protobuf: {what} runs past the end of its message")
+            byte = buf[pos]
+            pos += 1
+            result |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return result, pos
+            shift += 7
+            if shift >= 70:
+                raise MalformedModelError(f"malformed protobuf: {what} is a varint longer than 10 bytes")
+
+    def skip_field(self, wire: int, pos: int, end: int, what: str) -> int:
+        """Return the position after a field's value whose tag ended at ``pos``."""
+        if wire == _VARINT:
+            return self.varint(pos, end, what)[1]
+        if wire == _I64:
+            if pos + 8 > end:
+                raise MalformedModelError(f"truncated protobuf: {what} (fixed64) runs past the end")
+            return pos + 8
+        if wire == _I32:
+            if pos + 4 > end:
+                raise MalformedModelError(f"truncated protobuf: {what} (fixed32) runs past the end")
+            return pos + 4
+        if wire == _LEN:
+            length, pos = self.varint(pos, end, what + " length")
+            if length > end - pos:
+                raise MalformedModelError(
+                    f"truncated protobuf: {what} claims {length} bytes but only {end - pos} remain"
+                )
+            return pos + length
+        if wire in (3, 4):
+            raise MalformedModelError(f"malformed protobuf: {what} uses the obsolete group wire type {wire}")
+        raise MalformedModelError(f"malformed protobuf: {what} has invalid wire type {wire}")
+
+    def tag(self, pos: int, end: int, mtype: _Msg) -> tuple[int, int, int]:
+        """Decode a tag; return (field number, wire type, next position)."""
+        key, pos = self.varint(pos, end, f"{mtype.value} field tag")
+        number = key >> 3
+        if number == 0 or number >= 1 << 29:
+            raise MalformedModelError(f"malformed protobuf: invalid field number {number} in {mtype.value}")
+        return number, key & 7, pos
+
+    # -- the walk ----------------------------------------------------------------------------
+
+    def strip(self, start: int, end: int, mtype: _Msg, depth: int) -> tuple[list[_Piece], int] | None:
+        """Strip one message spanning ``[start, end)``.
+
+        Returns ``None`` when nothing inside changes (the caller copies the original bytes), or
+        the replacement pieces and their total length.
+        """
+        if depth > self.max_depth:
+            raise ResourceLimitError(
+                f"ONNX protobuf nesting deeper than {self.max_depth} messages (at a {mtype.value})"
+            )
+        if mtype is _Msg.TENSOR:
+            return self.strip_tensor(start, end)
+        children = _CHILDREN[mtype]
+        pieces: list[_Piece] = []
+        total = 0
+        run_start = start  # start of the pending run of bytes copied unchanged
+        changed = False
+        pos = start
+        while pos < end:
+            field_start = pos
+            number, wire, pos = self.tag(pos, end, mtype)
+            if depth == 1:
+                self.top_fields.append(number)
+            child = children.get(number)
+            if child is None or wire != _LEN:
+                pos = self.skip_field(wire, pos, end, f"{mtype.value} field {number}")
+                continue
+            tag_end = pos
+            length, pos = self.varint(pos, end, f"{mtype.value} field {number} length")
+            if length > end - pos:
+                raise MalformedModelError(
+                    f"truncated protobuf: {mtype.value} field {number} ({child.value}) claims {length} "
+                    f"bytes but only {end - pos} remain"
+                )
+            child_end = pos + length
+            result = self.strip(pos, child_end, child, depth + 1)
+            if result is not None:
+                changed = True
+                if field_start > run_start:
+                    pieces.append((run_start, field_start))
+                    total += field_start - run_start
+                child_pieces, child_len = result
+                prefix = self.copy(field_start, tag_end) + _encode_varint(child_len)
+                pieces.append(prefix)
+                pieces.extend(child_pieces)
+                total += len(prefix) + child_len
+                run_start = child_end
+            pos = child_end
+            if total > self.max_bytes:
+                self.too_big()
+        if not changed:
+            return None
+        if end > run_start:
+            pieces.append((run_start, end))
+            total += end - run_start
+        return pieces, total
+
+    def strip_tensor(self, start: int, end: int) -> tuple[list[_Piece], int] | None:
+        """Drop a TensorProto's payload fields (keeping small integer shape vectors)."""
+        # Pass 1: find data_type and dims wherever they are; payloads are skipped, not read.
+        data_type = 0
+        numel = 1
+        pos = start
+        while pos < end:
+            number, wire, pos = self.tag(pos, end, _Msg.TENSOR)
+            if number == _T_DATA_TYPE and wire == _VARINT:
+                data_type, pos = self.varint(pos, end, "TensorProto data_type")
+            elif number == _T_DIMS and wire == _VARINT:
+                dim, pos = self.varint(pos, end, "TensorProto dims")
+                numel = _mul_dim(numel, dim)
+            elif number == _T_DIMS and wire == _LEN:
+                length, pos = self.varint(pos, end, "TensorProto dims length")
+                if length > end - pos:
+                    raise MalformedModelError("truncated protobuf: TensorProto dims run past the end")
+                packed_end = pos + length
+                while pos < packed_end:
+                    dim, pos = self.varint(pos, packed_end, "TensorProto dims")
+                    numel = _mul_dim(numel, dim)
+            else:
+                pos = self.skip_field(wire, pos, end, f"TensorProto field {number}")
+        keep_ints = data_type in (_INT32, _INT64) and 0 <= numel <= SMALL_INT_TENSOR_ELEMENTS
+        # Pass 2: copy everything but the payload fields.
+        pieces: list[_Piece] = []
+        total = 0
+        run_start = start
+        changed = False
+        pos = start
+        while pos < end:
+            field_start = pos
+            number, wire, pos = self.tag(pos, end, _Msg.TENSOR)
+            pos = self.skip_field(wire, pos, end, f"TensorProto field {number}")
+            if number not in _T_PAYLOAD_FIELDS:
+                continue
+            if keep_ints and number in _T_INT_PAYLOAD_FIELDS and pos - field_start <= _SMALL_PAYLOAD_BYTES:
+                continue
+            changed = True
+            self.dropped += pos - field_start
+            if field_start > run_start:
+                pieces.append((run_start, field_start))
+                total += field_start - run_start
+            run_start = pos
+        if not changed:
+            return None
+        if end > run_start:
+            pieces.append((run_start, end))
+            total += end - run_start
+        return pieces, total
+
+    def copy(self, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the input."""
+        return bytes(self.buf[start:end])
+
+    def too_big(self) -> None:
+        """Raise the stripped-size cap error."""
+        raise ResourceLimitError(
+            f"ONNX graph structure exceeds {self.max_bytes // (1024 * 1024)} MiB even without tensor data"
+        )
+
+
+def _mul_dim(numel: int, dim: int) -> int:
+    """Multiply the element count by one raw (unsigned varint) dim; -1 marks "not small"."""
+    if numel < 0 or dim >= 1 << 63:  # a negative int64 dim; the reader reports it later
+        return -1
+    return min(numel * dim, 1 << 62)
+
+
+def _encode_varint(value: int) -> bytes:
+    """Encode an unsigned varint."""
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def strip_model_proto(
+    buf: Buffer,
+    *,
+    max_depth: int = limits.MAX_PROTO_DEPTH,
+    max_bytes: int = limits.MAX_ONNX_STRIPPED_BYTES,
+) -> StripResult:
+    """Return a copy of the serialized ``ModelProto`` in ``buf`` without tensor payloads.
+
+    Only tags, lengths and the kept fields are read from ``buf``; skipped payload bytes are never
+    touched.  Raises :class:`MalformedModelError` for truncated or invalid wire data and
+    :class:`ResourceLimitError` past ``max_depth`` nesting or ``max_bytes`` of output.
+    """
+    walker = _Walker(buf, max_depth, max_bytes)
+    size = len(buf)
+    result = walker.strip(0, size, _Msg.MODEL, 1)
+    if result is None:
+        pieces: list[_Piece] = [(0, size)]
+        total = size
+    else:
+        pieces, total = result
+    if total > max_bytes:
+        walker.too_big()
+    out = bytearray()
+    for piece in pieces:
+        if isinstance(piece, bytes):
+            out += piece
+        else:
+            out += buf[piece[0]:piece[1]]
+    return StripResult(bytes(out), walker.dropped, walker.top_fields)

@@ -1,0 +1,241 @@
+"""Read a ``.safetensors`` file's header (never its data) and describe its convolutions.
+
+Layout: an 8-byte little-endian u64 ``N``, then ``N`` bytes of UTF-8 JSON, then the tensor
+data.  The header is validated as the safetensors library validates it (``read_metadata`` and
+``Metadata::validate`` in ``safetensors/src/tensor.rs``), so that a file this module accepts is
+one the library would load:
+
+* ``N`` must fit in the file and be at most :data:`limits.MAX_SAFETENSORS_HEADER_BYTES`;
+* the header must be UTF-8 JSON whose first non-whitespace character is ``{`` (the library
+  accepts leading whitespace, so this module does too), an object without duplicate keys;
+* ``__metadata__`` is absent, ``null`` or an object of strings;
+* every other entry is ``{"dtype": <known>, "shape": [uint...], "data_offsets": [begin, end]}``
+  (unknown extra keys are ignored, as serde does);
+* sorted by offsets, the tensors tile the data exactly: each begins where the previous one
+  ended, ``end >= begin``, no tensor runs past the file and the last one ends at its end;
+* element count and bit count fit in a u64 and ``end - begin`` equals ``numel * bits / 8``
+  (sub-byte dtypes must fill whole bytes).
+
+dtypes map to the names used by :mod:`biasinspect.readers.tensors`.  Integer dtypes (``I8``,
+``U8``...) are not parameters: an int8 tensor in a safetensors file is usually a packed,
+quantized weight whose stored shape is not the layer's, so it is neither counted in
+``model_params`` nor taken as a conv (the state-dict rules warn about it), exactly as a plain
+integer tensor in a PyTorch state dict is treated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import struct
+from pathlib import Path
+from typing import Any, NoReturn
+
+from biasinspect import limits
+from biasinspect.errors import MalformedModelError, ResourceLimitError, UnreadableFileError
+from biasinspect.model import ModelDescription
+from biasinspect.readers.state_dict import describe_state_dict
+from biasinspect.readers.tensors import TensorInfo
+
+FORMAT = "safetensors"
+
+DTYPES: dict[str, tuple[str, int]] = {
+    "BOOL": ("bool", 8),
+    "F4": ("float4_e2m1", 4),
+    "F6_E2M3": ("float6_e2m3", 6),
+    "F6_E3M2": ("float6_e3m2", 6),
+    "U8": ("uint8", 8),
+    "I8": ("int8", 8),
+    "F8_E5M2": ("float8_e5m2", 8),
+    "F8_E4M3": ("float8_e4m3fn", 8),
+    "F8_E8M0": ("float8_e8m0fnu", 8),
+    "F8_E4M3FNUZ": ("float8_e4m3fnuz", 8),
+    "F8_E5M2FNUZ": ("float8_e5m2fnuz", 8),
+    "I16": ("int16", 16),
+    "U16": ("uint16", 16),
+    "F16": ("float16", 16),
+    "BF16": ("bfloat16", 16),
+    "I32": ("int32", 32),
+    "U32": ("uint32", 32),
+    "F32": ("float32", 32),
+    "C64": ("complex64", 64),
+    "F64": ("float64", 64),
+    "I64": ("int64", 64),
+    "U64": ("uint64", 64),
+}
+"""safetensors dtype -> (TensorInfo dtype name, bits per element), as in the Rust crate."""
+
+_U64_LIMIT = 2**64
+_JSON_WHITESPACE = b" \t\r\n"
+
+
+class _DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKeyError(key)
+        result[key] = value
+    return result
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _is_uint(value: object) -> bool:
+    """A JSON unsigned integer that fits a u64 (``bool`` is not an integer here)."""
+    return type(value) is int and 0 <= value < _U64_LIMIT
+
+
+def _read_header(path: Path) -> tuple[bytes, int]:
+    """The raw header bytes and the number of data bytes after it."""
+    try:
+        status = os.stat(path)
+        if not stat.S_ISREG(status.st_mode):
+            raise UnreadableFileError("not a regular file")
+        with open(path, "rb") as handle:
+            file_size = os.fstat(handle.fileno()).st_size
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise MalformedModelError(
+                    f"file too small for a safetensors header: {len(prefix)} bytes, need at least 8"
+                )
+            (length,) = struct.unpack("<Q", prefix)
+            if length > file_size - 8:
+                raise MalformedModelError(
+                    f"header length {length} exceeds the {file_size - 8} bytes after the 8-byte prefix"
+                )
+            if length > limits.MAX_SAFETENSORS_HEADER_BYTES:
+                raise ResourceLimitError(
+                    f"safetensors header of {length} bytes exceeds the"
+                    f" {limits.MAX_SAFETENSORS_HEADER_BYTES}-byte limit"
+                )
+            header = handle.read(length)
+    except OSError as error:
+        raise UnreadableFileError(f"cannot read file: {error.strerror or error}") from error
+    if len(header) != length:
+        raise MalformedModelError(f"header truncated: read {len(header)} of {length} bytes")
+    return header, file_size - 8 - length
+
+
+def _parse_json(header: bytes) -> dict[str, Any]:
+    try:
+        text = header.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise MalformedModelError(f"header is not valid UTF-8 (byte {error.start})") from error
+    stripped = header.lstrip(_JSON_WHITESPACE)
+    if not stripped.startswith(b"{"):
+        raise MalformedModelError("header does not start with '{'")
+    try:
+        parsed = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except _DuplicateKeyError as error:
+        raise MalformedModelError(f"duplicate key {error.key!r} in header") from error
+    except RecursionError as error:
+        raise MalformedModelError("header JSON is nested too deeply") from error
+    except ValueError as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise MalformedModelError(f"header is not valid JSON: {reason}") from error
+    if not isinstance(parsed, dict):
+        raise MalformedModelError("header is not a JSON object")
+    return parsed
+
+
+def _entry(name: str, value: object) -> tuple[str, tuple[int, ...], int, int, int]:
+    """Validate one tensor entry: (dtype name, shape, begin, end, bits per element)."""
+    if not isinstance(value, dict):
+        raise MalformedModelError(f"tensor {name!r}: header entry is not an object")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in value:
+            raise MalformedModelError(f"tensor {name!r}: header entry has no {key!r}")
+    dtype = value["dtype"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise MalformedModelError(f"tensor {name!r}: unknown dtype {dtype!r}")
+    shape = value["shape"]
+    if not isinstance(shape, list) or not all(_is_uint(dim) for dim in shape):
+        raise MalformedModelError(f"tensor {name!r}: shape {shape!r} is not a list of unsigned integers")
+    offsets = value["data_offsets"]
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
+        raise MalformedModelError(
+            f"tensor {name!r}: data_offsets {offsets!r} is not a pair of unsigned integers"
+        )
+    dtype_name, bits = DTYPES[dtype]
+    return dtype_name, tuple(shape), offsets[0], offsets[1], bits
+
+
+def _validate_layout(entries: list[tuple[str, str, tuple[int, ...], int, int, int]], data_size: int) -> None:
+    """Check that the tensors tile the data exactly, as ``Metadata::validate`` does."""
+    ordered = sorted(entries, key=lambda entry: (entry[3], entry[4]))
+    position = 0
+    for name, _dtype, shape, begin, end, bits in ordered:
+        if begin != position or end < begin:
+            if end < begin:
+                problem = "end before begin"
+            elif begin < position:
+                problem = f"overlap the previous tensor, which ends at byte {position}"
+            else:
+                problem = f"leave a gap after byte {position}"
+            raise MalformedModelError(f"tensor {name!r}: data_offsets [{begin}, {end}] {problem}")
+        if end > data_size:
+            raise MalformedModelError(
+                f"tensor {name!r}: data_offsets [{begin}, {end}] run past the end of the"
+                f" {data_size} data bytes"
+            )
+        position = end
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if numel >= _U64_LIMIT or numel * bits >= _U64_LIMIT:
+            raise MalformedModelError(f"tensor {name!r}: shape {list(shape)} overflows a 64-bit size")
+        if (numel * bits) % 8:
+            raise MalformedModelError(
+                f"tensor {name!r}: {numel} elements of {bits} bits do not fill whole bytes"
+            )
+        if end - begin != numel * bits // 8:
+            raise MalformedModelError(
+                f"tensor {name!r}: data_offsets [{begin}, {end}] hold {end - begin} bytes but shape"
+                f" {list(shape)} needs {numel * bits // 8}"
+            )
+    if position != data_size:
+        raise MalformedModelError(
+            f"tensor data ends at byte {position} but the file has {data_size} data bytes"
+        )
+
+
+def tensors_from_safetensors(path: Path) -> dict[str, TensorInfo]:
+    """Shapes and dtypes of every tensor in a safetensors file, in header order.
+
+    Reads and validates only the header; raises a :class:`BiasInspectError` subclass for a
+    file the safetensors library would reject.
+    """
+    header, data_size = _read_header(path)
+    parsed = _parse_json(header)
+    metadata = parsed.get("__metadata__")
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise MalformedModelError("__metadata__ is not an object of strings")
+    entries: list[tuple[str, str, tuple[int, ...], int, int, int]] = []
+    for name, value in parsed.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, begin, end, bits = _entry(name, value)
+        entries.append((name, dtype, shape, begin, end, bits))
+    _validate_layout(entries, data_size)
+    return {name: TensorInfo(shape=shape, dtype=dtype) for name, dtype, shape, *_ in entries}
+
+
+def read_safetensors(path: Path) -> list[ModelDescription]:
+    """Describe the one weight set of a safetensors file (format ``"safetensors"``).
+
+    The header's order is sorted (by dtype, then name), not the modules' registration order,
+    so the state-dict rules run with ``registration_order=False``.
+    """
+    tensors = tensors_from_safetensors(path)
+    return [describe_state_dict(tensors, path=str(path), format=FORMAT, registration_order=False)]

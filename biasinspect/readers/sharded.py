@@ -1,0 +1,208 @@
+"""Sharded checkpoints: one model spread over several files listed by an index JSON.
+
+Two index flavours exist (Hugging Face ``save_pretrained``):
+
+* ``model.safetensors.index.json`` -> safetensors shards;
+* ``pytorch_model.bin.index.json`` -> PyTorch shards (read with
+  :func:`biasinspect.readers.torch_reader.tensors_from_torch_file`).
+
+Both are ``{"metadata": {...}, "weight_map": {tensor name: shard file name}}``.  Every shard
+path must resolve inside the index's folder: absolute paths, ``..`` components and symlinks
+that lead outside are rejected before any shard is opened.
+
+Order matters for the state-dict ``followed_by`` heuristic.  The index's ``weight_map`` is
+written with sorted keys, so it says nothing about registration order.  Shards are therefore
+read in natural order of their file names (``-00001-of-`` before ``-00002-of-``), and each
+shard's own key order kept: for PyTorch shards that concatenation IS the registration order
+(``save_pretrained`` fills shards while walking the state dict in order); safetensors headers
+are sorted, so safetensors shards are described with ``registration_order=False``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, cast
+
+from biasinspect import limits
+from biasinspect.errors import (
+    BiasInspectError,
+    MalformedModelError,
+    ResourceLimitError,
+    UnreadableFileError,
+    UnsupportedFormatError,
+)
+from biasinspect.model import ModelDescription
+from biasinspect.readers.safetensors_reader import tensors_from_safetensors
+from biasinspect.readers.state_dict import describe_state_dict, natural_sort_key
+from biasinspect.readers.tensors import TensorInfo
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PYTORCH_SUFFIXES = (".bin", ".pt", ".pth")
+
+TensorReader = Callable[[Path], dict[str, TensorInfo]]
+
+
+class _DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKeyError(key)
+        result[key] = value
+    return result
+
+
+def _load_index(index_path: Path) -> dict[str, str]:
+    """The validated ``weight_map`` of an index file."""
+    try:
+        status = os.stat(index_path)
+        if not stat.S_ISREG(status.st_mode):
+            raise UnreadableFileError("not a regular file")
+        if status.st_size > limits.MAX_JSON_BYTES:
+            raise ResourceLimitError(
+                f"index JSON of {status.st_size} bytes exceeds the {limits.MAX_JSON_BYTES}-byte limit"
+            )
+        with open(index_path, "rb") as handle:
+            raw = handle.read(limits.MAX_JSON_BYTES + 1)
+    except OSError as error:
+        raise UnreadableFileError(f"cannot read file: {error.strerror or error}") from error
+    if len(raw) > limits.MAX_JSON_BYTES:
+        raise ResourceLimitError(f"index JSON exceeds the {limits.MAX_JSON_BYTES}-byte limit")
+    try:
+        parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateKeyError as error:
+        raise MalformedModelError(f"duplicate key {error.key!r} in index JSON") from error
+    except UnicodeDecodeError as error:
+        raise MalformedModelError(f"index is not valid UTF-8 (byte {error.start})") from error
+    except RecursionError as error:
+        raise MalformedModelError("index JSON is nested too deeply") from error
+    except ValueError as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise MalformedModelError(f"index is not valid JSON: {reason}") from error
+    if not isinstance(parsed, dict):
+        raise MalformedModelError("index is not a JSON object")
+    weight_map = parsed.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise MalformedModelError("index has no 'weight_map' object")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise MalformedModelError(f"weight_map entry {name!r} is not a file name")
+    return cast(dict[str, str], weight_map)
+
+
+def _check_shard_path(folder: Path, shard: str) -> Path:
+    """The shard's path under ``folder``; MalformedModelError if it could lead outside."""
+    if not shard or "\x00" in shard:
+        raise MalformedModelError(f"shard {shard!r}: empty or invalid file name")
+    posix, windows = PurePosixPath(shard), PureWindowsPath(shard)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or shard.startswith(("/", "\\")):
+        raise MalformedModelError(f"shard {shard!r}: absolute paths are not allowed")
+    if ".." in posix.parts or ".." in windows.parts:
+        raise MalformedModelError(f"shard {shard!r}: '..' is not allowed in shard paths")
+    candidate = folder / shard
+    root = os.path.realpath(folder)
+    resolved = os.path.realpath(candidate)
+    if os.path.commonpath([root, resolved]) != root:
+        raise MalformedModelError(f"shard {shard!r}: resolves outside the index's folder")
+    return candidate
+
+
+def _shard_names(weight_map: dict[str, str]) -> list[str]:
+    return sorted(set(weight_map.values()), key=natural_sort_key)
+
+
+def _index_format(index_path: Path, shards: list[str]) -> str:
+    """``"safetensors"`` or ``"pytorch"``, from the index's name or else its shards' names."""
+    name = index_path.name.lower()
+    if name.endswith(".safetensors.index.json"):
+        return "safetensors"
+    if name.endswith((".bin.index.json", ".pt.index.json", ".pth.index.json")):
+        return "pytorch"
+    lowered = [shard.lower() for shard in shards]
+    if lowered and all(shard.endswith(SAFETENSORS_SUFFIXES) for shard in lowered):
+        return "safetensors"
+    if lowered and all(shard.endswith(PYTORCH_SUFFIXES) for shard in lowered):
+        return "pytorch"
+    raise UnsupportedFormatError("index names neither safetensors nor PyTorch shards")
+
+
+def shard_files(index_path: Path) -> list[Path]:
+    """The shard files an index covers (``index folder / name``), in natural order.
+
+    Paths are validated (nothing may resolve outside the index's folder) but not required to
+    exist, so that a folder scanner can skip them whatever their state.
+    """
+    weight_map = _load_index(index_path)
+    folder = index_path.parent
+    return [_check_shard_path(folder, shard) for shard in _shard_names(weight_map)]
+
+
+def _torch_tensor_reader() -> TensorReader:
+    # Imported lazily: the torch reader is another module and not needed for safetensors.
+    try:
+        module = importlib.import_module("biasinspect.readers.torch_reader")
+        reader = module.tensors_from_torch_file
+    except (ImportError, AttributeError) as error:
+        raise UnsupportedFormatError("reading PyTorch shards is not available in this build") from error
+    return cast(TensorReader, reader)
+
+
+def read_sharded_index(index_path: Path) -> list[ModelDescription]:
+    """Describe the one model a sharded checkpoint's index describes.
+
+    All shard paths are validated first.  A missing shard, a shard that cannot be read, or a
+    tensor listed in ``weight_map`` but absent from its shard raises a
+    :class:`BiasInspectError` naming the shard or tensor.  ``path`` in the result is the index.
+    """
+    weight_map = _load_index(index_path)
+    folder = index_path.parent
+    shards = _shard_names(weight_map)
+    format_name = _index_format(index_path, shards)
+    paths = {shard: _check_shard_path(folder, shard) for shard in shards}
+    reader: TensorReader = (
+        tensors_from_safetensors if format_name == "safetensors" else _torch_tensor_reader()
+    )
+    merged: dict[str, TensorInfo] = {}
+    warnings: list[str] = []
+    for shard in shards:
+        path = paths[shard]
+        if not path.exists():
+            raise MalformedModelError(f"shard {shard!r} listed in the index does not exist")
+        try:
+            tensors = reader(path)
+        except BiasInspectError as error:
+            raise type(error)(f"shard {shard!r}: {error}") from error
+        for name, info in tensors.items():
+            owner = weight_map.get(name)
+            if owner is not None and owner != shard:
+                warnings.append(f"{name}: also in shard {shard!r}; the index maps it to {owner!r}")
+                continue
+            if name in merged:
+                warnings.append(f"{name}: in more than one shard; the first one kept")
+                continue
+            if info.storage_key is not None:
+                # Storage keys are per file ("0", "1"...): qualify them so shards never alias.
+                info = dataclasses.replace(info, storage_key=f"{shard}:{info.storage_key}")
+            merged[name] = info
+    for name, shard in weight_map.items():
+        if name not in merged:
+            raise MalformedModelError(f"tensor {name!r} is listed for shard {shard!r} but is not in it")
+    description = describe_state_dict(
+        merged,
+        path=str(index_path),
+        format=format_name,
+        warnings=warnings,
+        registration_order=format_name == "pytorch",
+    )
+    return [description]

@@ -1,0 +1,575 @@
+"""Turn a flat ``name -> TensorInfo`` mapping (a state dict) into a :class:`ModelDescription`.
+
+Every state-dict-like source uses this module: safetensors files, PyTorch state dicts and
+sharded checkpoints.  Only names, shapes and dtypes are known, so everything below is a
+documented heuristic over names and shapes; when the evidence is not there, the result says
+"undetermined" (``transposed=None`` plus a note) instead of guessing.
+
+Conv detection
+    A conv is a module ``X`` with a ``X.weight`` of rank 3, 4 or 5 (Conv1d/2d/3d) whose dtype is
+    floating or quantized (:attr:`TensorInfo.is_parameter_dtype`).  Re-parametrized weights are
+    recognised as ONE conv named ``X``, with the weight shape taken from the full-size tensor:
+
+    * ``X.weight_g`` + ``X.weight_v`` (old ``torch.nn.utils.weight_norm``): shape of ``weight_v``;
+    * ``X.parametrizations.weight.original0`` (g) + ``original1`` (v) (new parametrize API);
+    * ``X.parametrizations.weight.original`` (any single-tensor parametrization, e.g. the new
+      ``spectral_norm``);
+    * ``X.weight_orig`` + ``X.weight_u`` (old ``spectral_norm``).
+
+    Integer tensors (e.g. ``int8`` in safetensors) are never parameters and never convs: an
+    integer ``*.weight`` of conv rank is skipped with a warning (it is usually a packed,
+    quantized weight whose real shape is not what is stored).  A rank-3 ``*.weight`` under a
+    module path containing ``expert`` is skipped with a warning (stacked MoE expert matrices).
+
+Conv vs ConvTranspose
+    A conv weight is [C_out, C_in/g, *k]; a transposed one is [C_in, C_out/g, *k].  With a 1-D
+    ``X.bias`` of length L: L == dim0 != dim1 -> Conv; L == dim1 != dim0 -> ConvTranspose
+    (groups 1, the only possibility); dim0 == dim1 == L or no bias -> undetermined
+    (``transposed=None``), unless the module path contains ``transpose``, ``deconv`` or
+    ``upconv``, which is taken as a hint for ConvTranspose (and said so in the notes); with such
+    a name, L == dim0 stays undetermined when dim1 divides dim0 (a grouped ConvTranspose, e.g. a
+    depthwise one, has that shape too).  L matching neither dim -> undetermined.  Without an
+    own bias, the width of an untied bias in the parent module, or of the norm that directly
+    follows (by registration order or as the next item of a ``Sequential``), settles the
+    question the same way; the name-based and unique-width norm pairings below never do (a
+    pre-activation norm of width C_in must not make a Conv look transposed).  Inferring Conv
+    adds no note (it is the reading the analysis takes anyway); inferring ConvTranspose does.
+    ``groups`` is always ``None``: state dicts do not record it.
+
+    ``op`` is ``Conv{n}d`` / ``ConvTranspose{n}d``, or ``Conv{n}d?`` when undetermined (Conv or
+    ConvTranspose; the analysis then treats dim0 as C_out).
+
+Bias terms
+    * ``X.bias`` (or ``X.parametrizations.bias.original``) of rank 1 -> source CONV; of any
+      other rank -> source ADD, so that the analysis's broadcasting rule classifies it.
+    * any other parameter in ``X`` whose last name component contains ``bias`` -> ADD.
+    * a parameter in the parent module ``P`` (``X = P.child``) whose last component contains
+      ``bias`` and whose shape is [C_out, *spatial] or [1, C_out, *spatial] (spatial rank = conv
+      rank - 2) -> ADD on that conv.  If several convs of ``P`` fit, convs without their own bias
+      are preferred; if still ambiguous, the parameter is attached to none (with a warning).
+
+followed_by (only for convs with no bias term at all)
+    ``"BatchNorm"``: a module with 1-D ``running_mean`` and ``running_var`` (and, if present,
+    ``weight``/``bias``) of the conv's width.  ``"Norm"``: a module whose only tensors are a 1-D
+    ``weight`` and ``bias`` of that width (GroupNorm, LayerNorm, affine InstanceNorm...).
+    Which module "follows":
+
+    * when the key order is the registration order (torch state dicts, unless the keys are in
+      sorted order): the first module after the conv's keys;
+    * always: a sibling named like the conv with the conv word replaced by a norm word
+      (``conv1``/``bn1``, ``conv``/``norm``, ``convolution``/``normalization``...) or the next
+      index of a ``Sequential`` (``P.3`` -> ``P.4``);
+    * when the key order is NOT meaningful (safetensors sorts names by dtype then name): also a
+      BatchNorm sibling that is the only unclaimed one of the conv's width while the conv is the
+      only unmatched bias-less conv of that width in the parent (``conv_stem``/``bn1``).
+
+model_params
+    Sum of elements of every floating/quantized tensor except buffers: names whose last
+    component is ``running_mean``, ``running_var``, ``num_batches_tracked`` or
+    ``position_ids``; old spectral-norm ``X.weight_u``/``X.weight_v`` (when ``X.weight_orig``
+    exists); new spectral-norm ``X.parametrizations.<p>.<i>._u``/``._v``.  Names that share
+    one storage (same ``storage_key``, offset, shape and dtype) are counted once, as
+    ``model.parameters()`` does for tied weights.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from biasinspect.model import BiasSource, BiasTerm, ConvNode, ModelDescription
+from biasinspect.readers.tensors import TensorInfo
+
+BUFFER_LEAVES = frozenset({"running_mean", "running_var", "num_batches_tracked", "position_ids"})
+"""Last name components that are buffers, never parameters (excluded from model_params)."""
+
+TRANSPOSE_HINTS = ("transpose", "deconv", "upconv")
+"""Substrings of a module path taken as a hint that the conv is a ConvTranspose."""
+
+_CONV_WORDS = ("convolution", "conv")
+_NORM_WORDS = ("normalization", "batch_norm", "batchnorm", "norm", "bn")
+_BN_LEAVES = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
+_PARAMETRIZATION_RE = re.compile(r"^(.*?)\.?parametrizations\.")
+_NUMBER_RE = re.compile(r"(\d+)")
+
+NaturalKey = tuple[tuple[tuple[int, int | str], ...], ...]
+
+
+def natural_sort_key(name: str) -> NaturalKey:
+    """Sort key comparing dotted names component by component, digit runs as numbers.
+
+    ``layer1.9.conv`` sorts before ``layer1.10.conv``, and ``features.2`` before
+    ``features.10``.
+    """
+    key: list[tuple[tuple[int, int | str], ...]] = []
+    for component in name.split("."):
+        parts: list[tuple[int, int | str]] = []
+        for piece in _NUMBER_RE.split(component):
+            if not piece:
+                continue
+            parts.append((0, int(piece)) if piece.isdigit() else (1, piece))
+        key.append(tuple(parts))
+    return tuple(key)
+
+
+def _split(name: str) -> tuple[str, str]:
+    """``"a.b.c"`` -> ``("a.b", "c")``; a name without a dot lives in the root module ``""``."""
+    module, _, leaf = name.rpartition(".")
+    return module, leaf
+
+
+def _join(module: str, leaf: str) -> str:
+    return f"{module}.{leaf}" if module else leaf
+
+
+def _owner_module(name: str) -> str:
+    """The module a key belongs to, folding ``X.parametrizations.*`` into ``X``."""
+    match = _PARAMETRIZATION_RE.match(name)
+    if match is not None:
+        return match.group(1)
+    return _split(name)[0]
+
+
+def _is_valid(info: object) -> bool:
+    """True for a TensorInfo whose shape is a tuple of non-negative ints (junk is ignored)."""
+    if not isinstance(info, TensorInfo) or not isinstance(info.shape, tuple):
+        return False
+    return all(type(dim) is int and dim >= 0 for dim in info.shape)
+
+
+@dataclass
+class _Conv:
+    """A conv found in the state dict, while its facts are being gathered."""
+
+    module: str
+    weight_name: str
+    shape: tuple[int, ...]
+    first_index: int
+    transposed: bool | None = None
+    notes: list[str] = field(default_factory=list)
+    terms: list[BiasTerm] = field(default_factory=list)
+    followed_by: str | None = None
+    own_bias: bool = False
+    settleable: bool = False
+    """True while Conv vs ConvTranspose is open only for lack of evidence (no bias, no hint)."""
+    groups: int | None = None
+    """Known only when a tensor of C_out channels proved a ConvTranspose: C_out = dim1 x groups = dim1."""
+
+    @property
+    def hinted(self) -> bool:
+        lowered = self.module.lower()
+        return any(hint in lowered for hint in TRANSPOSE_HINTS)
+
+    def widths(self) -> tuple[int, ...]:
+        """Possible C_out values given what is known about transposition."""
+        if self.transposed is True:
+            return (self.shape[1],)
+        if self.transposed is False or self.shape[0] == self.shape[1]:
+            return (self.shape[0],)
+        return (self.shape[0], self.shape[1])
+
+    def default_width(self) -> int:
+        """C_out as the analysis will take it (dim1 when transposed, dim0 otherwise)."""
+        return self.shape[1] if self.transposed is True else self.shape[0]
+
+    def settle_by_width(self, width: int, evidence: str) -> None:
+        """Resolve an undetermined conv from a tensor known to have C_out channels."""
+        if not self.settleable:
+            return
+        self.settleable = False
+        if width == self.shape[1]:
+            self.transposed = True
+            self.groups = 1
+            self.notes.append(f"ConvTranspose inferred from {evidence} (width {width} = weight dim1)")
+        elif width == self.shape[0]:
+            # The reading the analysis would take anyway: no note, to keep warnings useful.
+            self.transposed = False
+
+    def op(self) -> str:
+        spatial = len(self.shape) - 2
+        if self.transposed is True:
+            return f"ConvTranspose{spatial}d"
+        if self.transposed is False:
+            return f"Conv{spatial}d"
+        return f"Conv{spatial}d?"
+
+
+class _StateDict:
+    """Indexes over one state dict's valid tensors."""
+
+    def __init__(self, tensors: Mapping[str, TensorInfo]) -> None:
+        self.names: list[str] = []
+        self.infos: dict[str, TensorInfo] = {}
+        for name, info in tensors.items():
+            if isinstance(name, str) and _is_valid(info):
+                self.names.append(name)
+                self.infos[name] = info
+        self.position = {name: index for index, name in enumerate(self.names)}
+        # module -> {leaf: full name} for the module's direct tensors.
+        self.leaves: dict[str, dict[str, str]] = {}
+        for name in self.names:
+            module, leaf = _split(name)
+            self.leaves.setdefault(module, {})[leaf] = name
+
+    def get(self, module: str, leaf: str) -> TensorInfo | None:
+        name = self.leaves.get(module, {}).get(leaf)
+        return self.infos[name] if name is not None else None
+
+    def norm_kind(self, module: str) -> tuple[str, int] | None:
+        """``("BatchNorm", width)`` or ``("Norm", width)`` when ``module`` looks like a norm."""
+        leaves = self.leaves.get(module)
+        if not leaves:
+            return None
+        shapes = {leaf: self.infos[name].shape for leaf, name in leaves.items()}
+        if "running_mean" in shapes and "running_var" in shapes:
+            if not set(shapes) <= _BN_LEAVES:
+                return None
+            width_shape = shapes["running_mean"]
+            if len(width_shape) != 1 or shapes["running_var"] != width_shape:
+                return None
+            for leaf in ("weight", "bias"):
+                if leaf in shapes and shapes[leaf] != width_shape:
+                    return None
+            return "BatchNorm", width_shape[0]
+        if set(shapes) == {"weight", "bias"}:
+            weight, bias = shapes["weight"], shapes["bias"]
+            if len(weight) == 1 and weight == bias:
+                return "Norm", weight[0]
+        return None
+
+
+def _buffer_names(sd: _StateDict) -> set[str]:
+    """Names of floating buffers that must not count as parameters."""
+    buffers: set[str] = set()
+    for name in sd.names:
+        module, leaf = _split(name)
+        spectral_old = leaf in ("weight_u", "weight_v") and sd.get(module, "weight_orig") is not None
+        spectral_new = leaf in ("_u", "_v") and ".parametrizations." in f".{name}"
+        if leaf in BUFFER_LEAVES or spectral_old or spectral_new:
+            buffers.add(name)
+    return buffers
+
+
+def _model_params(sd: _StateDict) -> int:
+    buffers = _buffer_names(sd)
+    seen: set[tuple[str, int, tuple[int, ...], str]] = set()
+    total = 0
+    for name in sd.names:
+        info = sd.infos[name]
+        if name in buffers or not info.is_parameter_dtype:
+            continue
+        if info.storage_key is not None:
+            alias = (info.storage_key, info.storage_offset, info.shape, info.dtype)
+            if alias in seen:
+                continue
+            seen.add(alias)
+        total += info.numel()
+    return total
+
+
+def _conv_weight(sd: _StateDict, name: str) -> tuple[str, str] | None:
+    """``(module, weight_name)`` when ``name`` is the full-size weight of a conv."""
+    module, leaf = _split(name)
+    if leaf == "weight":
+        return module, name
+    if leaf == "weight_v" and sd.get(module, "weight_g") is not None:
+        return module, name
+    if leaf == "weight_orig" and sd.get(module, "weight_u") is not None:
+        return module, name
+    if module.endswith("parametrizations.weight"):
+        owner = module[: -len("parametrizations.weight")].rstrip(".")
+        if leaf == "original1" and sd.get(module, "original0") is not None:
+            return owner, name
+        if leaf == "original":
+            return owner, name
+    return None
+
+
+def _find_convs(sd: _StateDict, warnings: list[str]) -> dict[str, _Conv]:
+    convs: dict[str, _Conv] = {}
+    for index, name in enumerate(sd.names):
+        found = _conv_weight(sd, name)
+        if found is None:
+            continue
+        module, weight_name = found
+        info = sd.infos[name]
+        if not 3 <= len(info.shape) <= 5 or module in convs:
+            continue
+        if not info.is_parameter_dtype:
+            warnings.append(
+                f"{name}: {info.dtype} tensor of shape {list(info.shape)} skipped: integer tensors are"
+                " not parameters (possibly a packed quantized conv weight)"
+            )
+            continue
+        if len(info.shape) == 3 and "expert" in module.lower():
+            warnings.append(
+                f"{name}: rank-3 tensor under an experts module skipped: stacked expert matrices,"
+                " not a Conv1d"
+            )
+            continue
+        convs[module] = _Conv(module=module, weight_name=weight_name, shape=info.shape, first_index=index)
+    return convs
+
+
+def _own_bias(sd: _StateDict, conv: _Conv) -> None:
+    """Attach the conv's own bias (and bias-named extras) and settle Conv vs ConvTranspose."""
+    bias_name = sd.leaves.get(conv.module, {}).get("bias")
+    if bias_name is None:
+        bias_name = sd.leaves.get(_join(conv.module, "parametrizations.bias"), {}).get("original")
+    length: int | None = None
+    if bias_name is not None:
+        shape = sd.infos[bias_name].shape
+        if len(shape) == 1:
+            conv.terms.append(BiasTerm(bias_name, shape, BiasSource.CONV))
+            length = shape[0]
+        else:
+            conv.terms.append(BiasTerm(bias_name, shape, BiasSource.ADD))
+        conv.own_bias = True
+    for leaf, name in sd.leaves.get(conv.module, {}).items():
+        if "bias" in leaf.lower() and name != bias_name:
+            conv.terms.append(BiasTerm(name, sd.infos[name].shape, BiasSource.ADD))
+    _settle_transposed(conv, length)
+
+
+def _settle_transposed(conv: _Conv, length: int | None) -> None:
+    dim0, dim1 = conv.shape[0], conv.shape[1]
+    hinted = conv.hinted
+    if length is None:
+        if hinted:
+            conv.transposed = True
+            conv.groups = 1
+            conv.notes.append("ConvTranspose inferred from the module name (no bias to confirm it)")
+        elif dim0 == dim1:
+            conv.notes.append(
+                "undetermined: Conv or ConvTranspose (weight dims 0 and 1 are equal and there is no bias)"
+            )
+        else:
+            # Later evidence (parent bias, following norm) may settle it; _finish adds the
+            # "no bias" note if nothing does.
+            conv.settleable = True
+        return
+    if length == dim0 and length != dim1:
+        if hinted and dim0 % dim1 == 0:
+            conv.notes.append(
+                f"undetermined: the name suggests ConvTranspose but bias length {length} = weight dim0"
+                " fits a Conv (or a grouped ConvTranspose)"
+            )
+        else:
+            conv.transposed = False
+    elif length == dim1 and length != dim0:
+        conv.transposed = True
+        conv.groups = 1
+        conv.notes.append(f"ConvTranspose inferred: bias length {length} = weight dim1 (groups 1)")
+    elif length == dim0 == dim1:
+        if hinted:
+            conv.transposed = True
+            conv.notes.append(
+                f"ConvTranspose inferred from the module name (weight dims 0, 1 and the bias all {length})"
+            )
+        else:
+            conv.notes.append(
+                f"undetermined: Conv or ConvTranspose (weight dims 0, 1 and the bias all {length})"
+            )
+    else:
+        conv.notes.append(
+            f"undetermined: bias length {length} matches neither weight dim0 ({dim0}) nor dim1 ({dim1})"
+            " (a grouped ConvTranspose has bias length dim1 x groups)"
+        )
+
+
+def _parent_biases(sd: _StateDict, convs: dict[str, _Conv], warnings: list[str]) -> None:
+    """Attach bias-named parameters of a conv's parent module shaped [C_out, *spatial]."""
+    # (parent, spatial rank, possible C_out) -> convs: lookups stay linear in the number of names.
+    by_width: dict[tuple[str, int, int], list[_Conv]] = {}
+    parents: set[str] = set()
+    for conv in convs.values():
+        if conv.module:
+            parent = _split(conv.module)[0]
+            parents.add(parent)
+            for width in conv.widths():
+                by_width.setdefault((parent, len(conv.shape) - 2, width), []).append(conv)
+    for parent in parents:
+        if parent in convs:
+            continue  # a conv's own bias-named tensors were attached by _own_bias
+        for leaf, name in sd.leaves.get(parent, {}).items():
+            if "bias" not in leaf.lower():
+                continue
+            shape = sd.infos[name].shape
+            fits: dict[str, tuple[_Conv, int]] = {}
+            # [C_out, *spatial] first, then [1, C_out, *spatial].
+            for channel_dim in (0, 1):
+                if len(shape) < 2 + channel_dim or (channel_dim and shape[0] != 1):
+                    continue
+                width = shape[channel_dim]
+                for conv in by_width.get((parent, len(shape) - 1 - channel_dim, width), []):
+                    if width in conv.widths():
+                        fits.setdefault(conv.module, (conv, width))
+            found = list(fits.values())
+            if len(found) > 1:
+                without_own = [fit for fit in found if not fit[0].own_bias]
+                if without_own:
+                    found = without_own
+            if len(found) > 1:
+                names = ", ".join(fit[0].module for fit in found[:5]) + (", ..." if len(found) > 5 else "")
+                warnings.append(f"{name}: shape {list(shape)} fits several convs ({names}); not attached")
+                continue
+            if found:
+                conv, width = found[0]
+                conv.terms.append(BiasTerm(name, shape, BiasSource.ADD))
+                conv.settle_by_width(width, name)
+
+
+def _paired_name(leaf: str) -> list[str]:
+    """Sibling names a norm following conv ``leaf`` is likely to have (``conv1`` -> ``bn1``...)."""
+    lowered = leaf.lower()
+    for word in _CONV_WORDS:
+        position = lowered.find(word)
+        if position < 0:
+            continue
+        prefix, suffix = leaf[:position], leaf[position + len(word) :]
+        return [f"{prefix}{norm}{suffix}" for norm in _NORM_WORDS]
+    return []
+
+
+def _next_in_sequential(module: str) -> str | None:
+    parent, leaf = _split(module)
+    if leaf.isdigit():
+        return _join(parent, str(int(leaf) + 1))
+    return None
+
+
+def _next_registered(sd: _StateDict, conv: _Conv) -> str | None:
+    """The module registered right after the conv, from the key order."""
+    if not conv.module:
+        return None
+    prefix = conv.module + "."
+    # Walk back to the conv's first key, then forward past all of its keys.
+    index = conv.first_index
+    while index > 0 and sd.names[index - 1].startswith(prefix):
+        index -= 1
+    while index < len(sd.names) and sd.names[index].startswith(prefix):
+        index += 1
+    if index >= len(sd.names):
+        return None
+    return _owner_module(sd.names[index])
+
+
+def _followed_by(sd: _StateDict, convs: dict[str, _Conv], registration_order: bool) -> None:
+    claimed: set[str] = set()
+    absent = [conv for conv in convs.values() if not conv.terms]
+
+    def take(conv: _Conv, module: str | None, infer: bool, evidence: str) -> bool:
+        if module is None or module in claimed or module in convs:
+            return False
+        found = sd.norm_kind(module)
+        if found is None:
+            return False
+        kind, width = found
+        allowed = conv.widths() if infer else (conv.default_width(),)
+        if width not in allowed:
+            return False
+        conv.followed_by = kind
+        claimed.add(module)
+        if infer:
+            conv.settle_by_width(width, f"the {kind} that follows ({evidence})")
+        return True
+
+    if registration_order:
+        for conv in absent:
+            take(conv, _next_registered(sd, conv), True, "registration order")
+    for conv in absent:
+        if conv.followed_by is not None:
+            continue
+        if take(conv, _next_in_sequential(conv.module), True, "next in Sequential"):
+            continue
+        parent, leaf = _split(conv.module)
+        for candidate in _paired_name(leaf):
+            if take(conv, _join(parent, candidate), False, "name"):
+                break
+    if registration_order:
+        return
+    # Unique-width pairing among siblings, for sources whose key order says nothing.
+    pending: dict[str, list[_Conv]] = {}
+    for conv in absent:
+        if conv.followed_by is None and conv.module:
+            pending.setdefault(_split(conv.module)[0], []).append(conv)
+    siblings: dict[str, list[str]] = {}
+    for module in sd.leaves:
+        if module:
+            siblings.setdefault(_split(module)[0], []).append(module)
+    for parent, kids in pending.items():
+        norms: dict[int, list[str]] = {}
+        for module in siblings.get(parent, []):
+            if module in claimed or module in convs:
+                continue
+            found = sd.norm_kind(module)
+            if found is not None and found[0] == "BatchNorm":
+                norms.setdefault(found[1], []).append(module)
+        conv_widths = Counter(kid.default_width() for kid in kids)
+        for conv in kids:
+            width = conv.default_width()
+            if len(norms.get(width, [])) == 1 and conv_widths[width] == 1:
+                take(conv, norms[width][0], False, "only match")
+
+
+def _finish(conv: _Conv) -> ConvNode:
+    if conv.settleable:
+        what = "bias" if not conv.terms else "per-channel bias"
+        conv.notes.append(f"undetermined: no {what} to tell Conv from ConvTranspose")
+    return ConvNode(
+        name=conv.module or "(root)",
+        op=conv.op(),
+        weight_name=conv.weight_name,
+        weight_shape=conv.shape,
+        transposed=conv.transposed,
+        groups=conv.groups,
+        kernel_shape=conv.shape[2:],
+        output_spatial=None,
+        bias_terms=tuple(conv.terms),
+        followed_by=conv.followed_by,
+        notes=tuple(conv.notes),
+    )
+
+
+def describe_state_dict(
+    tensors: Mapping[str, TensorInfo],
+    *,
+    path: str,
+    format: str,
+    location: str | None = None,
+    warnings: Sequence[str] = (),
+    unsafe_callables: Sequence[str] = (),
+    registration_order: bool = True,
+) -> ModelDescription:
+    """Describe the convolutions of a state dict from its names, shapes and dtypes alone.
+
+    ``registration_order`` says whether the mapping's key order is the modules' registration
+    order (true for torch state dicts; false for safetensors, whose headers are sorted).  Even
+    when true, keys that are already in sorted order are treated as unordered.  Entries that
+    are not :class:`TensorInfo` with a valid shape are ignored.  See the module docstring for
+    every rule.
+    """
+    sd = _StateDict(tensors)
+    own_warnings = list(warnings)
+    convs = _find_convs(sd, own_warnings)
+    for conv in convs.values():
+        _own_bias(sd, conv)
+    _parent_biases(sd, convs, own_warnings)
+    ordered = registration_order and sd.names != sorted(sd.names)
+    _followed_by(sd, convs, ordered)
+    found = list(convs.values())
+    if ordered:
+        found.sort(key=lambda conv: conv.first_index)
+    else:
+        found.sort(key=lambda conv: natural_sort_key(conv.module))
+    return ModelDescription(
+        path=path,
+        format=format,
+        convs=tuple(_finish(conv) for conv in found),
+        model_params=_model_params(sd),
+        warnings=tuple(own_warnings),
+        location=location,
+        unsafe_callables=tuple(unsafe_callables),
+    )

@@ -1,0 +1,775 @@
+"""Tests for the ONNX reader (biasinspect.readers.onnx_reader) and its wire walker (protowire)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from biasinspect import limits
+from biasinspect.errors import MalformedModelError, ResourceLimitError, UnsupportedFormatError
+from biasinspect.model import BiasKind, BiasSource, BiasTerm, ConvNode, ModelDescription
+from biasinspect.readers.onnx_reader import read_onnx
+from biasinspect.readers.protowire import strip_model_proto
+
+sys.path.insert(0, str(Path(__file__).parent))
+from onnx_builders import FLOAT, INT64, conv_model, graph, init, ints, model, node, save, vi  # noqa: E402
+
+ADD = BiasSource.ADD
+CONV = BiasSource.CONV
+
+
+def read(m: onnx.ModelProto, tmp_path: Path, name: str = "m.onnx") -> ModelDescription:
+    descriptions = read_onnx(save(m, tmp_path / name))
+    assert len(descriptions) == 1
+    assert descriptions[0].format == "onnx"
+    return descriptions[0]
+
+
+def by_name(desc: ModelDescription) -> dict[str, ConvNode]:
+    return {conv.name: conv for conv in desc.convs}
+
+
+def kinds(desc: ModelDescription) -> dict[str, BiasKind]:
+    from biasinspect.analysis import analyze
+
+    return {layer.name: layer.bias.kind for layer in analyze(desc).layers}
+
+
+# --------------------------------------------------------------------------------------------
+# Plain convs, own bias, Add biases
+
+
+def test_conv_with_own_bias(tmp_path: Path) -> None:
+    desc = read(conv_model(pads=[1, 1, 1, 1], strides=[2, 2]), tmp_path)
+    (conv,) = desc.convs
+    assert conv == ConvNode(
+        name="conv", op="Conv", weight_name="w", weight_shape=(8, 3, 3, 3), transposed=False, groups=1,
+        kernel_shape=(3, 3), output_spatial=(8, 8), bias_terms=(BiasTerm("b", (8,), CONV),),
+    )
+    assert desc.model_params == 8 * 27 + 8
+    assert desc.warnings == ()
+    assert kinds(desc) == {"conv": BiasKind.TIED}
+
+
+def test_unnamed_nodes_are_named_by_op_and_index(tmp_path: Path) -> None:
+    g = graph(
+        [node("Relu", ["x"], ["r"]), node("Conv", ["r", "w"], ["y"])],
+        [vi("x", [1, 3, 8, 8])], ["y"], [init("w", [4, 3, 1, 1])],
+    )
+    assert [c.name for c in read(model(g), tmp_path).convs] == ["Conv_1"]
+
+
+def _add_model(bias_nodes: list[onnx.NodeProto], bias_name: str, inits: list[TensorProto]) -> onnx.ModelProto:
+    g = graph(
+        [node("Conv", ["x", "w"], ["c"], name="conv"), *bias_nodes, node("Add", ["c", bias_name], ["y"])],
+        [vi("x", [1, 3, 10, 10])], ["y"], [init("w", [4, 3, 3, 3]), *inits],
+    )
+    return model(g)
+
+
+@pytest.mark.parametrize(
+    ("bias_nodes", "bias_name", "inits", "shape", "kind"),
+    [
+        ([], "b", [init("b", [1, 4, 1, 1])], (1, 4, 1, 1), BiasKind.TIED),
+        ([], "b", [init("b", [4, 8, 8])], (4, 8, 8), BiasKind.UNTIED),
+        ([], "b", [init("b", [1, 4, 8, 8])], (1, 4, 8, 8), BiasKind.UNTIED),
+        ([], "b", [init("b", [1])], (1,), BiasKind.OTHER),
+        ([node("Constant", [], ["k"], value=init("kv", [4, 1, 1]))], "k", [], (4, 1, 1), BiasKind.TIED),
+        ([node("Constant", [], ["k"], value_float=0.5)], "k", [], (), BiasKind.OTHER),
+        ([node("Reshape", ["b", "s"], ["r"])], "r", [init("b", [4]), ints("s", [1, -1, 1, 1])], (1, 4, 1, 1),
+         BiasKind.TIED),
+        ([node("Unsqueeze", ["b", "ax"], ["u"])], "u", [init("b", [4, 8, 8]), ints("ax", [0])], (1, 4, 8, 8),
+         BiasKind.UNTIED),
+        ([node("Unsqueeze", ["b", "ax"], ["u"])], "u", [init("b", [4]), ints("ax", [1, 2])], (4, 1, 1),
+         BiasKind.TIED),
+        ([node("DequantizeLinear", ["bq", "sc"], ["dq"])], "dq",
+         [init("bq", [4, 1, 1], TensorProto.INT32), init("sc", [], FLOAT, [0.1])], (4, 1, 1), BiasKind.TIED),
+        ([node("Cast", ["b"], ["cb"], to=FLOAT)], "cb", [init("b", [4, 8, 8], TensorProto.FLOAT16)], (4, 8, 8),
+         BiasKind.UNTIED),
+    ],
+)
+def test_add_of_a_parameter_is_a_bias_term(
+    tmp_path: Path, bias_nodes: list[onnx.NodeProto], bias_name: str, inits: list[TensorProto],
+    shape: tuple[int, ...], kind: BiasKind,
+) -> None:
+    desc = read(_add_model(bias_nodes, bias_name, inits), tmp_path)
+    (conv,) = desc.convs
+    assert conv.bias_terms == (BiasTerm(bias_name, shape, ADD),)
+    assert conv.followed_by is None
+    assert conv.output_spatial == (8, 8)
+    assert kinds(desc) == {"conv": kind}
+
+
+def test_add_operand_shapes_without_shape_inference(tmp_path: Path) -> None:
+    # A custom-domain op without an opset import makes ONNX shape inference fail outright; the
+    # Reshape/Unsqueeze targets are still computed from the stored shape vectors.
+    g = graph(
+        [
+            node("Foo", ["x0"], ["x"], domain="my.custom"),
+            node("Conv", ["x", "w"], ["c"], name="conv"),
+            node("Reshape", ["b", "s"], ["r"]),
+            node("Add", ["c", "r"], ["y"]),
+            node("Conv", ["y", "w2"], ["c2"], name="conv2", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        ],
+        [vi("x0", [1, 3, 10, 10])], ["c2"], [init("w", [4, 3, 3, 3]), init("b", [4]), ints("s", [1, -1, 1, 1]),
+                                             init("w2", [4, 4, 3, 3])],
+    )
+    desc = read(model(g), tmp_path)
+    assert len(desc.warnings) == 1
+    assert desc.warnings[0].startswith("shape inference failed: ")
+    assert "my.custom" in desc.warnings[0]
+    conv, conv2 = desc.convs
+    assert conv.bias_terms == (BiasTerm("r", (1, 4, 1, 1), ADD),)
+    assert conv.weight_shape == (4, 3, 3, 3)
+    assert conv.output_spatial is None  # the input comes from the unknown op
+    assert conv2.weight_shape == (4, 4, 3, 3)
+    assert conv2.output_spatial is None
+    assert kinds(desc) == {"conv": BiasKind.TIED, "conv2": BiasKind.ABSENT}
+
+
+def test_own_spatial_arithmetic_when_inference_fails(tmp_path: Path) -> None:
+    g = graph(
+        [
+            node("Foo", ["x0"], ["unused"], domain="my.custom"),
+            node("Conv", ["x", "w"], ["a"], name="strided", strides=[2, 2], pads=[1, 1, 1, 1], dilations=[1, 1]),
+            node("Conv", ["x", "w"], ["b"], name="same", strides=[2, 2], auto_pad="SAME_UPPER"),
+            node("Conv", ["x", "w"], ["c"], name="valid", auto_pad="VALID", dilations=[2, 2]),
+            node("ConvTranspose", ["x", "wt"], ["d"], name="up", strides=[2, 2], output_padding=[1, 1]),
+            node("ConvTranspose", ["x", "wt"], ["e"], name="shaped", strides=[2, 2], output_shape=[40, 41]),
+        ],
+        [vi("x0", [1]), vi("x", [1, 3, 17, 17])], ["a", "b", "c", "d", "e"],
+        [init("w", [4, 3, 3, 3]), init("wt", [3, 2, 3, 3])],
+    )
+    desc = read(model(g), tmp_path)
+    assert desc.warnings and desc.warnings[0].startswith("shape inference failed")
+    spatial = {c.name: c.output_spatial for c in desc.convs}
+    assert spatial == {"strided": (9, 9), "same": (9, 9), "valid": (13, 13), "up": (36, 36), "shaped": (40, 41)}
+
+
+def test_residual_add_of_a_graph_input_is_not_a_bias(tmp_path: Path) -> None:
+    g = graph(
+        [node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]), node("Add", ["c", "x"], ["y"])],
+        [vi("x", [1, 3, 8, 8])], ["y"], [init("w", [3, 3, 3, 3])],
+    )
+    desc = read(model(g), tmp_path)
+    assert desc.convs[0].bias_terms == ()
+    assert desc.convs[0].followed_by is None
+    assert kinds(desc) == {"conv": BiasKind.ABSENT}
+
+
+def test_add_is_not_followed_when_the_conv_output_has_other_consumers(tmp_path: Path) -> None:
+    g = graph(
+        [node("Conv", ["x", "w"], ["c"], name="conv"), node("Add", ["c", "b"], ["y"]), node("Relu", ["c"], ["z"])],
+        [vi("x", [1, 3, 8, 8])], ["y", "z"], [init("w", [4, 3, 3, 3]), init("b", [1, 4, 1, 1])],
+    )
+    assert read(model(g), tmp_path).convs[0].bias_terms == ()
+
+
+def test_own_bias_plus_add_gives_two_terms(tmp_path: Path) -> None:
+    g = graph(
+        [node("Conv", ["x", "w", "b"], ["c"], name="conv"), node("Add", ["c", "u"], ["y"])],
+        [vi("x", [1, 3, 8, 8])], ["y"], [init("w", [4, 3, 3, 3]), init("b", [4]), init("u", [4, 6, 6])],
+    )
+    desc = read(model(g), tmp_path)
+    assert desc.convs[0].bias_terms == (BiasTerm("b", (4,), CONV), BiasTerm("u", (4, 6, 6), ADD))
+    assert kinds(desc) == {"conv": BiasKind.UNTIED}
+
+
+def test_batchnorm_and_mul_add_followers(tmp_path: Path) -> None:
+    bn_inits = [init(n, [4]) for n in ("s", "o", "mu", "var")]
+    g = graph(
+        [
+            node("Conv", ["x", "w"], ["c1"], name="bn_conv"),
+            node("BatchNormalization", ["c1", "s", "o", "mu", "var"], ["n1"]),
+            node("Conv", ["n1", "w2"], ["c2"], name="muladd_conv"),
+            node("Mul", ["c2", "m"], ["m2"]),
+            node("Add", ["m2", "a"], ["a2"]),
+            node("Conv", ["a2", "w2", "b2"], ["c3"], name="biased_conv"),
+            node("BatchNormalization", ["c3", "s", "o", "mu", "var"], ["n3"]),
+            node("Conv", ["n3", "w2"], ["c4"], name="plain_conv"),
+            node("Relu", ["c4"], ["y"]),
+        ],
+        [vi("x", [1, 3, 12, 12])], ["y"],
+        [init("w", [4, 3, 3, 3]), init("w2", [4, 4, 1, 1]), init("b2", [4]), init("m", [4, 1, 1]),
+         init("a", [4, 1, 1]), *bn_inits],
+    )
+    convs = by_name(read(model(g), tmp_path))
+    assert convs["bn_conv"].followed_by == "BatchNormalization"
+    assert convs["bn_conv"].bias_terms == ()
+    assert convs["muladd_conv"].followed_by == "Mul+Add"
+    assert convs["muladd_conv"].bias_terms == ()
+    assert convs["biased_conv"].followed_by is None  # it has its own bias
+    assert convs["biased_conv"].bias_terms == (BiasTerm("b2", (4,), CONV),)
+    assert convs["plain_conv"].followed_by is None
+
+
+# --------------------------------------------------------------------------------------------
+# Where weights come from
+
+
+def test_weights_from_constant_constantofshape_and_graph_input(tmp_path: Path) -> None:
+    g = graph(
+        [
+            node("Constant", [], ["cw"], value=init("cwv", [4, 3, 3, 3])),
+            node("Conv", ["x", "cw"], ["a"], name="const_w"),
+            node("ConstantOfShape", ["ws"], ["zw"], value=init("fill", [1], FLOAT, [0.5])),
+            node("Conv", ["x", "zw"], ["b"], name="cos_w"),
+            node("ConstantOfShape", ["ws"], ["zw2"]),
+            node("Reshape", ["zw2", "rs"], ["rw"]),
+            node("Conv", ["x", "rw"], ["c"], name="reshaped_w"),
+            node("Conv", ["x", "gw", "gb"], ["d"], name="input_w"),
+        ],
+        [vi("x", [1, 3, 9, 9]), vi("gw", [2, 3, 5, 5]), vi("gb", [2])], ["a", "b", "c", "d"],
+        [ints("ws", [6, 3, 1, 1]), ints("rs", [6, 3, 1, 1])],
+    )
+    desc = read(model(g), tmp_path)
+    convs = by_name(desc)
+    assert convs["const_w"].weight_shape == (4, 3, 3, 3)
+    assert convs["cos_w"].weight_shape == (6, 3, 1, 1)
+    assert convs["cos_w"].output_spatial == (9, 9)
+    assert convs["reshaped_w"].weight_shape == (6, 3, 1, 1)
+    assert convs["input_w"].weight_shape == (2, 3, 5, 5)
+    assert convs["input_w"].bias_terms == (BiasTerm("gb", (2,), CONV),)
+    assert convs["input_w"].output_spatial == (5, 5)
+    # Constant tensor (4x3x3x3 = 108) + the ConstantOfShape fill value (1); INT64 shape vectors never.
+    assert desc.model_params == 108 + 1
+    assert all(not c.notes for c in desc.convs)
+
+
+def test_symbolic_dims_stay_unknown(tmp_path: Path) -> None:
+    g = graph(
+        [node("Conv", ["x", "w"], ["c"], name="conv"), node("Add", ["c", "b"], ["y"])],
+        [vi("x", ["N", 3, "H", 16])], ["y"], [init("w", [4, 3, 3, 3]), init("b", [4, 1, 1])],
+    )
+    desc = read(model(g), tmp_path)
+    (conv,) = desc.convs
+    assert conv.output_spatial == (None, 14)
+    assert conv.bias_terms == (BiasTerm("b", (4, 1, 1), ADD),)
+    assert kinds(desc) == {"conv": BiasKind.TIED}
+
+
+def test_dangling_weight_is_reported_with_a_note(tmp_path: Path) -> None:
+    g = graph([node("Conv", ["x", "nowhere"], ["y"], name="conv")], [vi("x", [1, 3, 8, 8])], ["y"])
+    desc = read(model(g), tmp_path)
+    (conv,) = desc.convs
+    assert conv.weight_shape is None
+    assert conv.weight_name == "nowhere"
+    assert conv.notes == ("weight 'nowhere' has no producer (not an initializer, input or node output)",)
+
+
+def test_cyclic_graph_does_not_hang(tmp_path: Path) -> None:
+    g = graph(
+        [
+            node("Conv", ["x", "w"], ["c"], name="conv"),
+            node("Add", ["c", "loop_b"], ["y"]),
+            node("Mul", ["y", "loop_a"], ["loop_b"]),
+            node("Relu", ["loop_b"], ["loop_a"]),
+            node("Conv", ["loop_a", "w2"], ["z"], name="conv2"),
+        ],
+        [vi("x", [1, 3, 8, 8])], ["z"], [init("w", [3, 3, 1, 1]), init("w2", [3, 3, 1, 1])],
+    )
+    desc = read(model(g), tmp_path)
+    assert [c.name for c in desc.convs] == ["conv", "conv2"]
+    assert desc.convs[0].bias_terms == ()  # the cycle is not a parameter
+
+
+# --------------------------------------------------------------------------------------------
+# Other conv ops
+
+
+def test_contrib_and_quantized_conv_ops(tmp_path: Path) -> None:
+    u8, i32 = TensorProto.UINT8, TensorProto.INT32
+    g = graph(
+        [
+            node("FusedConv", ["x", "w", "b"], ["f"], name="fused", domain="com.microsoft", activation="Relu",
+                 pads=[1, 1, 1, 1]),
+            node("NhwcConv", ["xh", "wh", "b"], ["h"], name="nhwc", domain="com.microsoft", kernel_shape=[3, 3]),
+            node("QLinearConv", ["xq", "xs", "xz", "wq", "ws", "wz", "ys", "yz", "bq"], ["q"], name="qconv"),
+            node("ConvInteger", ["xq", "wq", "xz", "wz"], ["i"], name="iconv"),
+        ],
+        [vi("x", [1, 3, 8, 8]), vi("xh", [1, 8, 8, 3]), vi("xq", [1, 3, 8, 8], u8)], ["f", "h", "q", "i"],
+        [
+            init("w", [4, 3, 3, 3]), init("b", [4]), init("wh", [4, 3, 3, 3 + 2]),
+            init("xs", [], FLOAT, [0.1]), init("xz", [], u8), init("wq", [4, 3, 3, 3], u8),
+            init("ws", [], FLOAT, [0.1]), init("wz", [], u8), init("ys", [], FLOAT, [0.1]), init("yz", [], u8),
+            init("bq", [4], i32),
+        ],
+    )
+    desc = read(model(g, extra_opsets={"com.microsoft": 1}), tmp_path)
+    convs = by_name(desc)
+    assert convs["fused"].weight_shape == (4, 3, 3, 3)
+    assert convs["fused"].bias_terms == (BiasTerm("b", (4,), CONV),)
+    assert convs["fused"].output_spatial == (8, 8)
+    # NhwcConv weights are stored [M, kH, kW, C/group]; reported as [M, C/group, kH, kW].
+    assert convs["nhwc"].weight_shape == (4, 5, 3, 3)
+    assert convs["nhwc"].kernel_shape == (3, 3)
+    assert convs["nhwc"].output_spatial == (6, 6)
+    assert convs["qconv"].weight_name == "wq"
+    assert convs["qconv"].weight_shape == (4, 3, 3, 3)
+    assert convs["qconv"].bias_terms == (BiasTerm("bq", (4,), CONV),)
+    assert convs["qconv"].output_spatial == (6, 6)
+    assert convs["iconv"].weight_shape == (4, 3, 3, 3)
+    assert convs["iconv"].bias_terms == ()
+    # float: w 108 + b 4 + wh 180 + 3 scales; uint8: wq 108 + 3 zero points; int32 QLinearConv bias 4.
+    assert desc.model_params == 108 + 4 + 180 + 3 + 108 + 3 + 4
+    assert kinds(desc) == {"fused": BiasKind.TIED, "nhwc": BiasKind.TIED, "qconv": BiasKind.TIED,
+                           "iconv": BiasKind.ABSENT}
+
+
+def test_nhwc_conv_add_bias_is_reported_channels_first(tmp_path: Path) -> None:
+    g = graph(
+        [node("NhwcConv", ["x", "w"], ["h"], name="nhwc", domain="com.microsoft", kernel_shape=[1, 1]),
+         node("Add", ["h", "b"], ["y"])],
+        [vi("x", [1, 5, 5, 3])], ["y"], [init("w", [4, 1, 1, 3]), init("b", [4])],
+    )
+    desc = read(model(g, extra_opsets={"com.microsoft": 1}), tmp_path)
+    (conv,) = desc.convs
+    assert conv.weight_shape == (4, 3, 1, 1)
+    assert conv.bias_terms == (BiasTerm("b", (1, 4, 1, 1), ADD),)
+    assert kinds(desc) == {"nhwc": BiasKind.TIED}
+
+
+def test_other_domain_conv_is_warned_not_analysed(tmp_path: Path) -> None:
+    g = graph([node("Conv", ["x", "w"], ["y"], name="blocked", domain="com.microsoft.nchwc")],
+              [vi("x", [1, 8, 4, 4])], ["y"], [init("w", [8, 8, 1, 1])])
+    desc = read(model(g, extra_opsets={"com.microsoft.nchwc": 1}), tmp_path)
+    assert desc.convs == ()
+    assert any("blocked" in w and "com.microsoft.nchwc" in w for w in desc.warnings)
+
+
+def _float_conv_model() -> onnx.ModelProto:
+    g = graph([node("Conv", ["x", "w", "b"], ["y"], name="conv")], [vi("x", [1, 3, 10, 10])], ["y"],
+              [init("w", [6, 3, 3, 3]), init("b", [6])])
+    return model(g)
+
+
+def _dynamically_quantized_model() -> onnx.ModelProto:
+    """What onnxruntime's dynamic quantizer makes of _float_conv_model(), plus a bias that is itself
+    quantized at run time (DynamicQuantizeLinear -> DequantizeLinear)."""
+    u8 = TensorProto.UINT8
+    g = graph(
+        [
+            node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+            node("ConvInteger", ["xq", "wq", "xz", "wz"], ["ci"], name="conv_quant"),
+            node("Cast", ["ci"], ["cf"], to=FLOAT),
+            node("Mul", ["xs", "ws"], ["scale"]),
+            node("Mul", ["cf", "scale"], ["scaled"]),
+            node("DynamicQuantizeLinear", ["b"], ["bq", "bs", "bz"]),
+            node("DequantizeLinear", ["bq", "bs", "bz"], ["bdq"]),
+            node("Reshape", ["bdq", "shape"], ["br"]),
+            node("Add", ["scaled", "br"], ["y"]),
+        ],
+        [vi("x", [1, 3, 10, 10])], ["y"],
+        [init("wq", [6, 3, 3, 3], u8), init("wz", [], u8), init("ws", [], FLOAT, [0.02]), init("b", [6]),
+         ints("shape", [1, -1, 1, 1])],
+    )
+    return model(g)
+
+
+def test_dynamically_quantized_conv_reports_the_float_models_bias(tmp_path: Path) -> None:
+    fdesc = read(_float_conv_model(), tmp_path, "f.onnx")
+    qdesc = read(_dynamically_quantized_model(), tmp_path, "q.onnx")
+    (fconv,), (qconv,) = fdesc.convs, qdesc.convs
+    assert qconv.op == "ConvInteger"
+    assert qconv.weight_shape == fconv.weight_shape == (6, 3, 3, 3)
+    assert qconv.output_spatial == fconv.output_spatial == (8, 8)
+    assert qconv.bias_terms == (BiasTerm("br", (1, 6, 1, 1), ADD),)
+    assert fconv.bias_terms == (BiasTerm("b", (6,), CONV),)
+    assert list(kinds(qdesc).values()) == list(kinds(fdesc).values()) == [BiasKind.TIED]
+    from biasinspect.analysis import analyze
+
+    assert analyze(qdesc).layers[0].bias.params == analyze(fdesc).layers[0].bias.params == 6
+
+
+def test_conv_integer_rescale_by_a_non_scalar_is_not_followed(tmp_path: Path) -> None:
+    m = _dynamically_quantized_model()
+    for t in m.graph.initializer:
+        if t.name == "ws":
+            t.CopyFrom(init("ws", [1, 6, 10, 10]))  # would grow the tensor: not a rescale
+    assert read(m, tmp_path).convs[0].bias_terms == ()
+
+
+# --------------------------------------------------------------------------------------------
+# Subgraphs and functions
+
+
+def _body(name: str, conv_name: str, weight: str, out: str) -> onnx.GraphProto:
+    return graph([node("Conv", ["x", weight], [out], name=conv_name), node("Add", [out, "bb"], [out + "_y"])],
+                 [], [out + "_y"], [init("bb", [1, 2, 1, 1])], name=name)
+
+
+def test_if_loop_scan_bodies(tmp_path: Path) -> None:
+    then_g = _body("then", "tconv", "w", "t")
+    else_g = graph([node("Conv", ["x", "w"], ["e"])], [], ["e"], name="else")
+    loop_body = graph(
+        [node("Identity", ["cond_in"], ["cond_out"]), node("Conv", ["x", "w"], ["lc"], name="lconv"),
+         node("Identity", ["carry"], ["carry_out"])],
+        [vi("i", [], INT64), vi("cond_in", [], TensorProto.BOOL), vi("carry", [1, 3, 6, 6])],
+        ["cond_out", "carry_out", "lc"],
+    )
+    scan_body = graph(
+        [node("Conv", ["sx", "w"], ["sc"], name="sconv"), node("Identity", ["st"], ["st_out"])],
+        [vi("st", [1]), vi("sx", [1, 3, 6, 6])], ["st_out", "sc"],
+    )
+    g = graph(
+        [
+            node("If", ["cond"], ["r"], name="branch", then_branch=then_g, else_branch=else_g),
+            node("Loop", ["n", "", "x"], ["carry_final", "scan_out"], name="loop", body=loop_body),
+            node("Scan", ["s0", "xs"], ["s_final", "sc_out"], name="scan", body=scan_body, num_scan_inputs=1),
+        ],
+        [vi("cond", [], TensorProto.BOOL), vi("x", [1, 3, 6, 6]), vi("n", [], INT64), vi("s0", [1]),
+         vi("xs", [5, 1, 3, 6, 6])],
+        ["r", "carry_final", "scan_out", "s_final", "sc_out"],
+        [init("w", [2, 3, 3, 3])],
+    )
+    desc = read(model(g), tmp_path)
+    convs = by_name(desc)
+    assert list(convs) == ["branch/then_branch/tconv", "branch/else_branch/Conv_0", "loop/body/lconv",
+                           "scan/body/sconv"]
+    then_conv = convs["branch/then_branch/tconv"]
+    assert then_conv.weight_shape == (2, 3, 3, 3)  # the weight is an outer-scope initializer
+    assert then_conv.output_spatial == (4, 4)
+    assert then_conv.bias_terms == (BiasTerm("bb", (1, 2, 1, 1), ADD),)
+    assert convs["loop/body/lconv"].output_spatial == (4, 4)
+    assert convs["scan/body/sconv"].output_spatial == (4, 4)
+    # w (54) + the then-branch's own initializer (2)
+    assert desc.model_params == 54 + 2
+
+
+def test_deeply_nested_if_levels(tmp_path: Path) -> None:
+    depth = 25
+    inner = _body("level", "deep_conv", "w", "d")
+    for level in range(depth - 1):
+        inner = graph(
+            [node("If", ["cond"], [f"o{level}"], name=f"if{level}", then_branch=inner,
+                  else_branch=graph([node("Identity", ["x"], [f"e{level}"])], [], [f"e{level}"]))],
+            [], [f"o{level}"], name=f"g{level}",
+        )
+    g = graph(
+        [node("If", ["cond"], ["y"], name="top", then_branch=inner,
+              else_branch=graph([node("Identity", ["x"], ["z"])], [], ["z"]))],
+        [vi("cond", [], TensorProto.BOOL), vi("x", [1, 3, 5, 5])], ["y"], [init("w", [2, 3, 3, 3])],
+    )
+    desc = read(model(g), tmp_path)
+    (conv,) = desc.convs
+    expected = "top/then_branch/" + "".join(f"if{level}/then_branch/" for level in reversed(range(depth - 1)))
+    assert conv.name == expected + "deep_conv"
+    assert conv.weight_shape == (2, 3, 3, 3)
+    assert conv.bias_terms == (BiasTerm("bb", (1, 2, 1, 1), ADD),)
+
+
+def _nested_if_bytes(depth: int) -> bytes:
+    """A model with ``depth`` nested If levels, built at the wire level (helper recursion-free)."""
+    inner = graph([node("Conv", ["x", "w"], ["y"], name="c")], [], ["y"])
+    for _ in range(depth):
+        wrapper = onnx.GraphProto(name="g")
+        wrapper.node.append(node("If", ["cond"], ["y"], then_branch=inner, else_branch=inner))
+        wrapper.output.append(onnx.ValueInfoProto(name="y"))
+        inner = wrapper
+    g = graph([], [vi("x", [1, 3, 4, 4])], ["y"], [init("w", [1, 3, 1, 1])])
+    m = model(g)
+    data = bytearray(m.SerializeToString())
+    return bytes(data)
+
+
+def test_nesting_beyond_protobuf_limits_is_a_clean_error(tmp_path: Path) -> None:
+    # Build 60 If levels by splicing serialized graphs (onnx's Python API would recurse anyway).
+    graph_bytes = graph([node("Conv", ["x", "w"], ["y"], name="c")], [], ["y"]).SerializeToString()
+    for _ in range(60):
+        attribute = onnx.AttributeProto(name="then_branch", type=onnx.AttributeProto.GRAPH)
+        attr_bytes = attribute.SerializeToString() + _field(6, graph_bytes)
+        node_bytes = node("If", ["cond"], ["y"]).SerializeToString() + _field(5, attr_bytes)
+        graph_bytes = _field(1, node_bytes)
+    top = model(graph([], [vi("x", [1, 3, 4, 4])], ["y"], [init("w", [1, 3, 1, 1])]))
+    path = tmp_path / "deep.onnx"
+    path.write_bytes(top.SerializeToString() + _field(7, graph_bytes))
+    with pytest.raises((ResourceLimitError, MalformedModelError)) as info:
+        read_onnx(path)
+    assert "nest" in str(info.value)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def test_walker_depth_limit_is_enforced() -> None:
+    data = _nested_if_bytes(3)
+    assert strip_model_proto(data, max_depth=100).data
+    with pytest.raises(ResourceLimitError, match="nesting deeper than 8"):
+        strip_model_proto(data, max_depth=8)
+
+
+def _function(name: str, body: list[onnx.NodeProto], inputs: list[str], outputs: list[str],
+              attributes: list[str] | None = None) -> onnx.FunctionProto:
+    return helper.make_function(
+        "local", name, inputs, outputs, body, [helper.make_opsetid("", 17)], attributes=attributes or [],
+    )
+
+
+def test_local_functions_per_call_site(tmp_path: Path) -> None:
+    ref_group = onnx.AttributeProto(name="group", type=onnx.AttributeProto.INT, ref_attr_name="g")
+    conv = node("Conv", ["X", "W"], ["C"], name="inner")
+    conv.attribute.append(ref_group)
+    block = _function(
+        "Block",
+        [conv, node("Constant", [], ["B"], value=init("bv", [1, 4, 1, 1])), node("Add", ["C", "B"], ["Y"])],
+        ["X", "W"], ["Y"], attributes=["g"],
+    )
+    unused = _function("Unused", [node("Conv", ["X", "W"], ["Y"], name="lonely")], ["X", "W"], ["Y"])
+    g = graph(
+        [
+            node("Block", ["x", "w"], ["a"], name="call_one", domain="local", g=1),
+            node("Block", ["x2", "wg"], ["b"], name="call_two", domain="local", g=2),
+        ],
+        [vi("x", [1, 3, 12, 12]), vi("x2", [1, 4, 7, 7])], ["a", "b"],
+        [init("w", [4, 3, 3, 3]), init("wg", [4, 2, 1, 1])],
+    )
+    desc = read(model(g, extra_opsets={"local": 1}, functions=[block, unused]), tmp_path)
+    convs = by_name(desc)
+    assert list(convs) == ["call_one/inner", "call_two/inner", "local.Unused/lonely"]
+    one, two, lonely = convs.values()
+    assert (one.weight_shape, one.groups, one.output_spatial) == ((4, 3, 3, 3), 1, (10, 10))
+    assert (two.weight_shape, two.groups, two.output_spatial) == ((4, 2, 1, 1), 2, (7, 7))
+    assert one.bias_terms == two.bias_terms == (BiasTerm("B", (1, 4, 1, 1), ADD),)
+    assert lonely.weight_shape is None
+    assert lonely.output_spatial is None
+    # w 108 + wg 8 + the function's Constant counted once (4)
+    assert desc.model_params == 108 + 8 + 4
+    assert kinds(desc)["call_two/inner"] is BiasKind.TIED
+
+
+def test_recursive_function_is_not_followed_forever(tmp_path: Path) -> None:
+    rec = _function("Rec", [node("Rec", ["X"], ["Y"], domain="local"), node("Conv", ["X", "W"], ["Z"], name="c")],
+                    ["X", "W"], ["Y"])
+    g = graph([node("Rec", ["x", "w"], ["y"], name="call", domain="local")], [vi("x", [1, 1, 3, 3])], ["y"],
+              [init("w", [1, 1, 1, 1])])
+    desc = read(model(g, extra_opsets={"local": 1}, functions=[rec]), tmp_path)
+    assert [c.name for c in desc.convs] == ["call/c"]
+    assert any("calls itself" in w for w in desc.warnings)
+
+
+# --------------------------------------------------------------------------------------------
+# model_params rules
+
+
+def test_model_params_dtype_rules(tmp_path: Path) -> None:
+    g = graph(
+        [
+            node("Conv", ["x", "w"], ["c"], name="conv"),
+            node("Constant", [], ["k"], value_floats=[1.0, 2.0, 3.0]),
+            node("Constant", [], ["shape_const"], value_ints=[1, 2, 3, 4]),
+            node("Constant", [], ["idx"], value=init("idxv", [5], INT64)),
+            node("DequantizeLinear", ["q32", "sc"], ["dq"]),
+        ],
+        [vi("x", [1, 3, 4, 4])], ["c", "k", "dq"],
+        [
+            init("w", [2, 3, 1, 1]),                        # float: 6
+            init("half", [10], TensorProto.FLOAT16),        # float16: 10
+            init("i8", [7], TensorProto.INT8),              # int8: 7
+            init("i16", [3], TensorProto.INT16),            # int16: 3
+            init("q32", [5], TensorProto.INT32),            # DequantizeLinear input 0: 5
+            init("plain32", [9], TensorProto.INT32),        # plain int32: never
+            init("i64", [11], INT64),                       # int64: never
+            init("mask", [4], TensorProto.BOOL),            # bool: never
+            init("sc", [], FLOAT, [1.0]),                   # float scalar: 1
+        ],
+    )
+    desc = read(model(g), tmp_path)
+    assert desc.model_params == 6 + 10 + 7 + 3 + 5 + 1 + 3
+
+
+def test_negative_and_overflowing_dims_are_malformed(tmp_path: Path) -> None:
+    bad = onnx.TensorProto(name="bad_w", data_type=FLOAT, dims=[4, -3, 3, 3])
+    g = graph([node("Conv", ["x", "bad_w"], ["y"])], [vi("x", [1, 3, 8, 8])], ["y"], [bad])
+    with pytest.raises(MalformedModelError, match="'bad_w' has a negative dimension -3"):
+        read(model(g), tmp_path)
+    huge = onnx.TensorProto(name="huge", data_type=FLOAT, dims=[1 << 40, 1 << 40])
+    g = graph([node("Constant", [], ["k"], value=huge)], [], ["k"])
+    with pytest.raises(MalformedModelError, match="'k'.*overflows int64"):
+        read(model(g), tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# File-level behaviour: external data, bad files, huge files, stripping
+
+
+def test_external_data_is_never_opened(tmp_path: Path) -> None:
+    m = conv_model(weight=(16, 3, 3, 3))
+    onnx.save_model(m, str(tmp_path / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.bin", size_threshold=0)
+    (tmp_path / "ext.bin").unlink()  # the reader must not need it
+    desc = read_onnx(tmp_path / "ext.onnx")[0]
+    assert desc.convs[0].weight_shape == (16, 3, 3, 3)
+    assert desc.convs[0].bias_terms == (BiasTerm("b", (16,), CONV),)
+    assert desc.model_params == 16 * 27 + 16
+    assert desc.warnings == ()
+
+
+def test_external_data_outside_the_folder_is_warned_about(tmp_path: Path) -> None:
+    m = conv_model()
+    locations = {"w": "../secret.bin", "b": "/etc/passwd"}
+    for tensor in m.graph.initializer:
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        tensor.external_data.add(key="location", value=locations[tensor.name])
+    (tmp_path / "sub").mkdir()
+    os.symlink("/etc", tmp_path / "sub" / "link")
+    extra = init("v", [2])
+    extra.ClearField("raw_data")
+    extra.data_location = TensorProto.EXTERNAL
+    extra.external_data.add(key="location", value="link/hostname")
+    m.graph.initializer.append(extra)
+    desc = read(m, tmp_path / "sub")
+    assert desc.convs[0].weight_shape == (8, 3, 3, 3)
+    assert len(desc.warnings) == 3
+    assert "tensor 'w'" in desc.warnings[0] and "climbs out" in desc.warnings[0]
+    assert "tensor 'b'" in desc.warnings[1] and "absolute" in desc.warnings[1]
+    assert "tensor 'v'" in desc.warnings[2] and "symbolic link" in desc.warnings[2]
+
+
+@pytest.mark.parametrize(
+    ("content", "error", "message"),
+    [
+        (b"", UnsupportedFormatError, "not an ONNX model: the file is empty"),
+        (b"hello, this is a text file\n", UnsupportedFormatError, "not an ONNX model"),
+        (bytes(range(255, 0, -1)), UnsupportedFormatError, "not an ONNX model"),
+        (b"\x08\x08\x12\x04abc", MalformedModelError, "truncated protobuf"),
+        (b"\x08\x08", MalformedModelError, "ONNX model has no graph"),
+        (b"\x08\x08\x3b\x00", MalformedModelError, "group wire type"),
+    ],
+)
+def test_bad_files(tmp_path: Path, content: bytes, error: type[Exception], message: str) -> None:
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    with pytest.raises(error, match=message) as info:
+        read_onnx(path)
+    assert "\n" not in str(info.value)
+    assert str(path) not in str(info.value)
+
+
+def test_truncated_real_model(tmp_path: Path) -> None:
+    data = conv_model(weight=(32, 3, 5, 5)).SerializeToString()
+    for cut in (len(data) // 2, len(data) - 3, 12):
+        path = tmp_path / f"cut{cut}.onnx"
+        path.write_bytes(data[:cut])
+        with pytest.raises(MalformedModelError, match="truncated protobuf"):
+            read_onnx(path)
+
+
+def test_file_over_2gib_with_sparse_payload(tmp_path: Path) -> None:
+    # A ModelProto whose initializer raw_data claims 2.5 GiB; the file is extended sparsely, so the
+    # test costs no disk and proves the payload is skipped, not read.
+    payload_len = 5 * (1 << 29)
+    conv = node("Conv", ["x", "big"], ["y"], name="conv")
+    tensor_head = onnx.TensorProto(name="big", data_type=FLOAT, dims=[payload_len // 4 // 9, 1, 3, 3])
+    tensor_bytes_head = tensor_head.SerializeToString() + _varint(9 << 3 | 2) + _varint(payload_len)
+    initializer_len = len(tensor_bytes_head) + payload_len
+    graph_head = (
+        _field(1, conv.SerializeToString())
+        + _field(11, vi("x", [1, 1, 8, 8]).SerializeToString())
+        + _field(12, onnx.ValueInfoProto(name="y").SerializeToString())
+        + _varint(5 << 3 | 2) + _varint(initializer_len) + tensor_bytes_head
+    )
+    graph_len = len(graph_head) + payload_len
+    head = (
+        _varint(1 << 3) + _varint(8)
+        + _field(8, helper.make_opsetid("", 17).SerializeToString())
+        + _varint(7 << 3 | 2) + _varint(graph_len) + graph_head
+    )
+    path = tmp_path / "huge.onnx"
+    with open(path, "wb") as handle:
+        handle.write(head)
+        handle.truncate(len(head) + payload_len)
+    assert path.stat().st_size > 2 * (1 << 30)
+    desc = read_onnx(path)[0]
+    (c,) = desc.convs
+    assert c.weight_shape == (payload_len // 36, 1, 3, 3)
+    assert c.output_spatial == (6, 6)
+    assert desc.model_params == payload_len // 36 * 9
+
+
+def test_stripped_model_matches_onnx_load(tmp_path: Path) -> None:
+    m = _dynamically_quantized_model()
+    m.graph.initializer.append(init("big_i64", [100], INT64))
+    m.graph.initializer.append(ints("small_i64", [1, 2, 3]))
+    path = save(m, tmp_path / "q.onnx")
+    stripped = onnx.ModelProto()
+    result = strip_model_proto(path.read_bytes())
+    stripped.ParseFromString(result.data)
+    loaded = onnx.load(str(path))
+    assert len(stripped.graph.node) == len(loaded.graph.node)
+    assert [n.op_type for n in stripped.graph.node] == [n.op_type for n in loaded.graph.node]
+    for a, b in zip(stripped.graph.initializer, loaded.graph.initializer, strict=True):
+        assert (a.name, list(a.dims), a.data_type) == (b.name, list(b.dims), b.data_type)
+        if a.name in ("shape", "small_i64"):
+            assert numpy_helper.to_array(a).tolist() == numpy_helper.to_array(b).tolist()
+        else:
+            assert not a.raw_data and not a.int64_data and not a.float_data
+    assert result.dropped_payload_bytes > 0
+    # Nothing but payloads removed: stripping an already stripped copy changes nothing.
+    assert strip_model_proto(result.data).data == result.data
+
+
+def test_stripped_size_cap(tmp_path: Path) -> None:
+    data = conv_model().SerializeToString()
+    with pytest.raises(ResourceLimitError, match="graph structure exceeds"):
+        strip_model_proto(data, max_bytes=16)
+    assert limits.MAX_ONNX_STRIPPED_BYTES >= 1 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# A real exporter
+
+
+def test_torch_exported_model(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+
+    class Net(torch.nn.Module):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.c2 = torch.nn.Conv2d(8, 8, 3, bias=False)
+            self.bn = torch.nn.BatchNorm2d(8)
+            self.c3 = torch.nn.Conv2d(8, 4, 3, bias=False)
+            self.b3 = torch.nn.Parameter(torch.zeros(4, 24, 24))
+            self.up = torch.nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2)
+
+        def forward(self, x: object) -> object:
+            return self.up(self.c3(self.bn(self.c2(self.c1(x)))) + self.b3)
+
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(Net().eval(), (torch.randn(1, 3, 28, 28),), str(path), dynamo=False,
+                      do_constant_folding=False)
+    desc = read_onnx(path)[0]
+    layers = [(c.weight_shape, c.bias_terms, c.followed_by, c.output_spatial, c.groups, c.transposed)
+              for c in desc.convs]
+    assert layers == [
+        ((8, 3, 3, 3), (BiasTerm("c1.bias", (8,), CONV),), None, (28, 28), 1, False),
+        ((8, 8, 3, 3), (), "BatchNormalization", (26, 26), 1, False),
+        ((4, 8, 3, 3), (BiasTerm("b3", (4, 24, 24), ADD),), None, (24, 24), 1, False),
+        ((4, 3, 2, 2), (BiasTerm("up.bias", (6,), CONV),), None, (48, 48), 2, True),
+    ]
+    assert list(kinds(desc).values()) == [BiasKind.TIED, BiasKind.ABSENT, BiasKind.UNTIED, BiasKind.TIED]
+    loaded = onnx.load(str(path))
+    expected = sum(int(np.prod(t.dims)) for t in loaded.graph.initializer if t.data_type == FLOAT)
+    expected += sum(
+        int(np.prod(a.t.dims)) for n in loaded.graph.node if n.op_type == "Constant"
+        for a in n.attribute if a.name == "value" and a.t.data_type == FLOAT
+    )
+    assert desc.model_params == expected
