@@ -25,6 +25,7 @@ import functools
 import io
 import json
 import pickletools
+import random
 import struct
 import zipfile
 import zlib
@@ -537,7 +538,6 @@ PAYLOADS: tuple[Payload, ...] = (
         "evilmod.boom",
         ("evilmod.boom",),
         _simple("evilmod", "boom", lambda _m, _f: ()),
-        dangerous_family=False,
     ),
     Payload("memo-trick", ("os.system",), _emit_memo_trick),
     Payload("getattr-chain", ("builtins.getattr", "builtins.__import__"), _emit_getattr_chain),
@@ -627,7 +627,7 @@ def _seed_module() -> object:
 
 def _state_dict() -> collections.OrderedDict[str, object]:
     module = _seed_module()
-    return module.state_dict()  # type: ignore[attr-defined,no-any-return]
+    return module.state_dict()
 
 
 @functools.cache
@@ -679,7 +679,7 @@ def seed_safetensors() -> bytes:
     """The seed state dict as safetensors, written with the safetensors library."""
     from safetensors.torch import save
 
-    return bytes(save(dict(_state_dict())))  # type: ignore[arg-type]
+    return bytes(save(dict(_state_dict())))
 
 
 def legacy_pickle_spans(data: bytes) -> list[tuple[int, int]]:
@@ -863,9 +863,144 @@ def safetensors_json(tensors: dict[str, object], data_len: int | None = None) ->
     header = json.dumps(tensors).encode()
     if data_len is None:
         ends = [
-            value["data_offsets"][1]  # type: ignore[index]
+            value["data_offsets"][1]
             for key, value in tensors.items()
             if key != "__metadata__" and isinstance(value, dict) and "data_offsets" in value
         ]
         data_len = max([0, *[end for end in ends if isinstance(end, int) and 0 <= end < 1 << 20]])
     return safetensors_raw(header, data_len)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzzing: seeds per format and byte-level mutations (shared by tests/test_fuzz.py and
+# benchmarks/fuzz_long.py)
+# ---------------------------------------------------------------------------------------------
+
+SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
+
+Mutation = tuple[object, ...]
+"""One mutation: ("flip", pos, bit) | ("truncate", pos) | ("insert", pos, bytes) |
+("overwrite", pos, bytes) | ("delete", pos, count) | ("splice", pos, donor, start, count) |
+("repeat", pos, count).  Positions are taken modulo the current length."""
+
+INTERESTING_BYTES = (
+    b"\xff",
+    b"\x00",
+    b"\x7f",
+    b"\x80",
+    b"\xff\xff\xff\xff",
+    b"\xff\xff\xff\xff\xff\xff\xff\xff\x01",
+    b"\x00\x00\x00\x80",
+    b"\x7f\xff\xff\xff\xff\xff\xff\xff",
+    b"\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01",
+    b"{",
+    b"}",
+    b'"',
+    b"-1",
+    b"1e308",
+    b"(",
+    b".",
+    b"PK\x03\x04",
+    b"PK\x01\x02",
+    b"PK\x05\x06",
+)
+"""Byte strings that tend to hit edge cases: varint/length extremes, JSON and pickle syntax, zip magics."""
+
+
+FUZZ_FORMATS: dict[str, str] = {
+    "onnx": ".onnx",
+    "torch-zip": ".pt",
+    "torch-zip-pickle": ".pt",
+    "legacy-pickle": ".pt",
+    "safetensors": ".safetensors",
+}
+"""Fuzzed formats and the file suffix their mutants get.  ``torch-zip-pickle`` mutates the
+data.pkl member of a torch zip and re-zips it (valid zip, CRCs included), so mutations reach the
+pickle reader instead of stopping at the zip layer."""
+
+
+@functools.cache
+def fuzz_seeds(fmt: str) -> tuple[bytes, ...]:
+    """Valid seed files of one fuzzed format (small models built in code, plus committed samples)."""
+    if fmt == "onnx":
+        samples = [SAMPLES_DIR / name for name in ("conv_bn.onnx", "depthwise.onnx", "quantized_conv.onnx")]
+        return (seed_onnx(), nested_if_onnx(3), *[path.read_bytes() for path in samples if path.exists()])
+    if fmt == "torch-zip":
+        return (seed_torch_zip(), seed_torchscript())
+    if fmt == "torch-zip-pickle":
+        return (
+            zipfile.ZipFile(io.BytesIO(seed_torch_zip())).read(member_name(seed_torch_zip(), "/data.pkl")),
+        )
+    if fmt == "legacy-pickle":
+        return (seed_torch_legacy(), seed_plain_pickle(2), seed_plain_pickle(4))
+    if fmt == "safetensors":
+        return (seed_safetensors(),)
+    raise ValueError(fmt)
+
+
+def finish_fuzz_case(fmt: str, mutated: bytes) -> bytes:
+    """Turn mutated seed bytes into the file to inspect (re-zips a mutated data.pkl)."""
+    if fmt == "torch-zip-pickle":
+        return replace_zip_member(seed_torch_zip(), "/data.pkl", lambda _old: mutated)
+    return mutated
+
+
+def apply_mutations(data: bytes, mutations: Sequence[Mutation], donors: Sequence[bytes]) -> bytes:
+    """Apply byte-level mutations in order; ``donors`` supply spliced chunks."""
+    buf = bytearray(data)
+    for mutation in mutations:
+        kind = mutation[0]
+        pos = int(mutation[1]) % (len(buf) + 1) if kind != "flip" else int(mutation[1])
+        if kind == "flip":
+            if buf:
+                buf[pos % len(buf)] ^= 1 << (int(mutation[2]) % 8)
+        elif kind == "truncate":
+            del buf[pos:]
+        elif kind == "insert":
+            buf[pos:pos] = mutation[2]
+        elif kind == "overwrite":
+            chunk = mutation[2]
+            assert isinstance(chunk, bytes)
+            buf[pos : pos + len(chunk)] = chunk
+        elif kind == "delete":
+            del buf[pos : pos + int(mutation[2])]
+        elif kind == "splice":
+            donor = donors[int(mutation[2]) % len(donors)]
+            start = int(mutation[3]) % (len(donor) + 1)
+            buf[pos:pos] = donor[start : start + int(mutation[4])]
+        elif kind == "repeat":
+            chunk = bytes(buf[pos : pos + 16])
+            buf[pos:pos] = chunk * int(mutation[2])
+        else:
+            raise ValueError(kind)
+    return bytes(buf)
+
+
+def random_mutations(rng: random.Random, max_count: int = 4) -> list[Mutation]:
+    """A random list of 1..max_count mutations (the long fuzzer's counterpart of the
+    hypothesis strategy in tests/test_fuzz.py)."""
+    mutations: list[Mutation] = []
+    for _ in range(rng.randint(1, max_count)):
+        kind = rng.choice(
+            ("flip", "flip", "flip", "truncate", "insert", "overwrite", "delete", "splice", "repeat")
+        )
+        pos = rng.randrange(1 << 32)
+        if kind == "flip":
+            mutations.append((kind, pos, rng.randrange(8)))
+        elif kind == "truncate":
+            mutations.append((kind, pos))
+        elif kind in ("insert", "overwrite"):
+            chunk = rng.choice(INTERESTING_BYTES) if rng.random() < 0.5 else rng.randbytes(rng.randint(1, 16))
+            mutations.append((kind, pos, chunk))
+        elif kind == "delete":
+            mutations.append((kind, pos, rng.randint(1, 64)))
+        elif kind == "splice":
+            mutations.append((kind, pos, rng.randrange(64), rng.randrange(1 << 32), rng.randint(1, 256)))
+        else:
+            mutations.append((kind, pos, rng.randint(1, 64)))
+    return mutations
+
+
+def all_fuzz_donors() -> tuple[bytes, ...]:
+    """Every seed of every format: splices may cross formats."""
+    return tuple(seed for fmt in FUZZ_FORMATS for seed in fuzz_seeds(fmt))

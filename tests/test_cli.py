@@ -78,7 +78,7 @@ def test_version_and_help_exit_0(capsys):
 def test_missing_path_is_one_line(tmp_path):
     missing = tmp_path / "nope.onnx"
     code, out, err = run(str(missing))
-    assert code == 2
+    assert (code, out) == (2, "")
     assert err == f"biasinspect: {missing}: no such file or directory\n"
 
 
@@ -95,7 +95,7 @@ def test_non_models_get_one_clean_line(tmp_path, name, content, reason):
     path = tmp_path / name
     path.write_bytes(content)
     code, out, err = run(str(path))
-    assert code == 2
+    assert (code, out) == (2, "")
     assert err.count("\n") == 1
     assert err.startswith(f"biasinspect: {path}: {reason}")
 

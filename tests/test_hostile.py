@@ -979,3 +979,42 @@ def test_batch_of_explicit_paths_never_stops(tmp_path):
     assert [Path(model["path"]).name for model in data["models"]] == ["first.onnx", "seed_tied.onnx"]
     assert [error["path"] for error in data["errors"]] == [str(missing), str(bad)]
     assert err.count("\n") == 2
+
+
+def test_payloads_are_live_controls(tmp_path):
+    """Control for every "no marker" assertion above: under the real unpickler (in a throwaway
+    subprocess, inside tmp_path) each payload except NEWOBJ really does leave its mark -- so a
+    marker that stays absent under biasinspect proves that nothing ran."""
+    folder = tmp_path / "control"
+    folder.mkdir()
+    (folder / "evilmod.py").write_text(hf.EVILMOD_SOURCE)
+    live = [payload for payload in hf.PAYLOADS if payload.name != "NEWOBJ"]
+    for number, payload in enumerate(live):
+        (folder / f"p{number}.pkl").write_bytes(
+            hf.payload_pickle(payload, payload.min_protocol, str(folder / f"M{number}"), str(folder))
+        )
+    script = textwrap.dedent(
+        f"""
+        import pathlib, pickle, sys, time
+        for number in range({len(live)}):
+            for name in ("IMPORTED_MARKER", "BOOM_MARKER"):
+                pathlib.Path(name).unlink(missing_ok=True)
+            sys.modules.pop("evilmod", None)
+            try:
+                pickle.loads(pathlib.Path(f"p{{number}}.pkl").read_bytes())
+            except Exception:
+                pass
+            deadline = time.monotonic() + 10
+            marks = [pathlib.Path(f"M{{number}}"), pathlib.Path("IMPORTED_MARKER"), pathlib.Path("BOOM_MARKER")]
+            while not any(mark.exists() for mark in marks) and time.monotonic() < deadline:
+                time.sleep(0.01)  # Popen runs its command asynchronously
+            print(number, any(mark.exists() for mark in marks))
+        """
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script], cwd=folder, capture_output=True, text=True, timeout=55, check=True
+    )
+    ran = dict(line.split() for line in completed.stdout.splitlines())
+    assert {live[int(number)].name: flag for number, flag in ran.items()} == {
+        payload.name: "True" for payload in live
+    }

@@ -12,13 +12,18 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from biasinspect import limits
-from biasinspect.errors import MalformedModelError, ResourceLimitError, UnsupportedFormatError
+from biasinspect.errors import (
+    MalformedModelError,
+    ResourceLimitError,
+    UnreadableFileError,
+    UnsupportedFormatError,
+)
 from biasinspect.model import BiasKind, BiasSource, BiasTerm, ConvNode, ModelDescription
 from biasinspect.readers.onnx_reader import read_onnx
 from biasinspect.readers.protowire import strip_model_proto
 
 sys.path.insert(0, str(Path(__file__).parent))
-from onnx_builders import FLOAT, INT64, conv_model, graph, init, ints, model, node, save, vi  # noqa: E402
+from onnx_builders import FLOAT, INT64, conv_model, graph, init, ints, model, node, save, vi
 
 ADD = BiasSource.ADD
 CONV = BiasSource.CONV
@@ -237,8 +242,9 @@ def test_weights_from_constant_constantofshape_and_graph_input(tmp_path: Path) -
     assert convs["input_w"].weight_shape == (2, 3, 5, 5)
     assert convs["input_w"].bias_terms == (BiasTerm("gb", (2,), CONV),)
     assert convs["input_w"].output_spatial == (5, 5)
-    # Constant tensor (4x3x3x3 = 108) + the ConstantOfShape fill value (1); INT64 shape vectors never.
-    assert desc.model_params == 108 + 1
+    # Only the Constant tensor (4x3x3x3 = 108): ConstantOfShape fill values are not Constant nodes and
+    # INT64 shape vectors never count.
+    assert desc.model_params == 108
     assert all(not c.notes for c in desc.convs)
 
 
@@ -320,6 +326,22 @@ def test_contrib_and_quantized_conv_ops(tmp_path: Path) -> None:
     assert desc.model_params == 108 + 4 + 180 + 3 + 108 + 3 + 4
     assert kinds(desc) == {"fused": BiasKind.TIED, "nhwc": BiasKind.TIED, "qconv": BiasKind.TIED,
                            "iconv": BiasKind.ABSENT}
+
+
+def test_quantized_conv_output_dequantized_then_biased(tmp_path: Path) -> None:
+    u8 = TensorProto.UINT8
+    g = graph(
+        [
+            node("QLinearConv", ["xq", "s", "z", "wq", "s", "z", "s", "z"], ["q"], name="qconv"),
+            node("DequantizeLinear", ["q", "s", "z"], ["dq"]),
+            node("Add", ["dq", "b"], ["y"]),
+        ],
+        [vi("xq", [1, 3, 8, 8], u8)], ["y"],
+        [init("s", [], FLOAT, [0.1]), init("z", [], u8), init("wq", [4, 3, 3, 3], u8), init("b", [1, 4, 1, 1])],
+    )
+    desc = read(model(g), tmp_path)
+    assert desc.convs[0].bias_terms == (BiasTerm("b", (1, 4, 1, 1), ADD),)
+    assert kinds(desc) == {"qconv": BiasKind.TIED}
 
 
 def test_nhwc_conv_add_bias_is_reported_channels_first(tmp_path: Path) -> None:
@@ -430,7 +452,8 @@ def test_if_loop_scan_bodies(tmp_path: Path) -> None:
     )
     desc = read(model(g), tmp_path)
     convs = by_name(desc)
-    assert list(convs) == ["branch/then_branch/tconv", "branch/else_branch/Conv_0", "loop/body/lconv",
+    # Subgraphs are walked in attribute order (onnx.helper sorts attributes by name).
+    assert list(convs) == ["branch/else_branch/Conv_0", "branch/then_branch/tconv", "loop/body/lconv",
                            "scan/body/sconv"]
     then_conv = convs["branch/then_branch/tconv"]
     assert then_conv.weight_shape == (2, 3, 3, 3)  # the weight is an outer-scope initializer
@@ -465,17 +488,16 @@ def test_deeply_nested_if_levels(tmp_path: Path) -> None:
 
 
 def _nested_if_bytes(depth: int) -> bytes:
-    """A model with ``depth`` nested If levels, built at the wire level (helper recursion-free)."""
+    """A model with ``depth`` nested If levels around one conv."""
     inner = graph([node("Conv", ["x", "w"], ["y"], name="c")], [], ["y"])
     for _ in range(depth):
         wrapper = onnx.GraphProto(name="g")
         wrapper.node.append(node("If", ["cond"], ["y"], then_branch=inner, else_branch=inner))
         wrapper.output.append(onnx.ValueInfoProto(name="y"))
         inner = wrapper
-    g = graph([], [vi("x", [1, 3, 4, 4])], ["y"], [init("w", [1, 3, 1, 1])])
-    m = model(g)
-    data = bytearray(m.SerializeToString())
-    return bytes(data)
+    inner.input.extend([vi("cond", [], TensorProto.BOOL), vi("x", [1, 3, 4, 4])])
+    inner.initializer.append(init("w", [1, 3, 1, 1]))
+    return model(inner).SerializeToString()
 
 
 def test_nesting_beyond_protobuf_limits_is_a_clean_error(tmp_path: Path) -> None:
@@ -508,11 +530,18 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def test_walker_depth_limit_is_enforced() -> None:
-    data = _nested_if_bytes(3)
-    assert strip_model_proto(data, max_depth=100).data
-    with pytest.raises(ResourceLimitError, match="nesting deeper than 8"):
-        strip_model_proto(data, max_depth=8)
+def test_walker_depth_limit_is_enforced(tmp_path: Path) -> None:
+    data = _nested_if_bytes(3)  # Model > Graph > (Node > Attribute > Graph) x 3 > Node: 12 levels
+    assert len(strip_model_proto(data, max_depth=12).data) < len(data)
+    with pytest.raises(ResourceLimitError, match="nesting deeper than 11 messages"):
+        strip_model_proto(data, max_depth=11)
+    path = tmp_path / "nested.onnx"
+    path.write_bytes(data)
+    convs = by_name(read_onnx(path)[0])
+    assert len(convs) == 8  # both branches at each of 3 levels
+    conv = convs["If_0/then_branch/If_0/else_branch/If_0/then_branch/c"]
+    assert conv.weight_shape == (1, 3, 1, 1)
+    assert conv.output_spatial == (4, 4)
 
 
 def _function(name: str, body: list[onnx.NodeProto], inputs: list[str], outputs: list[str],
@@ -564,6 +593,19 @@ def test_recursive_function_is_not_followed_forever(tmp_path: Path) -> None:
     assert any("calls itself" in w for w in desc.warnings)
 
 
+def test_function_call_expansion_bomb_is_capped(tmp_path: Path) -> None:
+    # F0 calls F1 twice, F1 calls F2 twice, ... : 2**30 instances from a tiny file.
+    functions = [_function("F30", [node("Conv", ["X", "W"], ["Y"], name="c")], ["X", "W"], ["Y"])]
+    for level in reversed(range(30)):
+        body = [node(f"F{level + 1}", ["X", "W"], ["A"], domain="local"),
+                node(f"F{level + 1}", ["A", "W"], ["Y"], domain="local")]
+        functions.append(_function(f"F{level}", body, ["X", "W"], ["Y"]))
+    g = graph([node("F0", ["x", "w"], ["y"], domain="local")], [vi("x", [1, 1, 3, 3])], ["y"],
+              [init("w", [1, 1, 1, 1])])
+    with pytest.raises(ResourceLimitError, match="functions expand to more than 10,000 call sites"):
+        read(model(g, extra_opsets={"local": 1}, functions=functions), tmp_path)
+
+
 # --------------------------------------------------------------------------------------------
 # model_params rules
 
@@ -594,6 +636,28 @@ def test_model_params_dtype_rules(tmp_path: Path) -> None:
     assert desc.model_params == 6 + 10 + 7 + 3 + 5 + 1 + 3
 
 
+def test_sparse_initializer_weight_and_training_info(tmp_path: Path) -> None:
+    values = init("sw", [3])
+    indices = numpy_helper.from_array(np.array([0, 5, 11], dtype=np.int64), "sw_idx")
+    sparse = helper.make_sparse_tensor(values, indices, [4, 3, 1, 1])
+    g = graph([node("Conv", ["x", "sw"], ["y"], name="conv")], [vi("x", [1, 3, 5, 5])], ["y"])
+    g.sparse_initializer.append(sparse)
+    m = model(g)
+    training = m.training_info.add()
+    training.initialization.CopyFrom(graph([], [], [], [init("big_state", [1000])], name="init"))
+    desc = read(m, tmp_path)
+    (conv,) = desc.convs
+    assert conv.weight_shape == (4, 3, 1, 1)
+    assert conv.output_spatial == (5, 5)
+    assert desc.model_params == 12  # the dense shape; training-info graphs are not counted
+    stripped = strip_model_proto(m.SerializeToString())
+    parsed = onnx.ModelProto()
+    parsed.ParseFromString(stripped.data)
+    assert not parsed.training_info[0].initialization.initializer[0].raw_data
+    assert list(parsed.training_info[0].initialization.initializer[0].dims) == [1000]
+    assert not parsed.graph.sparse_initializer[0].values.raw_data
+
+
 def test_negative_and_overflowing_dims_are_malformed(tmp_path: Path) -> None:
     bad = onnx.TensorProto(name="bad_w", data_type=FLOAT, dims=[4, -3, 3, 3])
     g = graph([node("Conv", ["x", "bad_w"], ["y"])], [vi("x", [1, 3, 8, 8])], ["y"], [bad])
@@ -601,7 +665,7 @@ def test_negative_and_overflowing_dims_are_malformed(tmp_path: Path) -> None:
         read(model(g), tmp_path)
     huge = onnx.TensorProto(name="huge", data_type=FLOAT, dims=[1 << 40, 1 << 40])
     g = graph([node("Constant", [], ["k"], value=huge)], [], ["k"])
-    with pytest.raises(MalformedModelError, match="'k'.*overflows int64"):
+    with pytest.raises(MalformedModelError, match=r"'k'.*overflows int64"):
         read(model(g), tmp_path)
 
 
@@ -652,6 +716,8 @@ def test_external_data_outside_the_folder_is_warned_about(tmp_path: Path) -> Non
         (b"\x08\x08\x12\x04abc", MalformedModelError, "truncated protobuf"),
         (b"\x08\x08", MalformedModelError, "ONNX model has no graph"),
         (b"\x08\x08\x3b\x00", MalformedModelError, "group wire type"),
+        (b"\x08\x08\x3e\x00", MalformedModelError, "invalid wire type 6"),
+        (b"\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", MalformedModelError, "longer than 10 bytes"),
     ],
 )
 def test_bad_files(tmp_path: Path, content: bytes, error: type[Exception], message: str) -> None:
@@ -661,6 +727,11 @@ def test_bad_files(tmp_path: Path, content: bytes, error: type[Exception], messa
         read_onnx(path)
     assert "\n" not in str(info.value)
     assert str(path) not in str(info.value)
+
+
+def test_missing_file_is_unreadable(tmp_path: Path) -> None:
+    with pytest.raises(UnreadableFileError, match="cannot open: No such file"):
+        read_onnx(tmp_path / "absent.onnx")
 
 
 def test_truncated_real_model(tmp_path: Path) -> None:
@@ -773,3 +844,60 @@ def test_torch_exported_model(tmp_path: Path) -> None:
         for a in n.attribute if a.name == "value" and a.t.data_type == FLOAT
     )
     assert desc.model_params == expected
+
+
+def test_light_onnx_import_coexists_with_a_later_full_import(tmp_path: Path) -> None:
+    # In a fresh process the reader loads only onnx's protobuf module and C++ extension (no numpy,
+    # no onnx package); a later ``import onnx`` must still work fully and share those modules.
+    import subprocess
+
+    path = save(conv_model(), tmp_path / "m.onnx")
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from biasinspect.readers.onnx_reader import allow_light_onnx_import, read_onnx\n"
+        "allow_light_onnx_import()\n"
+        f"d = read_onnx(Path({str(path)!r}))[0]\n"
+        "assert 'onnx' not in sys.modules and 'numpy' not in sys.modules\n"
+        "assert d.convs[0].output_spatial == (14, 14), d\n"
+        "import onnx, onnx.helper, onnx.shape_inference, onnx.numpy_helper\n"
+        f"m = onnx.load({str(path)!r})\n"
+        "assert onnx.helper.make_node('Relu', ['a'], ['b']).op_type == 'Relu'\n"
+        "assert onnx.onnx_ml_pb2.ModelProto is onnx.ModelProto\n"
+        "assert len(onnx.shape_inference.infer_shapes(m).graph.output[0].type.tensor_type.shape.dim) == 4\n"
+        "assert onnx.numpy_helper.to_array(m.graph.initializer[0]).shape == (8, 3, 3, 3)\n"
+        f"assert read_onnx(Path({str(path)!r}))[0] == d\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_library_use_imports_onnx_normally(tmp_path: Path) -> None:
+    # Only the CLI opts in to the light import; a library user's process gets the whole package.
+    import subprocess
+
+    path = save(conv_model(), tmp_path / "m.onnx")
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from biasinspect.readers.onnx_reader import read_onnx\n"
+        f"read_onnx(Path({str(path)!r}))\n"
+        "print('onnx' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
+
+
+def test_invalid_group_attribute_is_unknown_not_guessed(tmp_path: Path) -> None:
+    conv = node("Conv", ["x", "w"], ["y"], name="conv")
+    conv.attribute.append(helper.make_attribute("group", [1, 2]))
+    g = graph([conv], [vi("x", [1, 3, 8, 8])], ["y"], [init("w", [3, 3, 3, 3])])
+    (layer,) = read(model(g), tmp_path).convs
+    assert layer.groups is None
+    assert layer.notes == ("invalid 'group' attribute",)
+    assert layer.weight_shape == (3, 3, 3, 3)

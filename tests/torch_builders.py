@@ -166,9 +166,9 @@ def dup_bomb_pickle(levels: int, width: int) -> bytes:
 
 
 def zip_bytes(members: list[tuple[str, bytes]], *, lie: dict[str, dict[str, Any]] | None = None) -> bytes:
-    """A stored (uncompressed) zip.  ``lie[name]`` overrides local-header fields ``name`` and
-    ``method``; ``usize``/``csize``/``crc`` (in both headers, so they still agree); or only the
-    central ``c_usize``/``c_csize``/``c_offset``."""
+    """A stored (uncompressed) zip.  ``lie[name]`` overrides local-header fields (``name``,
+    ``method``, ``usize``, ``csize``, ``crc``) and, independently, central-directory fields
+    (``c_usize``, ``c_csize``, ``c_crc``, ``c_offset``)."""
     lie = lie or {}
     body = bytearray()
     central = bytearray()
@@ -183,8 +183,8 @@ def zip_bytes(members: list[tuple[str, bytes]], *, lie: dict[str, dict[str, Any]
             fake.get("crc", crc), fake.get("csize", len(data)), fake.get("usize", len(data)), len(lname), 0,
         ) + lname + data
         central += struct.pack(
-            "<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0, fake.get("crc", crc),
-            fake.get("c_csize", fake.get("csize", len(data))), fake.get("c_usize", fake.get("usize", len(data))), len(raw), 0, 0, 0, 0, 0, fake.get("c_offset", offset),
+            "<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0, fake.get("c_crc", crc),
+            fake.get("c_csize", len(data)), fake.get("c_usize", len(data)), len(raw), 0, 0, 0, 0, 0, fake.get("c_offset", offset),
         ) + raw
     eocd = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(central), len(body), 0)
     return bytes(body + central + eocd)

@@ -368,7 +368,8 @@ def describe_module_tree(
         path=path,
         format=format,
         convs=tuple(convs),
-        model_params=model_params(order),
+        # A parameter we cannot size makes the total unknown, not smaller.
+        model_params=None if any(node.unresolved for node in order) else model_params(order),
         warnings=tuple(notes_out),
         location=location,
         unsafe_callables=tuple(unsafe_callables),

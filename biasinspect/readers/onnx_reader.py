@@ -6,7 +6,7 @@ shape inference (with data propagation).  External data files are never opened.
 
 Convolutions
     ``Conv``, ``ConvTranspose``, ``QLinearConv`` and ``ConvInteger`` (default domain) and
-    ``com.microsoft`` ``FusedConv`` / ``NhwcConv``, found in the main graph, in ``If``/``Loop``/
+    ``com.microsoft`` ``FusedConv`` / ``NhwcConv`` / ``QLinearConv``, found in the main graph, in ``If``/``Loop``/
     ``Scan`` bodies at any depth and in model-local functions (analysed once per call site, with
     the call's input shapes bound to the formal inputs; a function that is never called is
     analysed once with unknown inputs).  A layer is named by its node name, or ``<op>_<index>``
@@ -19,10 +19,11 @@ Bias terms
     operand of an ``Add`` that is the only consumer of the conv output, when that operand is a
     *parameter* (an initializer, a ``Constant``, a model-local function input bound to one, or
     anything computed only from those -- e.g. Reshape/Unsqueeze/Cast/DequantizeLinear/
-    DynamicQuantizeLinear of an initializer), source ``add``.  On the way to the ``Add`` single-
-    consumer ``Cast``/``Identity`` nodes are followed, and for ``ConvInteger`` (whose int32 output
-    is rescaled first) also ``Mul``/``Div`` by an operand that does not grow the tensor (a scalar
-    scale).  A graph input operand (e.g. a residual connection) is not a parameter.  A conv with
+    DynamicQuantizeLinear of an initializer), source ``add``.  On the way to the ``Add``,
+    single-consumer ``Cast``/``Identity``/``DequantizeLinear`` nodes are followed, and for
+    ``ConvInteger`` (whose int32 output is rescaled first) also ``Mul``/``Div`` by an operand that
+    does not grow the tensor (the scale).  A graph input operand (e.g. a residual connection) is
+    not a parameter.  An NhwcConv's Add operand is reported in channels-first order.  A conv with
     no bias term whose output feeds only a ``BatchNormalization`` gets ``followed_by=
     "BatchNormalization"``; one feeding only a ``Mul`` by a parameter whose output feeds only an
     ``Add`` of a parameter gets ``followed_by="Mul+Add"``.
@@ -41,18 +42,22 @@ model_params
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import mmap
 import os
 import re
 import struct
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from biasinspect.errors import (
-    BiasInspectError,
     MalformedModelError,
+    ResourceLimitError,
     UnreadableFileError,
     UnsupportedFormatError,
 )
@@ -94,6 +99,8 @@ _CONV_SPECS: dict[tuple[str, str], _ConvSpec] = {
     ("", "ConvInteger"): _ConvSpec(0, 1, None),
     (_MS_DOMAIN, "FusedConv"): _ConvSpec(0, 1, 2),
     (_MS_DOMAIN, "NhwcConv"): _ConvSpec(0, 1, 2, channels_last=True),
+    # onnxruntime's contrib QLinearConv: the ONNX op plus a ``channels_last`` attribute.
+    (_MS_DOMAIN, "QLinearConv"): _ConvSpec(0, 3, 8),
 }
 
 # Top-level ModelProto fields and their wire types: the first field of a real ONNX file is one
@@ -114,6 +121,13 @@ _MAX_FOLLOW = 16
 """How many pass-through nodes are followed from a conv output towards its bias Add."""
 _MAX_FUNCTION_DEPTH = 32
 """Deepest chain of nested model-local function calls analysed."""
+
+MAX_ONNX_FUNCTION_INSTANCES = 10_000
+"""Cap on model-local function call sites after expanding nested calls (a function calling another
+twice, 30 levels deep, would otherwise mean 2**30 analyses -- and as many in ONNX shape inference)."""
+
+MAX_ONNX_WALK_NODES = 5_000_000
+"""Cap on nodes visited while walking the main graph, subgraphs and function instances."""
 
 
 def _dims_of_tensor(tensor: Any, what: str, name: str | None = None) -> tuple[int, ...]:
@@ -344,6 +358,7 @@ class _Scope:
             for name in used:
                 self.consumers.setdefault(name, []).append(index)
         self._param_memo: dict[str, bool] = {}
+        self._shape_memo: dict[str, MaybeShape] = {}
 
     # -- name resolution -----------------------------------------------------------------------
 
@@ -387,6 +402,15 @@ class _Scope:
         scope = self.owner(name)
         if scope is None or depth > _MAX_EXPR_DEPTH:
             return None
+        if name in scope._shape_memo:
+            return scope._shape_memo[name]
+        scope._shape_memo[name] = None  # provisional: a cycle back to this value knows nothing
+        result = scope._shape_uncached(name, depth)
+        scope._shape_memo[name] = result
+        return result
+
+    def _shape_uncached(self, name: str, depth: int) -> MaybeShape:
+        scope = self
         if name in scope.initializers:
             return _dims_of_tensor(scope.initializers[name], "initializer")
         if name in scope.sparse:
@@ -563,6 +587,137 @@ def _constant_shape(node: Any) -> MaybeShape:
 
 
 # ------------------------------------------------------------------------------------------------
+# Importing onnx cheaply
+#
+# ``import onnx`` costs ~0.2 s, most of it numpy and helper modules this reader never uses; for a
+# command-line run that is most of the wall time.  All the reader needs is the generated protobuf
+# classes (onnx/onnx_ml_pb2.py) and the C++ shape inference (the onnx_cpp2py_export extension), so
+# when onnx is not imported yet those two modules are loaded on their own, under their real names,
+# so that a later ``import onnx`` in the same process reuses them (the extension cannot be
+# initialised twice).  A one-shot import hook then sets them as attributes of the ``onnx``
+# package once it is imported, as onnx's own __init__ would have.  Any failure falls back to a
+# plain ``import onnx``.
+
+
+@dataclass(frozen=True)
+class _OnnxApi:
+    """The parts of onnx the reader uses."""
+
+    pb: Any
+    """The onnx_ml_pb2 module (ModelProto, GraphProto, ...)."""
+    infer: Any
+    """onnx_cpp2py_export.shape_inference.infer_shapes(bytes, check_type, strict_mode, data_prop)."""
+
+    def infer_shapes(self, model: Any) -> Any:
+        """ONNX shape inference with data propagation, non-strict; raises on failure."""
+        result = self.pb.ModelProto()
+        result.ParseFromString(self.infer(model.SerializeToString(), False, False, True))
+        return result
+
+
+_ONNX_CORE = ("onnx.onnx_ml_pb2", "onnx.onnx_cpp2py_export")
+_onnx_api: _OnnxApi | None = None
+_light_import_allowed = False
+
+
+def allow_light_onnx_import() -> None:
+    """Let the reader load only onnx's core modules (see above).
+
+    Only the command line calls this: it owns its process, so nothing else there expects the full
+    ``onnx`` package.  Library users get an ordinary ``import onnx``.
+    """
+    global _light_import_allowed
+    _light_import_allowed = True
+
+
+class _OnnxPackageHook(importlib.abc.MetaPathFinder):
+    """Sets the light-loaded core modules as attributes of ``onnx`` when it is imported."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != "onnx":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _AttributeRestoringLoader(spec.loader)
+        return spec
+
+
+class _AttributeRestoringLoader(importlib.abc.Loader):
+    """Delegates to the real loader, then attaches the core submodules to the package."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def create_module(self, spec: Any) -> Any:
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        for name in _ONNX_CORE:
+            if name in sys.modules:
+                setattr(module, name.rsplit(".", 1)[1], sys.modules[name])
+        self._inner.exec_module(module)
+
+
+def _load_onnx_core() -> _OnnxApi | None:
+    """Load onnx_ml_pb2 and the C++ extension without the onnx package; None if not possible."""
+    spec = importlib.util.find_spec("onnx")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    extension = next(
+        (
+            folder / name
+            for name in sorted(os.listdir(folder))
+            if name.startswith("onnx_cpp2py_export.") and name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+        ),
+        None,
+    )
+    pb_path = folder / "onnx_ml_pb2.py"
+    if extension is None or not pb_path.is_file():
+        return None
+    loaded = []
+    for name, path, loader in (
+        ("onnx.onnx_ml_pb2", pb_path, None),
+        ("onnx.onnx_cpp2py_export", extension,
+         importlib.machinery.ExtensionFileLoader("onnx.onnx_cpp2py_export", str(extension))),
+    ):
+        module_spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+        if module_spec is None or module_spec.loader is None:
+            return None
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+        loaded.append(module)
+    sys.meta_path.insert(0, _OnnxPackageHook())
+    return _OnnxApi(pb=loaded[0], infer=loaded[1].shape_inference.infer_shapes)
+
+
+def _onnx() -> _OnnxApi:
+    """The onnx pieces the reader needs, loaded once."""
+    global _onnx_api
+    if _onnx_api is None:
+        api = None
+        light_possible = "onnx" not in sys.modules and not any(name in sys.modules for name in _ONNX_CORE)
+        if _light_import_allowed and light_possible:
+            try:
+                api = _load_onnx_core()
+            except Exception:  # any surprise: fall back to the ordinary import below
+                api = None
+        if api is None:
+            import onnx
+            import onnx.onnx_cpp2py_export.shape_inference as inference
+
+            api = _OnnxApi(pb=onnx.onnx_ml_pb2, infer=inference.infer_shapes)
+        _onnx_api = api
+    return _onnx_api
+
+
+# ------------------------------------------------------------------------------------------------
 # Parameter counting and external data
 
 
@@ -647,6 +802,43 @@ def _count_model_params(model: Any, warn_external: Any) -> int:
     return total
 
 
+def _count_function_instances(model: Any) -> int:
+    """How many function bodies a full expansion of nested model-local function calls analyses
+    (capped just past :data:`MAX_ONNX_FUNCTION_INSTANCES`); recursive calls count once."""
+    functions = {
+        _function_key(str(f.domain), str(f.name), str(getattr(f, "overload", ""))): f for f in model.functions
+    }
+    cap = MAX_ONNX_FUNCTION_INSTANCES + 1
+    memo: dict[tuple[str, str, str], int] = {}
+
+    def calls_in(nodes: Iterable[Any], stack: frozenset[tuple[str, str, str]], depth: int) -> int:
+        total = 0
+        for node in nodes:
+            for _, graph in _subgraphs(node):
+                if depth < _MAX_EXPR_DEPTH:
+                    total += calls_in(graph.node, stack, depth + 1)
+            key = _function_key(str(node.domain), str(node.op_type), str(getattr(node, "overload", "")))
+            if key in functions:
+                total += 1 if key in stack else 1 + expand(key, stack)
+            if total >= cap:
+                return cap
+        return total
+
+    def expand(key: tuple[str, str, str], stack: frozenset[tuple[str, str, str]]) -> int:
+        if key not in memo:
+            if len(stack) >= _MAX_FUNCTION_DEPTH:
+                return 0
+            memo[key] = calls_in(functions[key].node, stack | {key}, 0)
+        return memo[key]
+
+    total = calls_in(model.graph.node, frozenset(), 0)
+    for key in functions:  # uncalled functions are analysed once each, too
+        total += 1 + expand(key, frozenset())
+        if total >= cap:
+            return cap
+    return total
+
+
 def _external_location_problem(location: str, model_dir: Path) -> str | None:
     """Why an external-data location is suspicious, or None.  Nothing is opened."""
     if not location:
@@ -686,6 +878,7 @@ class _Context:
     warnings: list[str] = field(default_factory=list)
     called: set[tuple[str, str, str]] = field(default_factory=set)
     inference_cache: dict[bytes, Any] = field(default_factory=dict)
+    visited_nodes: int = 0
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:
@@ -698,9 +891,14 @@ def _function_key(domain: str, name: str, overload: str) -> tuple[str, str, str]
 
 def _walk(ctx: _Context, scope: _Scope, stack: tuple[tuple[str, str, str], ...]) -> None:
     """Collect the convs of one scope, recursing into subgraphs and function calls in node order."""
+    ctx.visited_nodes += len(scope.nodes)
+    if ctx.visited_nodes > MAX_ONNX_WALK_NODES:
+        raise ResourceLimitError(f"ONNX graph walk exceeds {MAX_ONNX_WALK_NODES:,} nodes (subgraphs and functions included)")
     for index, node in enumerate(scope.nodes):
         spec = _conv_spec(node)
         if spec is not None:
+            if _attr_int(node, "channels_last", 0):
+                spec = _ConvSpec(spec.x, spec.weight, spec.bias, spec.transposed, channels_last=True)
             ctx.convs.append(_conv_node(scope, index, spec))
         elif node.op_type in ("Conv", "ConvTranspose") and not _is_default_domain(node):
             key = _function_key(str(node.domain), str(node.op_type), str(getattr(node, "overload", "")))
@@ -770,8 +968,7 @@ def _walk_function(
     stack: tuple[tuple[str, str, str], ...],
 ) -> None:
     """Analyse a function body for one call site (or, with no caller, with unknown inputs)."""
-    import onnx
-
+    onnx = _onnx()
     label = f"{key[0]}.{key[1]}" if key[0] else key[1]
     if key in stack:
         ctx.warn(f"function '{label}' calls itself; the recursive call was not followed")
@@ -783,7 +980,7 @@ def _walk_function(
     formals = [str(name) for name in function.input]
     actuals = [str(name) for name in call.input] if call is not None else []
     bindings: dict[str, tuple[_Scope, str]] = {}
-    graph = onnx.GraphProto()
+    graph = onnx.pb.GraphProto()
     graph.name = str(function.name)
     for position, formal in enumerate(formals):
         info = graph.input.add()
@@ -806,7 +1003,7 @@ def _walk_function(
     _substitute_attributes(graph.node, call, function)
     for name in function.output:
         graph.output.add().name = str(name)
-    model = onnx.ModelProto()
+    model = onnx.pb.ModelProto()
     model.ir_version = ctx.model.ir_version
     domains: dict[str, int] = {str(o.domain): int(o.version) for o in ctx.model.opset_import}
     domains.update({str(o.domain): int(o.version) for o in function.opset_import})
@@ -818,9 +1015,7 @@ def _walk_function(
     inferred = ctx.inference_cache.get(cache_key)
     if inferred is None:
         try:
-            inferred = onnx.shape_inference.infer_shapes(
-                model, check_type=False, strict_mode=False, data_prop=True
-            )
+            inferred = onnx.infer_shapes(model)
         except Exception as error:  # onnx raises several unrelated types
             ctx.warn(f"shape inference failed in function '{label}': {_first_line(error)}")
             inferred = model
@@ -879,7 +1074,13 @@ def _conv_node(scope: _Scope, index: int, spec: _ConvSpec) -> ConvNode:
     if kernel_shape is None and weight_shape is not None and len(weight_shape) > 2:
         kernel_shape = tuple(weight_shape[2:])
 
-    groups = _attr_int(node, "group", 1)
+    group_attr = _attr(node, "group")
+    groups: int | None = 1
+    if group_attr is not None:
+        # A group attribute of the wrong type or value is reported as unknown, not guessed.
+        groups = int(group_attr.i) if group_attr.type == _A_INT and group_attr.i > 0 else None
+        if groups is None:
+            notes.append("invalid 'group' attribute")
 
     # Output spatial size: shape inference first, our own arithmetic for what it left unknown.
     out_shape = scope.shape(str(node.output[0])) if node.output and node.output[0] else None
@@ -985,8 +1186,8 @@ def _follow_output(scope: _Scope, output: str, op: str) -> tuple[BiasTerm | None
             if not (nxt and _preserves_size(scope, inputs[1], scope.shape(current))):
                 return None, None
             current = nxt
-        elif kind in ("Cast", "Identity") and nxt:
-            current = nxt
+        elif (kind in ("Cast", "Identity") or (kind == "DequantizeLinear" and inputs[0] == current)) and nxt:
+            current = nxt  # element-count-preserving: the bias may be added after it
         else:
             return None, None
         if current in visited:
@@ -1021,9 +1222,7 @@ def _load_stripped(path: Path) -> Any:
             stripped = strip_model_proto(view)
         finally:
             view.close()
-    import onnx
-
-    model = onnx.ModelProto()
+    model = _onnx().pb.ModelProto()
     try:
         model.ParseFromString(stripped.data)
     except Exception as error:  # google.protobuf.message.DecodeError and friends
@@ -1060,7 +1259,6 @@ def read_onnx(path: Path) -> list[ModelDescription]:
     """
     path = Path(path)
     model = _load_stripped(path)
-    import onnx
 
     warnings: list[str] = []
     model_dir = path.parent
@@ -1075,17 +1273,38 @@ def read_onnx(path: Path) -> list[ModelDescription]:
             if message not in warnings:
                 warnings.append(message)
 
-    try:
-        model_params = _count_model_params(model, warn_external)
-    except BiasInspectError:
-        raise
+    model_params = _count_model_params(model, warn_external)
+    if _count_function_instances(model) > MAX_ONNX_FUNCTION_INSTANCES:
+        raise ResourceLimitError(
+            f"model-local functions expand to more than {MAX_ONNX_FUNCTION_INSTANCES:,} call sites"
+        )
 
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        inferred = _onnx().infer_shapes(model)
     except Exception as error:  # InferenceError, ValidationError, RuntimeError, ...
         warnings.append(f"shape inference failed: {_first_line(error)}")
         inferred = model
 
+    try:
+        convs, walk_warnings = _analyse(inferred, warnings)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeError) as error:
+        # A structure this walk did not anticipate; the file is at fault far more often than not.
+        raise MalformedModelError(
+            f"unexpected ONNX structure ({type(error).__name__}: {_first_line(error)})"
+        ) from error
+    return [
+        ModelDescription(
+            path=str(path),
+            format="onnx",
+            convs=convs,
+            model_params=model_params,
+            warnings=walk_warnings,
+        )
+    ]
+
+
+def _analyse(inferred: Any, warnings: list[str]) -> tuple[tuple[ConvNode, ...], tuple[str, ...]]:
+    """Walk the main graph, its subgraphs and every function; return the convs and warnings."""
     functions: dict[tuple[str, str, str], Any] = {}
     for function in inferred.functions:
         key = _function_key(str(function.domain), str(function.name), str(getattr(function, "overload", "")))
@@ -1113,13 +1332,4 @@ def read_onnx(path: Path) -> list[ModelDescription]:
         if key not in ctx.called:
             ctx.called.add(key)
             _walk_function(ctx, functions[key], key, None, None, ())
-
-    return [
-        ModelDescription(
-            path=str(path),
-            format="onnx",
-            convs=tuple(ctx.convs),
-            model_params=model_params,
-            warnings=tuple(ctx.warnings),
-        )
-    ]
+    return tuple(ctx.convs), tuple(ctx.warnings)

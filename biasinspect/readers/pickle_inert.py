@@ -36,6 +36,7 @@ from biasinspect.errors import MalformedModelError, ResourceLimitError
 from biasinspect.readers.tensors import TensorInfo
 
 __all__ = [
+    "LEGACY_MAGIC",
     "Call",
     "GlobalRef",
     "InertPickle",
@@ -45,6 +46,8 @@ __all__ = [
     "StorageRef",
     "TensorRef",
     "classify_global",
+    "guard",
+    "itemsize",
     "load_inert",
     "tensor_of",
 ]
@@ -191,8 +194,8 @@ _UNSAFE_MODULES = frozenset(
         "_multiprocessing", "concurrent", "asyncio", "threading", "_thread", "signal", "timeit",
         "cProfile", "profile", "pdb", "bdb", "trace", "pydoc", "doctest", "pkgutil", "zipimport",
         "http", "urllib", "urllib2", "ftplib", "smtplib", "telnetlib", "xmlrpc", "requests", "tempfile",
-        "io", "_io", "fileinput", "platform", "ensurepip", "venv", "pip", "setuptools", "distutils",
-        "tkinter", "turtle", "idlelib", "commands", "popen2", "gc", "inspect", "builtins_exec",
+        "fileinput", "platform", "ensurepip", "venv", "pip", "setuptools", "distutils",
+        "tkinter", "turtle", "idlelib", "commands", "popen2", "gc", "inspect",
         "torch.hub", "torch.utils.cpp_extension", "torch.package", "torch.jit", "torch._dynamo",
         "numpy.testing", "numpy.f2py", "numpy.distutils", "numpy.ctypeslib",
     }
@@ -209,6 +212,7 @@ _UNSAFE_EXACT = frozenset(
         "types.FunctionType", "types.CodeType", "types.LambdaType", "types.MethodType", "types.ModuleType",
         "types.new_class", "operator.attrgetter", "operator.methodcaller", "_operator.attrgetter",
         "_operator.methodcaller", "functools.reduce", "_functools.reduce", "codecs.open",
+        "io.open", "_io.open", "io.FileIO", "_io.FileIO", "io.open_code", "_io.open_code",
         "torch.load", "torch.serialization.load", "torch.serialization._load",
         "torch.fx.graph_module.reduce_graph_module", "torch.fx.graph_module.reduce_package_graph_module",
         "torch.fx.graph_module.reduce_deploy_graph_module", "torch.fx.graph_module._exec_with_source",
@@ -463,7 +467,9 @@ class InertPickle:
     globals: dict[str, int]
     """Dotted global name -> times referenced, in first-reference order."""
     dynamic_calls: list[str]
-    """Callables that were themselves results of calls and got called (gadget chains)."""
+    """Calls that run code outside the allowlist: callables that were themselves results of calls
+    (gadget chains), and globals outside the known-safe set called by REDUCE, INST or OBJ
+    (``torch.load(weights_only=False)`` would import their module and call them)."""
     bytes_read: int
     storages: list[StorageRef]
     """Every storage persistent id met, in order (to check the archive has them)."""
@@ -784,11 +790,13 @@ class InertUnpickler:
             elif op == 0x69:  # i INST
                 ref = text_global()
                 items = pop_mark()
+                self._note_called_global(ref)
                 stack.append(self._new(ref, tuple(items), None))
             elif op == 0x6F:  # o OBJ
                 items = pop_mark()
                 if not items:
                     raise MalformedModelError("malformed pickle: OBJ without a class")
+                self._note_called_global(items[0])
                 stack.append(self._new(items[0], tuple(items[1:]), None))
             elif op == 0x82:  # EXT1
                 stack.append(self._ext(read(1)[0]))
@@ -860,6 +868,12 @@ class InertUnpickler:
         else:
             self.dynamic_calls.append(f"<call of a {type(func).__name__}>")
 
+    def _note_called_global(self, func: object) -> None:
+        # Unlike NEWOBJ (cls.__new__), these opcodes call the named object itself: for a name
+        # outside the allowlist that means importing its module and running it.
+        if isinstance(func, GlobalRef) and classify_global(func.dotted) == "unknown":
+            self.dynamic_calls.append(func.dotted)
+
     def _reduce(self, func: object, args: object) -> object:
         self._spend()
         if not isinstance(args, tuple):
@@ -869,6 +883,7 @@ class InertUnpickler:
             self._note_dynamic(func)
             return Call(func, args)
         name = func.dotted
+        self._note_called_global(func)
         if name in ("collections.OrderedDict", "builtins.dict") and not args:
             return PDict(name)
         if name == "torch.Size" and len(args) == 1 and isinstance(args[0], (tuple, list)):
@@ -877,6 +892,19 @@ class InertUnpickler:
             return args[0]
         if name == "torch.jit._pickle.restore_type_tag" and len(args) == 2:
             return args[0]
+        if name == "builtins.bytes" and not args:
+            return b""  # how protocols 0-2 write b""
+        if (
+            name in ("_codecs.encode", "codecs.encode")
+            and len(args) == 2
+            and isinstance(args[0], str)
+            and args[1] in ("latin1", "latin-1")
+        ):
+            # Protocols 0-2 pickle ``bytes`` as _codecs.encode(text, 'latin1'): decode it the same way.
+            try:
+                return args[0].encode("latin-1")
+            except UnicodeEncodeError as e:
+                raise MalformedModelError("malformed pickle: bytes text is not latin-1") from e
         handler = _REBUILDERS.get(name)
         if handler is not None:
             return handler(self, args)
@@ -982,9 +1010,7 @@ def _from_storage(storage: object, offset: object, size: object, what: str) -> t
     if isinstance(storage, StorageRef):
         dtype = storage.dtype or "unknown"
         return TensorInfo(shape, dtype, storage.key, off + storage.view_offset), storage
-    if isinstance(storage, Call) and storage.func_name in ("torch.storage.TypedStorage",):
-        return TensorInfo(shape, "unknown", None, off), None
-    # Storage we could not model (opaque blob): the shape is still a fact.
+    # Storage we could not model (opaque blob, nested too deep): the shape is still a fact.
     return TensorInfo(shape, "unknown", None, off), None
 
 
@@ -994,6 +1020,27 @@ def _rb_tensor_v2(u: InertUnpickler, args: tuple[object, ...]) -> object:
     info, storage = _from_storage(args[0], args[1], args[2], "size")
     _shape(args[3], "stride")
     return TensorRef(info, False, storage)
+
+
+def _rb_tensor_v3(u: InertUnpickler, args: tuple[object, ...]) -> object:
+    # (storage [untyped], storage_offset, size, stride, requires_grad, backward_hooks, dtype[, metadata])
+    if len(args) < 7:
+        raise MalformedModelError("malformed pickle: _rebuild_tensor_v3 needs at least 7 arguments")
+    info, storage = _from_storage(args[0], args[1], args[2], "size")
+    _shape(args[3], "stride")
+    dtype = _dtype_of_ref(args[6])
+    return TensorRef(TensorInfo(info.shape, dtype, info.storage_key, info.storage_offset), False, storage)
+
+
+def _rb_device_tensor(u: InertUnpickler, args: tuple[object, ...]) -> object:
+    # (data [cpu tensor or numpy array], dtype, device, requires_grad)
+    data = tensor_of(args[0]) if args else None
+    if data is None or len(args) < 2:
+        return Call(GlobalRef("torch._utils", "_rebuild_device_tensor"), args)
+    dtype = _dtype_of_ref(args[1])
+    info = TensorInfo(data.info.shape, dtype if dtype != "unknown" else data.info.dtype,
+                      data.info.storage_key, data.info.storage_offset)
+    return TensorRef(info, False, data.storage)
 
 
 def _rb_qtensor(u: InertUnpickler, args: tuple[object, ...]) -> object:
@@ -1047,6 +1094,9 @@ _Rebuilder = Callable[[InertUnpickler, tuple[object, ...]], object]
 _REBUILDERS: dict[str, _Rebuilder] = {
     "torch._utils._rebuild_tensor_v2": _rb_tensor_v2,
     "torch._utils._rebuild_tensor": _rb_tensor_v2,
+    "torch._utils._rebuild_tensor_v3": _rb_tensor_v3,
+    "torch._utils._rebuild_device_tensor_from_cpu_tensor": _rb_device_tensor,
+    "torch._utils._rebuild_device_tensor_from_numpy": _rb_device_tensor,
     "torch._utils._rebuild_qtensor": _rb_qtensor,
     "torch._utils._rebuild_parameter": _rb_parameter,
     "torch._utils._rebuild_parameter_with_state": _rb_parameter,
@@ -1168,19 +1218,6 @@ def _available(stream: BinaryIO) -> int | None:
         return end - here
     except (OSError, ValueError):
         return None
-
-
-def load_sequence(
-    stream: BinaryIO, count: int, *, max_bytes: int = limits.MAX_PICKLE_BYTES
-) -> tuple[list[object], InertUnpickler]:
-    """Interpret ``count`` consecutive pickles from a stream (legacy torch.save layout).
-
-    Returns the roots and the unpickler (for its ``globals``); stops early with
-    MalformedModelError if the stream ends.
-    """
-    unpickler = InertUnpickler.from_file(stream, max_bytes=max_bytes, available=_available(stream))
-    roots = [_guard(unpickler.load) for _ in range(count)]
-    return roots, unpickler
 
 
 def guard(action: Callable[[], object]) -> object:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import enum
 import mmap
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from biasinspect import limits
 from biasinspect.errors import MalformedModelError, ResourceLimitError
@@ -90,9 +90,6 @@ _CHILDREN: dict[_Msg, dict[int, _Msg]] = {
     _Msg.TENSOR: {},
 }
 
-# A piece of output: a (start, end) range of the input buffer, or new bytes.
-_Piece = tuple[int, int] | bytes
-
 
 @dataclass
 class StripResult:
@@ -101,8 +98,6 @@ class StripResult:
     data: bytes
     dropped_payload_bytes: int = 0
     """Total size of the payload fields left out (never read)."""
-    top_level_fields: list[int] = field(default_factory=list)
-    """Field numbers seen at the top level (ModelProto), in order."""
 
 
 class _Walker:
@@ -113,7 +108,6 @@ class _Walker:
         self.max_depth = max_depth
         self.max_bytes = max_bytes
         self.dropped = 0
-        self.top_fields: list[int] = []
 
     # -- primitive readers -------------------------------------------------------------------
 
@@ -167,11 +161,11 @@ class _Walker:
 
     # -- the walk ----------------------------------------------------------------------------
 
-    def strip(self, start: int, end: int, mtype: _Msg, depth: int) -> tuple[list[_Piece], int] | None:
+    def strip(self, start: int, end: int, mtype: _Msg, depth: int) -> bytearray | None:
         """Strip one message spanning ``[start, end)``.
 
-        Returns ``None`` when nothing inside changes (the caller copies the original bytes), or
-        the replacement pieces and their total length.
+        Returns ``None`` when nothing inside changes (the caller then copies the original bytes
+        as part of a longer run), or the replacement message body.
         """
         if depth > self.max_depth:
             raise ResourceLimitError(
@@ -180,16 +174,12 @@ class _Walker:
         if mtype is _Msg.TENSOR:
             return self.strip_tensor(start, end)
         children = _CHILDREN[mtype]
-        pieces: list[_Piece] = []
-        total = 0
+        out: bytearray | None = None
         run_start = start  # start of the pending run of bytes copied unchanged
-        changed = False
         pos = start
         while pos < end:
             field_start = pos
             number, wire, pos = self.tag(pos, end, mtype)
-            if depth == 1:
-                self.top_fields.append(number)
             child = children.get(number)
             if child is None or wire != _LEN:
                 pos = self.skip_field(wire, pos, end, f"{mtype.value} field {number}")
@@ -202,29 +192,24 @@ class _Walker:
                     f"bytes but only {end - pos} remain"
                 )
             child_end = pos + length
-            result = self.strip(pos, child_end, child, depth + 1)
-            if result is not None:
-                changed = True
-                if field_start > run_start:
-                    pieces.append((run_start, field_start))
-                    total += field_start - run_start
-                child_pieces, child_len = result
-                prefix = self.copy(field_start, tag_end) + _encode_varint(child_len)
-                pieces.append(prefix)
-                pieces.extend(child_pieces)
-                total += len(prefix) + child_len
+            body = self.strip(pos, child_end, child, depth + 1)
+            if body is not None:
+                if out is None:
+                    out = bytearray()
+                self.append(out, run_start, field_start)
+                out += self.buf[field_start:tag_end]
+                out += _encode_varint(len(body))
+                out += body
+                del body
+                self.check_size(out)
                 run_start = child_end
             pos = child_end
-            if total > self.max_bytes:
-                self.too_big()
-        if not changed:
+        if out is None:
             return None
-        if end > run_start:
-            pieces.append((run_start, end))
-            total += end - run_start
-        return pieces, total
+        self.append(out, run_start, end)
+        return out
 
-    def strip_tensor(self, start: int, end: int) -> tuple[list[_Piece], int] | None:
+    def strip_tensor(self, start: int, end: int) -> bytearray | None:
         """Drop a TensorProto's payload fields (keeping small integer shape vectors)."""
         # Pass 1: find data_type and dims wherever they are; payloads are skipped, not read.
         data_type = 0
@@ -249,10 +234,8 @@ class _Walker:
                 pos = self.skip_field(wire, pos, end, f"TensorProto field {number}")
         keep_ints = data_type in (_INT32, _INT64) and 0 <= numel <= SMALL_INT_TENSOR_ELEMENTS
         # Pass 2: copy everything but the payload fields.
-        pieces: list[_Piece] = []
-        total = 0
+        out: bytearray | None = None
         run_start = start
-        changed = False
         pos = start
         while pos < end:
             field_start = pos
@@ -262,22 +245,27 @@ class _Walker:
                 continue
             if keep_ints and number in _T_INT_PAYLOAD_FIELDS and pos - field_start <= _SMALL_PAYLOAD_BYTES:
                 continue
-            changed = True
             self.dropped += pos - field_start
-            if field_start > run_start:
-                pieces.append((run_start, field_start))
-                total += field_start - run_start
+            if out is None:
+                out = bytearray()
+            self.append(out, run_start, field_start)
             run_start = pos
-        if not changed:
+        if out is None:
             return None
-        if end > run_start:
-            pieces.append((run_start, end))
-            total += end - run_start
-        return pieces, total
+        self.append(out, run_start, end)
+        return out
 
-    def copy(self, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of the input."""
-        return bytes(self.buf[start:end])
+    def append(self, out: bytearray, start: int, end: int) -> None:
+        """Copy input bytes ``[start, end)`` to ``out``, within the size cap."""
+        if end > start:
+            if len(out) + (end - start) > self.max_bytes:
+                self.too_big()
+            out += self.buf[start:end]
+
+    def check_size(self, out: bytearray) -> None:
+        """Raise the size-cap error when ``out`` has grown past it."""
+        if len(out) > self.max_bytes:
+            self.too_big()
 
     def too_big(self) -> None:
         """Raise the stripped-size cap error."""
@@ -319,19 +307,9 @@ def strip_model_proto(
     :class:`ResourceLimitError` past ``max_depth`` nesting or ``max_bytes`` of output.
     """
     walker = _Walker(buf, max_depth, max_bytes)
-    size = len(buf)
-    result = walker.strip(0, size, _Msg.MODEL, 1)
-    if result is None:
-        pieces: list[_Piece] = [(0, size)]
-        total = size
-    else:
-        pieces, total = result
-    if total > max_bytes:
-        walker.too_big()
-    out = bytearray()
-    for piece in pieces:
-        if isinstance(piece, bytes):
-            out += piece
-        else:
-            out += buf[piece[0]:piece[1]]
-    return StripResult(bytes(out), walker.dropped, walker.top_fields)
+    body = walker.strip(0, len(buf), _Msg.MODEL, 1)
+    if body is None:  # nothing to drop: the input is already payload-free
+        if len(buf) > max_bytes:
+            walker.too_big()
+        return StripResult(bytes(buf[0:len(buf)]), 0)
+    return StripResult(bytes(body), walker.dropped)

@@ -125,6 +125,8 @@ def classify_zip(names: list[str]) -> tuple[str, str]:
     UnsupportedFormatError when the zip is none of these.
     """
     name_set = set(names)
+    if "serialized_exported_program.json" in name_set:
+        return "torch-export", ""  # torch <= 2.2 wrote the export archive without a folder
     for name in names:
         parts = name.split("/")
         if len(parts) == 2 and parts[1] in ("archive_format", "serialized_exported_program.json"):

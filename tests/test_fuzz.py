@@ -1,0 +1,88 @@
+"""Fuzz suite: mutated valid files never make biasinspect fail with anything but a BiasInspectError.
+
+Seeds are small valid files of each format, built in code (tests/hostile_files.py) plus the
+committed samples.  Each example applies 1-4 byte-level mutations (bit flips, truncation, byte
+insertions and overwrites with edge-case values, deletions, repeats, splices from any seed of any
+format).  The outcome of inspecting the mutant must be a report or a BiasInspectError: any other
+exception is a bug.  Examples are derandomized and bounded by the ``ci`` hypothesis profile
+(tests/conftest.py: 150 per format, no deadline); ``--hypothesis-profile=deep`` runs more, and
+``python benchmarks/fuzz_long.py --cases 10000`` runs the long multi-process campaign.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import hostile_files as hf
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from biasinspect.api import read_file
+from biasinspect.errors import BiasInspectError
+from biasinspect.model import ModelDescription
+
+pytestmark = pytest.mark.timeout(120)
+
+_position = st.integers(min_value=0, max_value=(1 << 32) - 1)
+_chunk = st.one_of(st.sampled_from(hf.INTERESTING_BYTES), st.binary(min_size=1, max_size=16))
+
+MUTATION = st.one_of(
+    st.tuples(st.just("flip"), _position, st.integers(0, 7)),
+    st.tuples(st.just("truncate"), _position),
+    st.tuples(st.just("insert"), _position, _chunk),
+    st.tuples(st.just("overwrite"), _position, _chunk),
+    st.tuples(st.just("delete"), _position, st.integers(1, 64)),
+    st.tuples(st.just("splice"), _position, st.integers(0, 63), _position, st.integers(1, 256)),
+    st.tuples(st.just("repeat"), _position, st.integers(1, 64)),
+)
+"""One mutation, in the tuple form hostile_files.apply_mutations takes."""
+
+
+@pytest.fixture(scope="module")
+def workdir() -> Iterator[Path]:
+    # Module-scoped (hypothesis re-runs the test body many times within one function call).
+    with tempfile.TemporaryDirectory(prefix="biasinspect-fuzz-") as folder:
+        yield Path(folder)
+
+
+def check_outcome(path: Path) -> None:
+    """The contract: a list of descriptions, or a BiasInspectError with a one-line message."""
+    try:
+        descriptions = read_file(path)
+    except BiasInspectError as error:
+        message = str(error)
+        assert message.strip(), type(error).__name__
+        return
+    assert isinstance(descriptions, list)
+    assert all(isinstance(description, ModelDescription) for description in descriptions)
+    # Analysis of whatever the reader accepted must not crash either.
+    from biasinspect.analysis import analyze
+
+    for description in descriptions:
+        analyze(description)
+
+
+@pytest.mark.parametrize("fmt", list(hf.FUZZ_FORMATS))
+def test_seeds_are_valid(workdir, fmt):
+    """Control: every unmutated seed is read without error and has at least one conv."""
+    for index, seed in enumerate(hf.fuzz_seeds(fmt)):
+        path = workdir / f"seed-{fmt}-{index}{hf.FUZZ_FORMATS[fmt]}"
+        path.write_bytes(hf.finish_fuzz_case(fmt, seed))
+        descriptions = read_file(path)
+        assert descriptions, path
+        assert sum(len(description.convs) for description in descriptions) >= 1, path
+
+
+@pytest.mark.parametrize("fmt", list(hf.FUZZ_FORMATS))
+@given(data=st.data())
+def test_mutants_end_in_a_report_or_a_clean_error(workdir, fmt, data):
+    seeds = hf.fuzz_seeds(fmt)
+    seed = seeds[data.draw(st.integers(0, len(seeds) - 1), label="seed")]
+    mutations = data.draw(st.lists(MUTATION, min_size=1, max_size=4), label="mutations")
+    mutated = hf.apply_mutations(seed, mutations, hf.all_fuzz_donors())
+    path = workdir / f"mutant{hf.FUZZ_FORMATS[fmt]}"
+    path.write_bytes(hf.finish_fuzz_case(fmt, mutated))
+    check_outcome(path)
