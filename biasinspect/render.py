@@ -287,5 +287,6 @@ def render_calc(result: CalcResult, fmt: str) -> str:
         headers=("bias", "bias params", "total params", "formula"),
         tablefmt=table_format,
         disable_numparse=True,
+        colalign=("left", "right", "right", "left"),
     )
     return f"{heading}\n\n{table}\n"

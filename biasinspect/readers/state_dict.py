@@ -34,7 +34,8 @@ Conv vs ConvTranspose
     question the same way; the name-based and unique-width norm pairings below never do (a
     pre-activation norm of width C_in must not make a Conv look transposed).  Inferring Conv
     adds no note (it is the reading the analysis takes anyway); inferring ConvTranspose does.
-    ``groups`` is always ``None``: state dicts do not record it.
+    ``groups`` is ``None`` (state dicts do not record it), except for a ConvTranspose proven by a
+    tensor of C_out channels: C_out = dim1 x groups = dim1, so groups is 1.
 
     ``op`` is ``Conv{n}d`` / ``ConvTranspose{n}d``, or ``Conv{n}d?`` when undetermined (Conv or
     ConvTranspose; the analysis then treats dim0 as C_out).
