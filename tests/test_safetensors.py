@@ -152,7 +152,7 @@ def test_reads_only_the_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     save_file({"conv.weight": torch.zeros(64, 64, 3, 3)}, str(path))
     (header_length,) = struct.unpack("<Q", path.read_bytes()[:8])
     read_sizes: list[int] = []
-    real_open = open
+    real_open = safetensors_reader.open_regular_file
 
     class Counting:
         def __init__(self, handle: object) -> None:
@@ -173,7 +173,7 @@ def test_reads_only_the_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
             read_sizes.append(len(data))
             return data
 
-    monkeypatch.setattr(safetensors_reader, "open", lambda p, m: Counting(real_open(p, m)), raising=False)
+    monkeypatch.setattr(safetensors_reader, "open_regular_file", lambda p: Counting(real_open(p)))
     assert tensors_from_safetensors(path) == {"conv.weight": TensorInfo((64, 64, 3, 3), "float32")}
     assert sum(read_sizes) == 8 + header_length
     assert path.stat().st_size == 8 + header_length + 64 * 64 * 9 * 4
@@ -301,9 +301,9 @@ def test_header_over_the_cap_is_a_resource_limit(tmp_path: Path) -> None:
 
 
 def test_unreadable_paths(tmp_path: Path) -> None:
-    with pytest.raises(UnreadableFileError, match="not a regular file"):
+    with pytest.raises(UnreadableFileError, match=exactly("is a directory")):
         read_safetensors(tmp_path)
-    with pytest.raises(UnreadableFileError, match=exactly("cannot read file: No such file or directory")):
+    with pytest.raises(UnreadableFileError, match=exactly("no such file or directory")):
         read_safetensors(tmp_path / "missing.safetensors")
 
 

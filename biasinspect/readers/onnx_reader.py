@@ -62,6 +62,7 @@ from biasinspect.errors import (
     UnsupportedFormatError,
 )
 from biasinspect.model import BiasSource, BiasTerm, ConvNode, Dim, MaybeShape, ModelDescription
+from biasinspect.readers.files import open_regular_file
 from biasinspect.readers.protowire import strip_model_proto
 
 _INT64_MAX = (1 << 63) - 1
@@ -1202,11 +1203,7 @@ def _follow_output(scope: _Scope, output: str, op: str) -> tuple[BiasTerm | None
 
 def _load_stripped(path: Path) -> Any:
     """mmap the file, strip payloads, parse the result into an onnx.ModelProto."""
-    try:
-        handle = open(path, "rb")  # noqa: SIM115 -- closed below, after the mmap
-    except OSError as error:
-        raise UnreadableFileError(f"cannot open: {error.strerror or error}") from error
-    with handle:
+    with open_regular_file(path) as handle:
         try:
             size = os.fstat(handle.fileno()).st_size
         except OSError as error:

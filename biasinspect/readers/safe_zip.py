@@ -29,6 +29,7 @@ from biasinspect.errors import (
     UnreadableFileError,
     UnsupportedFormatError,
 )
+from biasinspect.readers.files import open_regular_file
 
 __all__ = ["MAX_CENTRAL_DIRECTORY_BYTES", "SafeZip", "ZipEntry"]
 
@@ -73,16 +74,7 @@ class SafeZip:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        try:
-            self._file: BinaryIO = open(self.path, "rb")  # noqa: SIM115 -- closed by close()/__exit__
-        except IsADirectoryError as e:
-            raise UnreadableFileError("is a directory") from e
-        except FileNotFoundError as e:
-            raise UnreadableFileError("no such file") from e
-        except PermissionError as e:
-            raise UnreadableFileError("permission denied") from e
-        except OSError as e:
-            raise UnreadableFileError(f"cannot open: {e.strerror or e}") from e
+        self._file: BinaryIO = open_regular_file(self.path)  # closed by close()/__exit__
         self._total_read = 0
         try:
             self._size = os.fstat(self._file.fileno()).st_size

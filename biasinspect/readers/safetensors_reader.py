@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import struct
 from pathlib import Path
 from typing import Any, NoReturn
@@ -35,6 +34,7 @@ from typing import Any, NoReturn
 from biasinspect import limits
 from biasinspect.errors import MalformedModelError, ResourceLimitError, UnreadableFileError
 from biasinspect.model import ModelDescription
+from biasinspect.readers.files import DuplicateKeyError, open_regular_file, reject_duplicate_keys
 from biasinspect.readers.state_dict import describe_state_dict
 from biasinspect.readers.tensors import TensorInfo
 
@@ -70,21 +70,6 @@ _U64_LIMIT = 2**64
 _JSON_WHITESPACE = b" \t\r\n"
 
 
-class _DuplicateKeyError(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKeyError(key)
-        result[key] = value
-    return result
-
-
 def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -97,10 +82,7 @@ def _is_uint(value: object) -> bool:
 def _read_header(path: Path) -> tuple[bytes, int]:
     """The raw header bytes and the number of data bytes after it."""
     try:
-        status = os.stat(path)
-        if not stat.S_ISREG(status.st_mode):
-            raise UnreadableFileError("not a regular file")
-        with open(path, "rb") as handle:
+        with open_regular_file(path) as handle:
             file_size = os.fstat(handle.fileno()).st_size
             prefix = handle.read(8)
             if len(prefix) < 8:
@@ -134,8 +116,8 @@ def _parse_json(header: bytes) -> dict[str, Any]:
     if not stripped.startswith(b"{"):
         raise MalformedModelError("header does not start with '{'")
     try:
-        parsed = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except _DuplicateKeyError as error:
+        parsed = json.loads(text, object_pairs_hook=reject_duplicate_keys, parse_constant=_reject_constant)
+    except DuplicateKeyError as error:
         raise MalformedModelError(f"duplicate key {error.key!r} in header") from error
     except RecursionError as error:
         raise MalformedModelError("header JSON is nested too deeply") from error

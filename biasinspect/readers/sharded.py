@@ -24,10 +24,9 @@ import dataclasses
 import importlib
 import json
 import os
-import stat
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, cast
+from typing import cast
 
 from biasinspect import limits
 from biasinspect.errors import (
@@ -38,6 +37,7 @@ from biasinspect.errors import (
     UnsupportedFormatError,
 )
 from biasinspect.model import ModelDescription
+from biasinspect.readers.files import DuplicateKeyError, open_regular_file, reject_duplicate_keys
 from biasinspect.readers.safetensors_reader import tensors_from_safetensors
 from biasinspect.readers.state_dict import describe_state_dict, natural_sort_key
 from biasinspect.readers.tensors import TensorInfo
@@ -48,40 +48,23 @@ PYTORCH_SUFFIXES = (".bin", ".pt", ".pth")
 TensorReader = Callable[[Path], dict[str, TensorInfo]]
 
 
-class _DuplicateKeyError(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKeyError(key)
-        result[key] = value
-    return result
-
-
 def _load_index(index_path: Path) -> dict[str, str]:
     """The validated ``weight_map`` of an index file."""
     try:
-        status = os.stat(index_path)
-        if not stat.S_ISREG(status.st_mode):
-            raise UnreadableFileError("not a regular file")
-        if status.st_size > limits.MAX_JSON_BYTES:
-            raise ResourceLimitError(
-                f"index JSON of {status.st_size} bytes exceeds the {limits.MAX_JSON_BYTES}-byte limit"
-            )
-        with open(index_path, "rb") as handle:
+        with open_regular_file(index_path) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > limits.MAX_JSON_BYTES:
+                raise ResourceLimitError(
+                    f"index JSON of {size} bytes exceeds the {limits.MAX_JSON_BYTES}-byte limit"
+                )
             raw = handle.read(limits.MAX_JSON_BYTES + 1)
     except OSError as error:
         raise UnreadableFileError(f"cannot read file: {error.strerror or error}") from error
     if len(raw) > limits.MAX_JSON_BYTES:
         raise ResourceLimitError(f"index JSON exceeds the {limits.MAX_JSON_BYTES}-byte limit")
     try:
-        parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except _DuplicateKeyError as error:
+        parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
+    except DuplicateKeyError as error:
         raise MalformedModelError(f"duplicate key {error.key!r} in index JSON") from error
     except UnicodeDecodeError as error:
         raise MalformedModelError(f"index is not valid UTF-8 (byte {error.start})") from error

@@ -31,6 +31,7 @@ from biasinspect.errors import (
 )
 from biasinspect.model import ModelDescription
 from biasinspect.readers.archive import Archive
+from biasinspect.readers.files import open_regular_file
 from biasinspect.readers.module_tree import (
     ModuleNode,
     describe_module_tree,
@@ -151,7 +152,7 @@ def classify_zip(names: list[str]) -> tuple[str, str]:
 
 def _is_zip(path: Path) -> bool:
     try:
-        with open(path, "rb") as handle:
+        with open_regular_file(path) as handle:
             return handle.read(4) == b"PK\x03\x04"
     except OSError as e:
         raise UnreadableFileError(f"cannot open: {e.strerror or e}") from e
@@ -182,17 +183,7 @@ def _check_storages(archive: Archive, prefix: str, storages: list[StorageRef]) -
 
 def _load_pickle_file(path: Path) -> tuple[InertPickle, bool]:
     """Interpret a pickle file; ``(pickle, is_legacy_torch_save)``."""
-    try:
-        handle = open(path, "rb")  # noqa: SIM115 -- closed below
-    except IsADirectoryError as e:
-        raise UnreadableFileError("is a directory") from e
-    except FileNotFoundError as e:
-        raise UnreadableFileError("no such file") from e
-    except PermissionError as e:
-        raise UnreadableFileError("permission denied") from e
-    except OSError as e:
-        raise UnreadableFileError(f"cannot open: {e.strerror or e}") from e
-    with handle:
+    with open_regular_file(path) as handle:
         try:
             available = os.fstat(handle.fileno()).st_size
         except OSError as e:
