@@ -127,7 +127,9 @@ def alternate(series: Sequence[Series], rounds: int, warmup: int = 1, verbose: b
 def print_table(series: Sequence[Series]) -> None:
     """A compact table: median/min wall time and peak RSS per labelled command."""
     width = max(len(item.label) for item in series)
-    print(f"{'command':<{width}}  {'median s':>9}  {'min s':>7}  {'max RSS MiB':>11}  {'med RSS MiB':>11}  runs")
+    print(
+        f"{'command':<{width}}  {'median s':>9}  {'min s':>7}  {'max RSS MiB':>11}  {'med RSS MiB':>11}  runs"
+    )
     for item in series:
         print(
             f"{item.label:<{width}}  {item.median_wall:9.3f}  {item.min_wall:7.3f}  "

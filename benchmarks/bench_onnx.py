@@ -95,7 +95,9 @@ def vgg19_layout() -> tuple[list[NodeProto], list[tuple[str, list[int]]]]:
             )
         )  # fmt: skip
         relu_out = f"/features/features.{index + 1}/Relu_output_0"
-        nodes.append(helper.make_node("Relu", [conv_out], [relu_out], name=f"/features/features.{index + 1}/Relu"))
+        nodes.append(
+            helper.make_node("Relu", [conv_out], [relu_out], name=f"/features/features.{index + 1}/Relu")
+        )
         current, channels, index = relu_out, width, index + 2
     nodes.append(helper.make_node("Flatten", [current], ["/Flatten_output_0"], name="/Flatten", axis=1))
     current = "/Flatten_output_0"
@@ -113,7 +115,9 @@ def vgg19_layout() -> tuple[list[NodeProto], list[tuple[str, list[int]]]]:
         current = gemm_out
         if not last:
             relu_out = f"/classifier/classifier.{position * 3 + 1}/Relu_output_0"
-            nodes.append(helper.make_node("Relu", [current], [relu_out], name=relu_out.removesuffix("_output_0")))
+            nodes.append(
+                helper.make_node("Relu", [current], [relu_out], name=relu_out.removesuffix("_output_0"))
+            )
             current = relu_out
     return nodes, tensors
 
@@ -255,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
             for ok, text in lines:
                 failed |= not ok
                 print(verdict(ok, text))
-        print(f"note: onnx.load without external data: {no_ext.median_wall:.3f} s, {no_ext.max_rss / MIB:.1f} MiB")
+        print(
+            f"note: onnx.load without external data: {no_ext.median_wall:.3f} s, {no_ext.max_rss / MIB:.1f} MiB"
+        )
         return 1 if failed else 0
     finally:
         if args.keep:

@@ -7,9 +7,7 @@ its first bytes, and never opens anything that is not a regular file (a FIFO wou
 from __future__ import annotations
 
 import enum
-import errno
 import os
-import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +15,7 @@ from pathlib import Path
 
 from biasinspect.errors import BiasInspectError, UnreadableFileError, UnsupportedFormatError
 from biasinspect.limits import MAX_SAFETENSORS_HEADER_BYTES, MAX_SCAN_FILES
+from biasinspect.readers.files import check_file_mode, unreadable
 
 
 class FileFormat(str, enum.Enum):
@@ -73,29 +72,12 @@ _SNIFF_BYTES = 512
 
 
 def check_regular_file(path: Path) -> os.stat_result:
-    """stat ``path`` and insist on a readable regular file; never opens it."""
+    """stat ``path`` and insist on a regular file; never opens it."""
     try:
         info = path.stat()
-    except FileNotFoundError as error:
-        if path.is_symlink():
-            raise UnreadableFileError("broken symbolic link") from error
-        raise UnreadableFileError("no such file or directory") from error
-    except PermissionError as error:
-        raise UnreadableFileError("permission denied") from error
     except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise UnreadableFileError("symbolic link loop") from error
-        raise UnreadableFileError(f"cannot stat: {error.strerror or error}") from error
-    if stat.S_ISDIR(info.st_mode):
-        raise UnreadableFileError("is a directory")
-    if not stat.S_ISREG(info.st_mode):
-        kind = (
-            "a FIFO" if stat.S_ISFIFO(info.st_mode)
-            else "a socket" if stat.S_ISSOCK(info.st_mode)
-            else "a device file" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
-            else "not a regular file"
-        )  # fmt: skip
-        raise UnreadableFileError(f"not a regular file ({kind})" if kind != "not a regular file" else kind)
+        raise unreadable(error, path) from error
+    check_file_mode(info.st_mode)
     return info
 
 

@@ -254,9 +254,15 @@ def make_quantized_conv(out_dir: Path) -> Path:
         helper.make_node(
             "QLinearConv",
             [
-                "input_quantized", "x_scale", "x_zero_point",
-                "conv.weight_quantized", "conv.weight_scale", "conv.weight_zero_point",
-                "y_scale", "y_zero_point", "conv.bias_quantized",
+                "input_quantized",
+                "x_scale",
+                "x_zero_point",
+                "conv.weight_quantized",
+                "conv.weight_scale",
+                "conv.weight_zero_point",
+                "y_scale",
+                "y_zero_point",
+                "conv.bias_quantized",
             ],
             ["output_quantized"],
             name="/conv/Conv_quant",

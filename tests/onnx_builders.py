@@ -26,7 +26,9 @@ _NP = {
 }
 
 
-def init(name: str, dims: Sequence[int], dtype: int = FLOAT, values: Sequence[float] | None = None) -> TensorProto:
+def init(
+    name: str, dims: Sequence[int], dtype: int = FLOAT, values: Sequence[float] | None = None
+) -> TensorProto:
     """An initializer with real (zero, or given) data of the given shape."""
     if values is None:
         array = np.zeros(tuple(dims), dtype=_NP[dtype])
@@ -45,9 +47,13 @@ def vi(name: str, shape: Sequence[int | str | None] | None, dtype: int = FLOAT) 
     return helper.make_tensor_value_info(name, dtype, None if shape is None else list(shape))
 
 
-def node(op: str, inputs: Sequence[str], outputs: Sequence[str], name: str = "", domain: str = "", **attrs: Any) -> onnx.NodeProto:
+def node(
+    op: str, inputs: Sequence[str], outputs: Sequence[str], name: str = "", domain: str = "", **attrs: Any
+) -> onnx.NodeProto:
     """A node; attributes as keywords."""
-    return helper.make_node(op, list(inputs), list(outputs), name=name or None, domain=domain or None, **attrs)
+    return helper.make_node(
+        op, list(inputs), list(outputs), name=name or None, domain=domain or None, **attrs
+    )
 
 
 def graph(

@@ -168,7 +168,9 @@ def test_fail_on_untied_exits_1_after_the_report():
 def test_batch_reports_good_files_and_lists_bad_ones(tmp_path):
     bad = tmp_path / "broken.onnx"
     bad.write_bytes(b"\x08\x07\x3a\xff\xff")  # ir_version then a graph field whose length runs past the end
-    code, out, err = run(str(SAMPLES / "seed_tied.onnx"), str(bad), str(SAMPLES / "seed_untied.onnx"), "-f", "json")
+    code, out, err = run(
+        str(SAMPLES / "seed_tied.onnx"), str(bad), str(SAMPLES / "seed_untied.onnx"), "-f", "json"
+    )
     assert code == 2
     data = json.loads(out)
     assert [Path(model["path"]).name for model in data["models"]] == ["seed_tied.onnx", "seed_untied.onnx"]

@@ -42,7 +42,7 @@ def test_os_errors_are_one_line_reasons(tmp_path: Path, make, reason: str) -> No
 def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     fifo = tmp_path / "pipe.bin"
     os.mkfifo(fifo)
-    with pytest.raises(UnreadableFileError, match=r"^not a regular file$"):
+    with pytest.raises(UnreadableFileError, match=r"^not a regular file \(a FIFO\)$"):
         open_regular_file(fifo)
 
 
@@ -52,7 +52,9 @@ def test_shard_index_naming_a_fifo_does_not_hang(tmp_path: Path) -> None:
     # The index itself is regular, so sniffing lets it through; the shard must not block the run.
     os.mkfifo(tmp_path / "model-00001-of-00001.safetensors")
     index = tmp_path / "model.safetensors.index.json"
-    index.write_text(json.dumps({"metadata": {}, "weight_map": {"conv.weight": "model-00001-of-00001.safetensors"}}))
+    index.write_text(
+        json.dumps({"metadata": {}, "weight_map": {"conv.weight": "model-00001-of-00001.safetensors"}})
+    )
     report = inspect(index)
     assert report.models == ()
     (failure,) = report.errors

@@ -54,8 +54,15 @@ def test_conv_with_own_bias(tmp_path: Path) -> None:
     desc = read(conv_model(pads=[1, 1, 1, 1], strides=[2, 2]), tmp_path)
     (conv,) = desc.convs
     assert conv == ConvNode(
-        name="conv", op="Conv", weight_name="w", weight_shape=(8, 3, 3, 3), transposed=False, groups=1,
-        kernel_shape=(3, 3), output_spatial=(8, 8), bias_terms=(BiasTerm("b", (8,), CONV),),
+        name="conv",
+        op="Conv",
+        weight_name="w",
+        weight_shape=(8, 3, 3, 3),
+        transposed=False,
+        groups=1,
+        kernel_shape=(3, 3),
+        output_spatial=(8, 8),
+        bias_terms=(BiasTerm("b", (8,), CONV),),
     )
     assert desc.model_params == 8 * 27 + 8
     assert desc.warnings == ()
@@ -65,7 +72,9 @@ def test_conv_with_own_bias(tmp_path: Path) -> None:
 def test_unnamed_nodes_are_named_by_op_and_index(tmp_path: Path) -> None:
     g = graph(
         [node("Relu", ["x"], ["r"]), node("Conv", ["r", "w"], ["y"])],
-        [vi("x", [1, 3, 8, 8])], ["y"], [init("w", [4, 3, 1, 1])],
+        [vi("x", [1, 3, 8, 8])],
+        ["y"],
+        [init("w", [4, 3, 1, 1])],
     )
     assert [c.name for c in read(model(g), tmp_path).convs] == ["Conv_1"]
 
@@ -73,7 +82,9 @@ def test_unnamed_nodes_are_named_by_op_and_index(tmp_path: Path) -> None:
 def _add_model(bias_nodes: list[onnx.NodeProto], bias_name: str, inits: list[TensorProto]) -> onnx.ModelProto:
     g = graph(
         [node("Conv", ["x", "w"], ["c"], name="conv"), *bias_nodes, node("Add", ["c", bias_name], ["y"])],
-        [vi("x", [1, 3, 10, 10])], ["y"], [init("w", [4, 3, 3, 3]), *inits],
+        [vi("x", [1, 3, 10, 10])],
+        ["y"],
+        [init("w", [4, 3, 3, 3]), *inits],
     )
     return model(g)
 
@@ -87,21 +98,50 @@ def _add_model(bias_nodes: list[onnx.NodeProto], bias_name: str, inits: list[Ten
         ([], "b", [init("b", [1])], (1,), BiasKind.OTHER),
         ([node("Constant", [], ["k"], value=init("kv", [4, 1, 1]))], "k", [], (4, 1, 1), BiasKind.TIED),
         ([node("Constant", [], ["k"], value_float=0.5)], "k", [], (), BiasKind.OTHER),
-        ([node("Reshape", ["b", "s"], ["r"])], "r", [init("b", [4]), ints("s", [1, -1, 1, 1])], (1, 4, 1, 1),
-         BiasKind.TIED),
-        ([node("Unsqueeze", ["b", "ax"], ["u"])], "u", [init("b", [4, 8, 8]), ints("ax", [0])], (1, 4, 8, 8),
-         BiasKind.UNTIED),
-        ([node("Unsqueeze", ["b", "ax"], ["u"])], "u", [init("b", [4]), ints("ax", [1, 2])], (4, 1, 1),
-         BiasKind.TIED),
-        ([node("DequantizeLinear", ["bq", "sc"], ["dq"])], "dq",
-         [init("bq", [4, 1, 1], TensorProto.INT32), init("sc", [], FLOAT, [0.1])], (4, 1, 1), BiasKind.TIED),
-        ([node("Cast", ["b"], ["cb"], to=FLOAT)], "cb", [init("b", [4, 8, 8], TensorProto.FLOAT16)], (4, 8, 8),
-         BiasKind.UNTIED),
+        (
+            [node("Reshape", ["b", "s"], ["r"])],
+            "r",
+            [init("b", [4]), ints("s", [1, -1, 1, 1])],
+            (1, 4, 1, 1),
+            BiasKind.TIED,
+        ),
+        (
+            [node("Unsqueeze", ["b", "ax"], ["u"])],
+            "u",
+            [init("b", [4, 8, 8]), ints("ax", [0])],
+            (1, 4, 8, 8),
+            BiasKind.UNTIED,
+        ),
+        (
+            [node("Unsqueeze", ["b", "ax"], ["u"])],
+            "u",
+            [init("b", [4]), ints("ax", [1, 2])],
+            (4, 1, 1),
+            BiasKind.TIED,
+        ),
+        (
+            [node("DequantizeLinear", ["bq", "sc"], ["dq"])],
+            "dq",
+            [init("bq", [4, 1, 1], TensorProto.INT32), init("sc", [], FLOAT, [0.1])],
+            (4, 1, 1),
+            BiasKind.TIED,
+        ),
+        (
+            [node("Cast", ["b"], ["cb"], to=FLOAT)],
+            "cb",
+            [init("b", [4, 8, 8], TensorProto.FLOAT16)],
+            (4, 8, 8),
+            BiasKind.UNTIED,
+        ),
     ],
 )
 def test_add_of_a_parameter_is_a_bias_term(
-    tmp_path: Path, bias_nodes: list[onnx.NodeProto], bias_name: str, inits: list[TensorProto],
-    shape: tuple[int, ...], kind: BiasKind,
+    tmp_path: Path,
+    bias_nodes: list[onnx.NodeProto],
+    bias_name: str,
+    inits: list[TensorProto],
+    shape: tuple[int, ...],
+    kind: BiasKind,
 ) -> None:
     desc = read(_add_model(bias_nodes, bias_name, inits), tmp_path)
     (conv,) = desc.convs
@@ -122,8 +162,9 @@ def test_add_operand_shapes_without_shape_inference(tmp_path: Path) -> None:
             node("Add", ["c", "r"], ["y"]),
             node("Conv", ["y", "w2"], ["c2"], name="conv2", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
         ],
-        [vi("x0", [1, 3, 10, 10])], ["c2"], [init("w", [4, 3, 3, 3]), init("b", [4]), ints("s", [1, -1, 1, 1]),
-                                             init("w2", [4, 4, 3, 3])],
+        [vi("x0", [1, 3, 10, 10])],
+        ["c2"],
+        [init("w", [4, 3, 3, 3]), init("b", [4]), ints("s", [1, -1, 1, 1]), init("w2", [4, 4, 3, 3])],
     )
     desc = read(model(g), tmp_path)
     assert len(desc.warnings) == 1
@@ -142,25 +183,36 @@ def test_own_spatial_arithmetic_when_inference_fails(tmp_path: Path) -> None:
     g = graph(
         [
             node("Foo", ["x0"], ["unused"], domain="my.custom"),
-            node("Conv", ["x", "w"], ["a"], name="strided", strides=[2, 2], pads=[1, 1, 1, 1], dilations=[1, 1]),
+            node(
+                "Conv", ["x", "w"], ["a"], name="strided", strides=[2, 2], pads=[1, 1, 1, 1], dilations=[1, 1]
+            ),
             node("Conv", ["x", "w"], ["b"], name="same", strides=[2, 2], auto_pad="SAME_UPPER"),
             node("Conv", ["x", "w"], ["c"], name="valid", auto_pad="VALID", dilations=[2, 2]),
             node("ConvTranspose", ["x", "wt"], ["d"], name="up", strides=[2, 2], output_padding=[1, 1]),
             node("ConvTranspose", ["x", "wt"], ["e"], name="shaped", strides=[2, 2], output_shape=[40, 41]),
         ],
-        [vi("x0", [1]), vi("x", [1, 3, 17, 17])], ["a", "b", "c", "d", "e"],
+        [vi("x0", [1]), vi("x", [1, 3, 17, 17])],
+        ["a", "b", "c", "d", "e"],
         [init("w", [4, 3, 3, 3]), init("wt", [3, 2, 3, 3])],
     )
     desc = read(model(g), tmp_path)
     assert desc.warnings and desc.warnings[0].startswith("shape inference failed")
     spatial = {c.name: c.output_spatial for c in desc.convs}
-    assert spatial == {"strided": (9, 9), "same": (9, 9), "valid": (13, 13), "up": (36, 36), "shaped": (40, 41)}
+    assert spatial == {
+        "strided": (9, 9),
+        "same": (9, 9),
+        "valid": (13, 13),
+        "up": (36, 36),
+        "shaped": (40, 41),
+    }
 
 
 def test_residual_add_of_a_graph_input_is_not_a_bias(tmp_path: Path) -> None:
     g = graph(
         [node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]), node("Add", ["c", "x"], ["y"])],
-        [vi("x", [1, 3, 8, 8])], ["y"], [init("w", [3, 3, 3, 3])],
+        [vi("x", [1, 3, 8, 8])],
+        ["y"],
+        [init("w", [3, 3, 3, 3])],
     )
     desc = read(model(g), tmp_path)
     assert desc.convs[0].bias_terms == ()
@@ -170,8 +222,14 @@ def test_residual_add_of_a_graph_input_is_not_a_bias(tmp_path: Path) -> None:
 
 def test_add_is_not_followed_when_the_conv_output_has_other_consumers(tmp_path: Path) -> None:
     g = graph(
-        [node("Conv", ["x", "w"], ["c"], name="conv"), node("Add", ["c", "b"], ["y"]), node("Relu", ["c"], ["z"])],
-        [vi("x", [1, 3, 8, 8])], ["y", "z"], [init("w", [4, 3, 3, 3]), init("b", [1, 4, 1, 1])],
+        [
+            node("Conv", ["x", "w"], ["c"], name="conv"),
+            node("Add", ["c", "b"], ["y"]),
+            node("Relu", ["c"], ["z"]),
+        ],
+        [vi("x", [1, 3, 8, 8])],
+        ["y", "z"],
+        [init("w", [4, 3, 3, 3]), init("b", [1, 4, 1, 1])],
     )
     assert read(model(g), tmp_path).convs[0].bias_terms == ()
 
@@ -179,7 +237,9 @@ def test_add_is_not_followed_when_the_conv_output_has_other_consumers(tmp_path: 
 def test_own_bias_plus_add_gives_two_terms(tmp_path: Path) -> None:
     g = graph(
         [node("Conv", ["x", "w", "b"], ["c"], name="conv"), node("Add", ["c", "u"], ["y"])],
-        [vi("x", [1, 3, 8, 8])], ["y"], [init("w", [4, 3, 3, 3]), init("b", [4]), init("u", [4, 6, 6])],
+        [vi("x", [1, 3, 8, 8])],
+        ["y"],
+        [init("w", [4, 3, 3, 3]), init("b", [4]), init("u", [4, 6, 6])],
     )
     desc = read(model(g), tmp_path)
     assert desc.convs[0].bias_terms == (BiasTerm("b", (4,), CONV), BiasTerm("u", (4, 6, 6), ADD))
@@ -200,9 +260,16 @@ def test_batchnorm_and_mul_add_followers(tmp_path: Path) -> None:
             node("Conv", ["n3", "w2"], ["c4"], name="plain_conv"),
             node("Relu", ["c4"], ["y"]),
         ],
-        [vi("x", [1, 3, 12, 12])], ["y"],
-        [init("w", [4, 3, 3, 3]), init("w2", [4, 4, 1, 1]), init("b2", [4]), init("m", [4, 1, 1]),
-         init("a", [4, 1, 1]), *bn_inits],
+        [vi("x", [1, 3, 12, 12])],
+        ["y"],
+        [
+            init("w", [4, 3, 3, 3]),
+            init("w2", [4, 4, 1, 1]),
+            init("b2", [4]),
+            init("m", [4, 1, 1]),
+            init("a", [4, 1, 1]),
+            *bn_inits,
+        ],
     )
     convs = by_name(read(model(g), tmp_path))
     assert convs["bn_conv"].followed_by == "BatchNormalization"
@@ -230,7 +297,8 @@ def test_weights_from_constant_constantofshape_and_graph_input(tmp_path: Path) -
             node("Conv", ["x", "rw"], ["c"], name="reshaped_w"),
             node("Conv", ["x", "gw", "gb"], ["d"], name="input_w"),
         ],
-        [vi("x", [1, 3, 9, 9]), vi("gw", [2, 3, 5, 5]), vi("gb", [2])], ["a", "b", "c", "d"],
+        [vi("x", [1, 3, 9, 9]), vi("gw", [2, 3, 5, 5]), vi("gb", [2])],
+        ["a", "b", "c", "d"],
         [ints("ws", [6, 3, 1, 1]), ints("rs", [6, 3, 1, 1])],
     )
     desc = read(model(g), tmp_path)
@@ -251,7 +319,9 @@ def test_weights_from_constant_constantofshape_and_graph_input(tmp_path: Path) -
 def test_symbolic_dims_stay_unknown(tmp_path: Path) -> None:
     g = graph(
         [node("Conv", ["x", "w"], ["c"], name="conv"), node("Add", ["c", "b"], ["y"])],
-        [vi("x", ["N", 3, "H", 16])], ["y"], [init("w", [4, 3, 3, 3]), init("b", [4, 1, 1])],
+        [vi("x", ["N", 3, "H", 16])],
+        ["y"],
+        [init("w", [4, 3, 3, 3]), init("b", [4, 1, 1])],
     )
     desc = read(model(g), tmp_path)
     (conv,) = desc.convs
@@ -278,7 +348,9 @@ def test_cyclic_graph_does_not_hang(tmp_path: Path) -> None:
             node("Relu", ["loop_b"], ["loop_a"]),
             node("Conv", ["loop_a", "w2"], ["z"], name="conv2"),
         ],
-        [vi("x", [1, 3, 8, 8])], ["z"], [init("w", [3, 3, 1, 1]), init("w2", [3, 3, 1, 1])],
+        [vi("x", [1, 3, 8, 8])],
+        ["z"],
+        [init("w", [3, 3, 1, 1]), init("w2", [3, 3, 1, 1])],
     )
     desc = read(model(g), tmp_path)
     assert [c.name for c in desc.convs] == ["conv", "conv2"]
@@ -293,17 +365,34 @@ def test_contrib_and_quantized_conv_ops(tmp_path: Path) -> None:
     u8, i32 = TensorProto.UINT8, TensorProto.INT32
     g = graph(
         [
-            node("FusedConv", ["x", "w", "b"], ["f"], name="fused", domain="com.microsoft", activation="Relu",
-                 pads=[1, 1, 1, 1]),
-            node("NhwcConv", ["xh", "wh", "b"], ["h"], name="nhwc", domain="com.microsoft", kernel_shape=[3, 3]),
+            node(
+                "FusedConv",
+                ["x", "w", "b"],
+                ["f"],
+                name="fused",
+                domain="com.microsoft",
+                activation="Relu",
+                pads=[1, 1, 1, 1],
+            ),
+            node(
+                "NhwcConv", ["xh", "wh", "b"], ["h"], name="nhwc", domain="com.microsoft", kernel_shape=[3, 3]
+            ),
             node("QLinearConv", ["xq", "xs", "xz", "wq", "ws", "wz", "ys", "yz", "bq"], ["q"], name="qconv"),
             node("ConvInteger", ["xq", "wq", "xz", "wz"], ["i"], name="iconv"),
         ],
-        [vi("x", [1, 3, 8, 8]), vi("xh", [1, 8, 8, 3]), vi("xq", [1, 3, 8, 8], u8)], ["f", "h", "q", "i"],
+        [vi("x", [1, 3, 8, 8]), vi("xh", [1, 8, 8, 3]), vi("xq", [1, 3, 8, 8], u8)],
+        ["f", "h", "q", "i"],
         [
-            init("w", [4, 3, 3, 3]), init("b", [4]), init("wh", [4, 3, 3, 3 + 2]),
-            init("xs", [], FLOAT, [0.1]), init("xz", [], u8), init("wq", [4, 3, 3, 3], u8),
-            init("ws", [], FLOAT, [0.1]), init("wz", [], u8), init("ys", [], FLOAT, [0.1]), init("yz", [], u8),
+            init("w", [4, 3, 3, 3]),
+            init("b", [4]),
+            init("wh", [4, 3, 3, 3 + 2]),
+            init("xs", [], FLOAT, [0.1]),
+            init("xz", [], u8),
+            init("wq", [4, 3, 3, 3], u8),
+            init("ws", [], FLOAT, [0.1]),
+            init("wz", [], u8),
+            init("ys", [], FLOAT, [0.1]),
+            init("yz", [], u8),
             init("bq", [4], i32),
         ],
     )
@@ -324,8 +413,12 @@ def test_contrib_and_quantized_conv_ops(tmp_path: Path) -> None:
     assert convs["iconv"].bias_terms == ()
     # float: w 108 + b 4 + wh 180 + 3 scales; uint8: wq 108 + 3 zero points; int32 QLinearConv bias 4.
     assert desc.model_params == 108 + 4 + 180 + 3 + 108 + 3 + 4
-    assert kinds(desc) == {"fused": BiasKind.TIED, "nhwc": BiasKind.TIED, "qconv": BiasKind.TIED,
-                           "iconv": BiasKind.ABSENT}
+    assert kinds(desc) == {
+        "fused": BiasKind.TIED,
+        "nhwc": BiasKind.TIED,
+        "qconv": BiasKind.TIED,
+        "iconv": BiasKind.ABSENT,
+    }
 
 
 def test_quantized_conv_output_dequantized_then_biased(tmp_path: Path) -> None:
@@ -336,8 +429,14 @@ def test_quantized_conv_output_dequantized_then_biased(tmp_path: Path) -> None:
             node("DequantizeLinear", ["q", "s", "z"], ["dq"]),
             node("Add", ["dq", "b"], ["y"]),
         ],
-        [vi("xq", [1, 3, 8, 8], u8)], ["y"],
-        [init("s", [], FLOAT, [0.1]), init("z", [], u8), init("wq", [4, 3, 3, 3], u8), init("b", [1, 4, 1, 1])],
+        [vi("xq", [1, 3, 8, 8], u8)],
+        ["y"],
+        [
+            init("s", [], FLOAT, [0.1]),
+            init("z", [], u8),
+            init("wq", [4, 3, 3, 3], u8),
+            init("b", [1, 4, 1, 1]),
+        ],
     )
     desc = read(model(g), tmp_path)
     assert desc.convs[0].bias_terms == (BiasTerm("b", (1, 4, 1, 1), ADD),)
@@ -346,9 +445,13 @@ def test_quantized_conv_output_dequantized_then_biased(tmp_path: Path) -> None:
 
 def test_nhwc_conv_add_bias_is_reported_channels_first(tmp_path: Path) -> None:
     g = graph(
-        [node("NhwcConv", ["x", "w"], ["h"], name="nhwc", domain="com.microsoft", kernel_shape=[1, 1]),
-         node("Add", ["h", "b"], ["y"])],
-        [vi("x", [1, 5, 5, 3])], ["y"], [init("w", [4, 1, 1, 3]), init("b", [4])],
+        [
+            node("NhwcConv", ["x", "w"], ["h"], name="nhwc", domain="com.microsoft", kernel_shape=[1, 1]),
+            node("Add", ["h", "b"], ["y"]),
+        ],
+        [vi("x", [1, 5, 5, 3])],
+        ["y"],
+        [init("w", [4, 1, 1, 3]), init("b", [4])],
     )
     desc = read(model(g, extra_opsets={"com.microsoft": 1}), tmp_path)
     (conv,) = desc.convs
@@ -358,16 +461,24 @@ def test_nhwc_conv_add_bias_is_reported_channels_first(tmp_path: Path) -> None:
 
 
 def test_other_domain_conv_is_warned_not_analysed(tmp_path: Path) -> None:
-    g = graph([node("Conv", ["x", "w"], ["y"], name="blocked", domain="com.microsoft.nchwc")],
-              [vi("x", [1, 8, 4, 4])], ["y"], [init("w", [8, 8, 1, 1])])
+    g = graph(
+        [node("Conv", ["x", "w"], ["y"], name="blocked", domain="com.microsoft.nchwc")],
+        [vi("x", [1, 8, 4, 4])],
+        ["y"],
+        [init("w", [8, 8, 1, 1])],
+    )
     desc = read(model(g, extra_opsets={"com.microsoft.nchwc": 1}), tmp_path)
     assert desc.convs == ()
     assert any("blocked" in w and "com.microsoft.nchwc" in w for w in desc.warnings)
 
 
 def _float_conv_model() -> onnx.ModelProto:
-    g = graph([node("Conv", ["x", "w", "b"], ["y"], name="conv")], [vi("x", [1, 3, 10, 10])], ["y"],
-              [init("w", [6, 3, 3, 3]), init("b", [6])])
+    g = graph(
+        [node("Conv", ["x", "w", "b"], ["y"], name="conv")],
+        [vi("x", [1, 3, 10, 10])],
+        ["y"],
+        [init("w", [6, 3, 3, 3]), init("b", [6])],
+    )
     return model(g)
 
 
@@ -387,9 +498,15 @@ def _dynamically_quantized_model() -> onnx.ModelProto:
             node("Reshape", ["bdq", "shape"], ["br"]),
             node("Add", ["scaled", "br"], ["y"]),
         ],
-        [vi("x", [1, 3, 10, 10])], ["y"],
-        [init("wq", [6, 3, 3, 3], u8), init("wz", [], u8), init("ws", [], FLOAT, [0.02]), init("b", [6]),
-         ints("shape", [1, -1, 1, 1])],
+        [vi("x", [1, 3, 10, 10])],
+        ["y"],
+        [
+            init("wq", [6, 3, 3, 3], u8),
+            init("wz", [], u8),
+            init("ws", [], FLOAT, [0.02]),
+            init("b", [6]),
+            ints("shape", [1, -1, 1, 1]),
+        ],
     )
     return model(g)
 
@@ -422,22 +539,31 @@ def test_conv_integer_rescale_by_a_non_scalar_is_not_followed(tmp_path: Path) ->
 
 
 def _body(name: str, conv_name: str, weight: str, out: str) -> onnx.GraphProto:
-    return graph([node("Conv", ["x", weight], [out], name=conv_name), node("Add", [out, "bb"], [out + "_y"])],
-                 [], [out + "_y"], [init("bb", [1, 2, 1, 1])], name=name)
+    return graph(
+        [node("Conv", ["x", weight], [out], name=conv_name), node("Add", [out, "bb"], [out + "_y"])],
+        [],
+        [out + "_y"],
+        [init("bb", [1, 2, 1, 1])],
+        name=name,
+    )
 
 
 def test_if_loop_scan_bodies(tmp_path: Path) -> None:
     then_g = _body("then", "tconv", "w", "t")
     else_g = graph([node("Conv", ["x", "w"], ["e"])], [], ["e"], name="else")
     loop_body = graph(
-        [node("Identity", ["cond_in"], ["cond_out"]), node("Conv", ["x", "w"], ["lc"], name="lconv"),
-         node("Identity", ["carry"], ["carry_out"])],
+        [
+            node("Identity", ["cond_in"], ["cond_out"]),
+            node("Conv", ["x", "w"], ["lc"], name="lconv"),
+            node("Identity", ["carry"], ["carry_out"]),
+        ],
         [vi("i", [], INT64), vi("cond_in", [], TensorProto.BOOL), vi("carry", [1, 3, 6, 6])],
         ["cond_out", "carry_out", "lc"],
     )
     scan_body = graph(
         [node("Conv", ["sx", "w"], ["sc"], name="sconv"), node("Identity", ["st"], ["st_out"])],
-        [vi("st", [1]), vi("sx", [1, 3, 6, 6])], ["st_out", "sc"],
+        [vi("st", [1]), vi("sx", [1, 3, 6, 6])],
+        ["st_out", "sc"],
     )
     g = graph(
         [
@@ -445,16 +571,25 @@ def test_if_loop_scan_bodies(tmp_path: Path) -> None:
             node("Loop", ["n", "", "x"], ["carry_final", "scan_out"], name="loop", body=loop_body),
             node("Scan", ["s0", "xs"], ["s_final", "sc_out"], name="scan", body=scan_body, num_scan_inputs=1),
         ],
-        [vi("cond", [], TensorProto.BOOL), vi("x", [1, 3, 6, 6]), vi("n", [], INT64), vi("s0", [1]),
-         vi("xs", [5, 1, 3, 6, 6])],
+        [
+            vi("cond", [], TensorProto.BOOL),
+            vi("x", [1, 3, 6, 6]),
+            vi("n", [], INT64),
+            vi("s0", [1]),
+            vi("xs", [5, 1, 3, 6, 6]),
+        ],
         ["r", "carry_final", "scan_out", "s_final", "sc_out"],
         [init("w", [2, 3, 3, 3])],
     )
     desc = read(model(g), tmp_path)
     convs = by_name(desc)
     # Subgraphs are walked in attribute order (onnx.helper sorts attributes by name).
-    assert list(convs) == ["branch/else_branch/Conv_0", "branch/then_branch/tconv", "loop/body/lconv",
-                           "scan/body/sconv"]
+    assert list(convs) == [
+        "branch/else_branch/Conv_0",
+        "branch/then_branch/tconv",
+        "loop/body/lconv",
+        "scan/body/sconv",
+    ]
     then_conv = convs["branch/then_branch/tconv"]
     assert then_conv.weight_shape == (2, 3, 3, 3)  # the weight is an outer-scope initializer
     assert then_conv.output_spatial == (4, 4)
@@ -470,14 +605,34 @@ def test_deeply_nested_if_levels(tmp_path: Path) -> None:
     inner = _body("level", "deep_conv", "w", "d")
     for level in range(depth - 1):
         inner = graph(
-            [node("If", ["cond"], [f"o{level}"], name=f"if{level}", then_branch=inner,
-                  else_branch=graph([node("Identity", ["x"], [f"e{level}"])], [], [f"e{level}"]))],
-            [], [f"o{level}"], name=f"g{level}",
+            [
+                node(
+                    "If",
+                    ["cond"],
+                    [f"o{level}"],
+                    name=f"if{level}",
+                    then_branch=inner,
+                    else_branch=graph([node("Identity", ["x"], [f"e{level}"])], [], [f"e{level}"]),
+                )
+            ],
+            [],
+            [f"o{level}"],
+            name=f"g{level}",
         )
     g = graph(
-        [node("If", ["cond"], ["y"], name="top", then_branch=inner,
-              else_branch=graph([node("Identity", ["x"], ["z"])], [], ["z"]))],
-        [vi("cond", [], TensorProto.BOOL), vi("x", [1, 3, 5, 5])], ["y"], [init("w", [2, 3, 3, 3])],
+        [
+            node(
+                "If",
+                ["cond"],
+                ["y"],
+                name="top",
+                then_branch=inner,
+                else_branch=graph([node("Identity", ["x"], ["z"])], [], ["z"]),
+            )
+        ],
+        [vi("cond", [], TensorProto.BOOL), vi("x", [1, 3, 5, 5])],
+        ["y"],
+        [init("w", [2, 3, 3, 3])],
     )
     desc = read(model(g), tmp_path)
     (conv,) = desc.convs
@@ -544,10 +699,21 @@ def test_walker_depth_limit_is_enforced(tmp_path: Path) -> None:
     assert conv.output_spatial == (4, 4)
 
 
-def _function(name: str, body: list[onnx.NodeProto], inputs: list[str], outputs: list[str],
-              attributes: list[str] | None = None) -> onnx.FunctionProto:
+def _function(
+    name: str,
+    body: list[onnx.NodeProto],
+    inputs: list[str],
+    outputs: list[str],
+    attributes: list[str] | None = None,
+) -> onnx.FunctionProto:
     return helper.make_function(
-        "local", name, inputs, outputs, body, [helper.make_opsetid("", 17)], attributes=attributes or [],
+        "local",
+        name,
+        inputs,
+        outputs,
+        body,
+        [helper.make_opsetid("", 17)],
+        attributes=attributes or [],
     )
 
 
@@ -558,7 +724,9 @@ def test_local_functions_per_call_site(tmp_path: Path) -> None:
     block = _function(
         "Block",
         [conv, node("Constant", [], ["B"], value=init("bv", [1, 4, 1, 1])), node("Add", ["C", "B"], ["Y"])],
-        ["X", "W"], ["Y"], attributes=["g"],
+        ["X", "W"],
+        ["Y"],
+        attributes=["g"],
     )
     unused = _function("Unused", [node("Conv", ["X", "W"], ["Y"], name="lonely")], ["X", "W"], ["Y"])
     g = graph(
@@ -566,7 +734,8 @@ def test_local_functions_per_call_site(tmp_path: Path) -> None:
             node("Block", ["x", "w"], ["a"], name="call_one", domain="local", g=1),
             node("Block", ["x2", "wg"], ["b"], name="call_two", domain="local", g=2),
         ],
-        [vi("x", [1, 3, 12, 12]), vi("x2", [1, 4, 7, 7])], ["a", "b"],
+        [vi("x", [1, 3, 12, 12]), vi("x2", [1, 4, 7, 7])],
+        ["a", "b"],
         [init("w", [4, 3, 3, 3]), init("wg", [4, 2, 1, 1])],
     )
     desc = read(model(g, extra_opsets={"local": 1}, functions=[block, unused]), tmp_path)
@@ -584,10 +753,18 @@ def test_local_functions_per_call_site(tmp_path: Path) -> None:
 
 
 def test_recursive_function_is_not_followed_forever(tmp_path: Path) -> None:
-    rec = _function("Rec", [node("Rec", ["X"], ["Y"], domain="local"), node("Conv", ["X", "W"], ["Z"], name="c")],
-                    ["X", "W"], ["Y"])
-    g = graph([node("Rec", ["x", "w"], ["y"], name="call", domain="local")], [vi("x", [1, 1, 3, 3])], ["y"],
-              [init("w", [1, 1, 1, 1])])
+    rec = _function(
+        "Rec",
+        [node("Rec", ["X"], ["Y"], domain="local"), node("Conv", ["X", "W"], ["Z"], name="c")],
+        ["X", "W"],
+        ["Y"],
+    )
+    g = graph(
+        [node("Rec", ["x", "w"], ["y"], name="call", domain="local")],
+        [vi("x", [1, 1, 3, 3])],
+        ["y"],
+        [init("w", [1, 1, 1, 1])],
+    )
     desc = read(model(g, extra_opsets={"local": 1}, functions=[rec]), tmp_path)
     assert [c.name for c in desc.convs] == ["call/c"]
     assert any("calls itself" in w for w in desc.warnings)
@@ -597,11 +774,17 @@ def test_function_call_expansion_bomb_is_capped(tmp_path: Path) -> None:
     # F0 calls F1 twice, F1 calls F2 twice, ... : 2**30 instances from a tiny file.
     functions = [_function("F30", [node("Conv", ["X", "W"], ["Y"], name="c")], ["X", "W"], ["Y"])]
     for level in reversed(range(30)):
-        body = [node(f"F{level + 1}", ["X", "W"], ["A"], domain="local"),
-                node(f"F{level + 1}", ["A", "W"], ["Y"], domain="local")]
+        body = [
+            node(f"F{level + 1}", ["X", "W"], ["A"], domain="local"),
+            node(f"F{level + 1}", ["A", "W"], ["Y"], domain="local"),
+        ]
         functions.append(_function(f"F{level}", body, ["X", "W"], ["Y"]))
-    g = graph([node("F0", ["x", "w"], ["y"], domain="local")], [vi("x", [1, 1, 3, 3])], ["y"],
-              [init("w", [1, 1, 1, 1])])
+    g = graph(
+        [node("F0", ["x", "w"], ["y"], domain="local")],
+        [vi("x", [1, 1, 3, 3])],
+        ["y"],
+        [init("w", [1, 1, 1, 1])],
+    )
     with pytest.raises(ResourceLimitError, match="functions expand to more than 10,000 call sites"):
         read(model(g, extra_opsets={"local": 1}, functions=functions), tmp_path)
 
@@ -619,17 +802,18 @@ def test_model_params_dtype_rules(tmp_path: Path) -> None:
             node("Constant", [], ["idx"], value=init("idxv", [5], INT64)),
             node("DequantizeLinear", ["q32", "sc"], ["dq"]),
         ],
-        [vi("x", [1, 3, 4, 4])], ["c", "k", "dq"],
+        [vi("x", [1, 3, 4, 4])],
+        ["c", "k", "dq"],
         [
-            init("w", [2, 3, 1, 1]),                        # float: 6
-            init("half", [10], TensorProto.FLOAT16),        # float16: 10
-            init("i8", [7], TensorProto.INT8),              # int8: 7
-            init("i16", [3], TensorProto.INT16),            # int16: 3
-            init("q32", [5], TensorProto.INT32),            # DequantizeLinear input 0: 5
-            init("plain32", [9], TensorProto.INT32),        # plain int32: never
-            init("i64", [11], INT64),                       # int64: never
-            init("mask", [4], TensorProto.BOOL),            # bool: never
-            init("sc", [], FLOAT, [1.0]),                   # float scalar: 1
+            init("w", [2, 3, 1, 1]),  # float: 6
+            init("half", [10], TensorProto.FLOAT16),  # float16: 10
+            init("i8", [7], TensorProto.INT8),  # int8: 7
+            init("i16", [3], TensorProto.INT16),  # int16: 3
+            init("q32", [5], TensorProto.INT32),  # DequantizeLinear input 0: 5
+            init("plain32", [9], TensorProto.INT32),  # plain int32: never
+            init("i64", [11], INT64),  # int64: never
+            init("mask", [4], TensorProto.BOOL),  # bool: never
+            init("sc", [], FLOAT, [1.0]),  # float scalar: 1
         ],
     )
     desc = read(model(g), tmp_path)
@@ -675,8 +859,14 @@ def test_negative_and_overflowing_dims_are_malformed(tmp_path: Path) -> None:
 
 def test_external_data_is_never_opened(tmp_path: Path) -> None:
     m = conv_model(weight=(16, 3, 3, 3))
-    onnx.save_model(m, str(tmp_path / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="ext.bin", size_threshold=0)
+    onnx.save_model(
+        m,
+        str(tmp_path / "ext.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="ext.bin",
+        size_threshold=0,
+    )
     (tmp_path / "ext.bin").unlink()  # the reader must not need it
     desc = read_onnx(tmp_path / "ext.onnx")[0]
     assert desc.convs[0].weight_shape == (16, 3, 3, 3)
@@ -755,13 +945,18 @@ def test_file_over_2gib_with_sparse_payload(tmp_path: Path) -> None:
         _field(1, conv.SerializeToString())
         + _field(11, vi("x", [1, 1, 8, 8]).SerializeToString())
         + _field(12, onnx.ValueInfoProto(name="y").SerializeToString())
-        + _varint(5 << 3 | 2) + _varint(initializer_len) + tensor_bytes_head
+        + _varint(5 << 3 | 2)
+        + _varint(initializer_len)
+        + tensor_bytes_head
     )
     graph_len = len(graph_head) + payload_len
     head = (
-        _varint(1 << 3) + _varint(8)
+        _varint(1 << 3)
+        + _varint(8)
         + _field(8, helper.make_opsetid("", 17).SerializeToString())
-        + _varint(7 << 3 | 2) + _varint(graph_len) + graph_head
+        + _varint(7 << 3 | 2)
+        + _varint(graph_len)
+        + graph_head
     )
     path = tmp_path / "huge.onnx"
     with open(path, "wb") as handle:
@@ -825,11 +1020,14 @@ def test_torch_exported_model(tmp_path: Path) -> None:
             return self.up(self.c3(self.bn(self.c2(self.c1(x)))) + self.b3)
 
     path = tmp_path / "net.onnx"
-    torch.onnx.export(Net().eval(), (torch.randn(1, 3, 28, 28),), str(path), dynamo=False,
-                      do_constant_folding=False)
+    torch.onnx.export(
+        Net().eval(), (torch.randn(1, 3, 28, 28),), str(path), dynamo=False, do_constant_folding=False
+    )
     desc = read_onnx(path)[0]
-    layers = [(c.weight_shape, c.bias_terms, c.followed_by, c.output_spatial, c.groups, c.transposed)
-              for c in desc.convs]
+    layers = [
+        (c.weight_shape, c.bias_terms, c.followed_by, c.output_spatial, c.groups, c.transposed)
+        for c in desc.convs
+    ]
     assert layers == [
         ((8, 3, 3, 3), (BiasTerm("c1.bias", (8,), CONV),), None, (28, 28), 1, False),
         ((8, 8, 3, 3), (), "BatchNormalization", (26, 26), 1, False),
@@ -840,8 +1038,11 @@ def test_torch_exported_model(tmp_path: Path) -> None:
     loaded = onnx.load(str(path))
     expected = sum(int(np.prod(t.dims)) for t in loaded.graph.initializer if t.data_type == FLOAT)
     expected += sum(
-        int(np.prod(a.t.dims)) for n in loaded.graph.node if n.op_type == "Constant"
-        for a in n.attribute if a.name == "value" and a.t.data_type == FLOAT
+        int(np.prod(a.t.dims))
+        for n in loaded.graph.node
+        if n.op_type == "Constant"
+        for a in n.attribute
+        if a.name == "value" and a.t.data_type == FLOAT
     )
     assert desc.model_params == expected
 
@@ -870,7 +1071,9 @@ def test_light_onnx_import_coexists_with_a_later_full_import(tmp_path: Path) -> 
         "print('ok')\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 
@@ -888,7 +1091,9 @@ def test_library_use_imports_onnx_normally(tmp_path: Path) -> None:
         "print('onnx' in sys.modules)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True"
 

@@ -162,8 +162,14 @@ def test_classify_global(dotted: str, kind: str) -> None:
 @pytest.mark.parametrize("make", [p0_call, p4_call])
 @pytest.mark.parametrize(
     ("module", "name"),
-    [("os", "system"), ("posix", "system"), ("builtins", "exec"), ("subprocess", "Popen"),
-     ("runpy", "_run_code"), ("importlib", "import_module")],
+    [
+        ("os", "system"),
+        ("posix", "system"),
+        ("builtins", "exec"),
+        ("subprocess", "Popen"),
+        ("runpy", "_run_code"),
+        ("importlib", "import_module"),
+    ],
 )
 def test_dangerous_globals_are_recorded_never_called(tmp_path: Path, make, module: str, name: str) -> None:
     marker = tmp_path / "pwned"
@@ -234,8 +240,13 @@ def test_torch_tensors_become_tensor_refs() -> None:
 
 def test_new_dtypes_use_rebuild_tensor_v3() -> None:
     buf = io.BytesIO()
-    torch.save({"u": torch.zeros(3, 4, dtype=torch.uint16),
-                "f8": torch.zeros(2, 8, 3, 3, dtype=torch.float8_e4m3fn)[:, 2:]}, buf)
+    torch.save(
+        {
+            "u": torch.zeros(3, 4, dtype=torch.uint16),
+            "f8": torch.zeros(2, 8, 3, 3, dtype=torch.float8_e4m3fn)[:, 2:],
+        },
+        buf,
+    )
     import zipfile
 
     data = zipfile.ZipFile(io.BytesIO(buf.getvalue())).read("archive/data.pkl")

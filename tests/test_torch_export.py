@@ -194,7 +194,12 @@ def test_mixed_model_analyses_as_expected(mixed_path: Path) -> None:
 
     report = analyze(read_one(mixed_path))
     kinds = [(layer.name, str(layer.bias.kind), layer.bias.params) for layer in report.layers]
-    assert kinds == [("features.0", "tied", 8), ("features.2", "absent", 0), ("c3", "untied", 400), ("tc", "tied", 2)]
+    assert kinds == [
+        ("features.0", "tied", 8),
+        ("features.2", "absent", 0),
+        ("c3", "untied", 400),
+        ("tc", "tied", 2),
+    ]
     assert report.layers[2].formula == "8x3x3 x 4 + 4x10x10 = 688"
     assert (report.totals.tied, report.totals.untied, report.totals.absent) == (2, 1, 1)
     assert report.totals.model_params == 1522
@@ -205,9 +210,7 @@ def test_decomposed_program_reads_the_same(tmp_path: Path) -> None:
     description = read_one(path)
     # run_decompositions turns every conv into aten.convolution (transposed as an argument)
     # and the BN into _native_batch_norm_legit_no_training.
-    expected = [
-        ConvNode(**{**conv.__dict__, "op": "aten.convolution"}) for conv in MIXED_EXPECTED
-    ]
+    expected = [ConvNode(**{**conv.__dict__, "op": "aten.convolution"}) for conv in MIXED_EXPECTED]
     assert list(description.convs) == expected
     assert description.model_params == 1522
 
@@ -263,12 +266,18 @@ def test_depthwise_conv1d_conv3d_transpose1d(tmp_path: Path) -> None:
     assert c1.bias_terms == (BiasTerm("c1.bias", (5,), CONV),)
     t1 = convs["t1"]
     assert (t1.op, t1.weight_shape, t1.transposed, t1.output_spatial) == (
-        "aten.conv_transpose1d", (5, 4, 4), True, (34,)
+        "aten.conv_transpose1d",
+        (5, 4, 4),
+        True,
+        (34,),
     )
     assert t1.bias_terms == () and t1.followed_by is None
     c3d = convs["c3d"]
     assert (c3d.op, c3d.weight_shape, c3d.kernel_shape, c3d.output_spatial) == (
-        "aten.conv3d", (2, 1, 1, 2, 2), (1, 2, 2), (1, 7, 7)
+        "aten.conv3d",
+        (2, 1, 1, 2, 2),
+        (1, 2, 2),
+        (1, 7, 7),
     )
     assert description.model_params == n_params(model)
 
@@ -380,9 +389,7 @@ def test_legacy_layout_and_several_programs(mixed_path: Path, tmp_path: Path) ->
     assert list(read_one(legacy).convs) == MIXED_EXPECTED
 
     root = member.split("/", 1)[0]
-    several = rewrite(
-        mixed_path, tmp_path / "several.pt2", {f"{root}/models/second.json": data}
-    )
+    several = rewrite(mixed_path, tmp_path / "several.pt2", {f"{root}/models/second.json": data})
     first, second = read(several)
     assert (first.location, second.location) == ("model", "second")
     assert list(first.convs) == list(second.convs) == MIXED_EXPECTED
@@ -426,7 +433,9 @@ def test_old_style_module_stack_paths(tmp_path: Path, mixed_path: Path, mixed_do
     assert [conv.name for conv in read_one(path).convs] == ["features.0", "blocks.1.c3", "c3", "tc"]
 
 
-def test_unknown_conv_like_operator_is_reported(tmp_path: Path, mixed_path: Path, mixed_document: Any) -> None:
+def test_unknown_conv_like_operator_is_reported(
+    tmp_path: Path, mixed_path: Path, mixed_document: Any
+) -> None:
     member, document = mixed_document
     document = copy.deepcopy(document)
     document["graph_module"]["graph"]["nodes"][0]["target"] = "torch.ops.onednn.qconv2d_pointwise.default"
@@ -512,13 +521,20 @@ def test_archive_adapter_errors_become_bias_inspect_errors(tmp_path: Path, mixed
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda d: d["graph_module"]["graph"].__setitem__("nodes", {}), "graph.nodes is an object, expected an array"),
         (
-            lambda d: d["graph_module"]["graph"]["nodes"][0]["inputs"][1].__setitem__("arg", {"as_none": True}),
+            lambda d: d["graph_module"]["graph"].__setitem__("nodes", {}),
+            "graph.nodes is an object, expected an array",
+        ),
+        (
+            lambda d: d["graph_module"]["graph"]["nodes"][0]["inputs"][1].__setitem__(
+                "arg", {"as_none": True}
+            ),
             "node 'conv2d' (aten.conv2d.default) has no weight tensor argument",
         ),
         (
-            lambda d: d["graph_module"]["graph"]["tensor_values"]["p_ub"]["sizes"].__setitem__(0, {"as_int": -3}),
+            lambda d: d["graph_module"]["graph"]["tensor_values"]["p_ub"]["sizes"].__setitem__(
+                0, {"as_int": -3}
+            ),
             "tensor_values['p_ub'].sizes[0] is not a non-negative integer",
         ),
         (
@@ -647,4 +663,3 @@ def test_malformed_weights_config(tmp_path: Path, mixed_path: Path) -> None:
     with pytest.raises(MalformedModelError) as caught:
         read(path)
     assert str(caught.value) == f"{member}: config['ub'].path_name is a number, expected a string"
-

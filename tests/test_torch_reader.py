@@ -139,8 +139,16 @@ def test_resnet_module_facts(saved: dict[str, Path], kind: str) -> None:
     desc = only(saved[f"resnet.{kind}"])
     names = [c.name for c in desc.convs]
     assert names == [
-        "conv1", "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2",
-        "layer2.0.conv1", "layer2.0.conv2", "layer2.0.downsample.0", "layer2.1.conv1", "layer2.1.conv2",
+        "conv1",
+        "layer1.0.conv1",
+        "layer1.0.conv2",
+        "layer1.1.conv1",
+        "layer1.1.conv2",
+        "layer2.0.conv1",
+        "layer2.0.conv2",
+        "layer2.0.downsample.0",
+        "layer2.1.conv1",
+        "layer2.1.conv2",
     ]
     for conv in desc.convs:
         assert conv.bias_terms == ()
@@ -208,8 +216,14 @@ def test_lightning_checkpoint_ignores_optimizer(tmp_path: Path) -> None:
     model, optimizer = _trained_vgg()
     path = tmp_path / "last.ckpt"
     torch.save(
-        {"epoch": 3, "global_step": 10, "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-         "optimizer_states": [optimizer.state_dict()], "lr_schedulers": [], "hyper_parameters": {"lr": 0.1}},
+        {
+            "epoch": 3,
+            "global_step": 10,
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "optimizer_states": [optimizer.state_dict()],
+            "lr_schedulers": [],
+            "hyper_parameters": {"lr": 0.1},
+        },
         path,
     )
     desc = only(path)
@@ -223,7 +237,9 @@ def test_model_optimizer_and_distinct_ema(tmp_path: Path) -> None:
     model, optimizer = _trained_vgg()
     ema = copy.deepcopy(model)
     path = tmp_path / "ckpt.pt"
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict()}, path)
+    torch.save(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict()}, path
+    )
     found = read(path)
     assert [d.location for d in found] == ["model", "ema"]
     for desc in found:
@@ -243,7 +259,9 @@ def test_aliased_ema_is_reported_once(tmp_path: Path) -> None:
 def test_module_objects_inside_a_dict(tmp_path: Path) -> None:
     model, optimizer = _trained_vgg()
     path = tmp_path / "yolo_style.pt"
-    torch.save({"epoch": 1, "model": model, "ema": copy.deepcopy(model), "optimizer": optimizer.state_dict()}, path)
+    torch.save(
+        {"epoch": 1, "model": model, "ema": copy.deepcopy(model), "optimizer": optimizer.state_dict()}, path
+    )
     found = read(path)
     assert [d.location for d in found] == ["model", "ema"]
     assert all(d.model_params == n_params(model) for d in found)
@@ -303,7 +321,8 @@ def test_fused_conv_relu_and_conv_bn(tmp_path: Path) -> None:
     torch.save(model, path)
     desc = only(path)
     assert [(c.name, c.followed_by, len(c.bias_terms)) for c in desc.convs] == [
-        ("0.0", None, 1), ("1.0", "BatchNorm2d", 0),
+        ("0.0", None, 1),
+        ("1.0", "BatchNorm2d", 0),
     ]
     assert desc.model_params == n_params(model)
     assert desc.warnings == ()  # every global is a known torch class
@@ -445,8 +464,14 @@ def test_reader_never_imports_torch(saved: dict[str, Path], tmp_path: Path) -> N
     plain = tmp_path / "plain.pkl"
     with open(plain, "wb") as handle:
         pickle.dump({"conv.weight": torch.zeros(4, 3, 3, 3)}, handle)
-    paths = [saved["resnet.sd"], saved["resnet.full"], saved["resnet.legacy"], saved["resnet.script"],
-             saved["resnet.trace"], plain]
+    paths = [
+        saved["resnet.sd"],
+        saved["resnet.full"],
+        saved["resnet.legacy"],
+        saved["resnet.script"],
+        saved["resnet.trace"],
+        plain,
+    ]
     script = (
         "import sys, json\n"
         "sys.modules['torch'] = None\n"
@@ -463,7 +488,11 @@ def test_reader_never_imports_torch(saved: dict[str, Path], tmp_path: Path) -> N
     )
     result = subprocess.run(
         [sys.executable, "-c", script, *map(str, paths)],
-        capture_output=True, text=True, cwd=MAIN, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        cwd=MAIN,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == [[10], [10], [10], [10], [10], [1]]
@@ -473,8 +502,14 @@ def test_reader_never_imports_torch(saved: dict[str, Path], tmp_path: Path) -> N
 # Hostile files
 
 
-DANGEROUS = [("os", "system"), ("posix", "system"), ("builtins", "exec"), ("subprocess", "Popen"),
-             ("runpy", "_run_code"), ("importlib", "import_module")]
+DANGEROUS = [
+    ("os", "system"),
+    ("posix", "system"),
+    ("builtins", "exec"),
+    ("subprocess", "Popen"),
+    ("runpy", "_run_code"),
+    ("importlib", "import_module"),
+]
 
 
 @pytest.mark.timeout(30)
@@ -503,7 +538,9 @@ class _Evil:
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("legacy", [False, True])
-def test_reduce_payload_inside_a_real_checkpoint(tmp_path: Path, models: dict[str, nn.Module], legacy: bool) -> None:
+def test_reduce_payload_inside_a_real_checkpoint(
+    tmp_path: Path, models: dict[str, nn.Module], legacy: bool
+) -> None:
     marker = tmp_path / "pwned"
     state: dict[str, Any] = dict(models["untied"].state_dict())
     state["_extra"] = _Evil(marker)
@@ -563,7 +600,10 @@ def test_deep_nesting_and_dup_bombs_end_quickly(tmp_path: Path) -> None:
     deep.write_bytes(deep_list_pickle(100_000))
     desc = only(deep)
     assert desc.convs == ()
-    assert f"objects nested deeper than {limits.MAX_CONTAINER_DEPTH} levels were not searched for weights" in desc.warnings
+    assert (
+        f"objects nested deeper than {limits.MAX_CONTAINER_DEPTH} levels were not searched for weights"
+        in desc.warnings
+    )
     bomb = tmp_path / "bomb.pkl"
     bomb.write_bytes(dup_bomb_pickle(60, 10))
     desc = only(bomb)
@@ -635,7 +675,9 @@ def test_local_and_central_headers_must_agree(tmp_path: Path, lie: dict[str, Any
     assert message in str(info.value)
 
 
-def test_torch_written_local_header_tampering_is_refused(tmp_path: Path, models: dict[str, nn.Module]) -> None:
+def test_torch_written_local_header_tampering_is_refused(
+    tmp_path: Path, models: dict[str, nn.Module]
+) -> None:
     good = tmp_path / "t.pt"
     torch.save(models["untied"].state_dict(), good)
     data = bytearray(good.read_bytes())
@@ -785,5 +827,7 @@ def test_torchscript_whose_root_is_not_a_module(saved: dict[str, Path], tmp_path
     members = [(n, pickle.dumps([1, 2], protocol=2) if n.endswith("/data.pkl") else d) for n, d in members]
     bad = tmp_path / "not_module.pt"
     bad.write_bytes(zip_bytes(members))
-    with pytest.raises(MalformedModelError, match=re.escape("TorchScript data.pkl does not hold a module object")):
+    with pytest.raises(
+        MalformedModelError, match=re.escape("TorchScript data.pkl does not hold a module object")
+    ):
         read(bad)

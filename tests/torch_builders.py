@@ -38,6 +38,7 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         return self.relu(out + identity)
 
+
 class TinyResNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -54,18 +55,25 @@ class TinyResNet(nn.Module):
         x = self.layer2(self.layer1(x))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
+
 class TinyVGG(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(inplace=True),
         )
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(16 * 8 * 8, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
 
 class UntiedNet(nn.Module):
     """The seed example: Conv2d(3, 32, 5, bias=False) + a [32, 28, 28] bias added in forward."""
@@ -77,6 +85,7 @@ class UntiedNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x) + self.bias
+
 
 class MixedNet(nn.Module):
     """Depthwise + grouped + transposed + 1d/3d convs in one model."""
@@ -94,7 +103,6 @@ class MixedNet(nn.Module):
         return self.up(self.grouped(self.pw(self.dw(x))))
 
 
-
 def make_models() -> dict[str, nn.Module]:
     """Small torchvision-style architectures, deterministic (seeded), in eval mode."""
     torch.manual_seed(0)
@@ -104,7 +112,6 @@ def make_models() -> dict[str, nn.Module]:
         "untied": UntiedNet().eval(),
         "mixed": MixedNet().eval(),
     }
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,8 +131,7 @@ def _p0_str(text: str) -> bytes:
 def p4_call(module: str, name: str, arg: str) -> bytes:
     """Protocol 4: STACK_GLOBAL + SHORT_BINUNICODE args + TUPLE1 + REDUCE."""
     return (
-        b"\x80\x04" + _short_unicode(module) + _short_unicode(name) + b"\x93"
-        + _binunicode(arg) + b"\x85R."
+        b"\x80\x04" + _short_unicode(module) + _short_unicode(name) + b"\x93" + _binunicode(arg) + b"\x85R."
     )
 
 
@@ -178,14 +184,47 @@ def zip_bytes(members: list[tuple[str, bytes]], *, lie: dict[str, dict[str, Any]
         fake = lie.get(name, {})
         offset = len(body)
         lname = fake.get("name", name).encode()
-        body += struct.pack(
-            "<IHHHHHIIIHH", 0x04034B50, 20, 0, fake.get("method", 0), 0, 0,
-            fake.get("crc", crc), fake.get("csize", len(data)), fake.get("usize", len(data)), len(lname), 0,
-        ) + lname + data
-        central += struct.pack(
-            "<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0, fake.get("c_crc", crc),
-            fake.get("c_csize", len(data)), fake.get("c_usize", len(data)), len(raw), 0, 0, 0, 0, 0, fake.get("c_offset", offset),
-        ) + raw
+        body += (
+            struct.pack(
+                "<IHHHHHIIIHH",
+                0x04034B50,
+                20,
+                0,
+                fake.get("method", 0),
+                0,
+                0,
+                fake.get("crc", crc),
+                fake.get("csize", len(data)),
+                fake.get("usize", len(data)),
+                len(lname),
+                0,
+            )
+            + lname
+            + data
+        )
+        central += (
+            struct.pack(
+                "<IHHHHHHIIIHHHHHII",
+                0x02014B50,
+                20,
+                20,
+                0,
+                0,
+                0,
+                0,
+                fake.get("c_crc", crc),
+                fake.get("c_csize", len(data)),
+                fake.get("c_usize", len(data)),
+                len(raw),
+                0,
+                0,
+                0,
+                0,
+                0,
+                fake.get("c_offset", offset),
+            )
+            + raw
+        )
     eocd = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(central), len(body), 0)
     return bytes(body + central + eocd)
 
@@ -202,13 +241,32 @@ def deflate_bomb_member(megabytes: int) -> bytes:
 def deflated_zip(name: str, stream: bytes, usize: int, crc: int = 0) -> bytes:
     """A one-member zip holding a raw deflate ``stream`` declared as ``usize`` bytes."""
     raw = name.encode()
-    local = struct.pack(
-        "<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 0, crc, len(stream), usize, len(raw), 0
-    ) + raw
-    central = struct.pack(
-        "<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 8, 0, 0, crc, len(stream), usize, len(raw),
-        0, 0, 0, 0, 0, 0,
-    ) + raw
+    local = (
+        struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 0, crc, len(stream), usize, len(raw), 0) + raw
+    )
+    central = (
+        struct.pack(
+            "<IHHHHHHIIIHHHHHII",
+            0x02014B50,
+            20,
+            20,
+            0,
+            8,
+            0,
+            0,
+            crc,
+            len(stream),
+            usize,
+            len(raw),
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        )
+        + raw
+    )
     body = local + stream
     eocd = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 1, 1, len(central), len(body), 0)
     return body + central + eocd

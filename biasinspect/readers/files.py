@@ -11,6 +11,36 @@ from typing import Any, BinaryIO
 from biasinspect.errors import UnreadableFileError
 
 
+def unreadable(error: OSError, path: Path) -> UnreadableFileError:
+    """The one-line reason for an OS error met while stat-ing or opening ``path``."""
+    if isinstance(error, FileNotFoundError):
+        return UnreadableFileError(
+            "broken symbolic link" if path.is_symlink() else "no such file or directory"
+        )
+    if isinstance(error, PermissionError):
+        return UnreadableFileError("permission denied")
+    if isinstance(error, IsADirectoryError):
+        return UnreadableFileError("is a directory")
+    if error.errno == errno.ELOOP:
+        return UnreadableFileError("symbolic link loop")
+    return UnreadableFileError(f"cannot open: {error.strerror or error}")
+
+
+def check_file_mode(mode: int) -> None:
+    """Refuse anything but a regular file, saying what it is instead."""
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise UnreadableFileError("is a directory")
+    kind = (
+        "a FIFO" if stat.S_ISFIFO(mode)
+        else "a socket" if stat.S_ISSOCK(mode)
+        else "a device file" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else None
+    )  # fmt: skip
+    raise UnreadableFileError("not a regular file" + (f" ({kind})" if kind else ""))
+
+
 def open_regular_file(path: Path) -> BinaryIO:
     """Open a regular file for binary reading, with OS errors as one-line UnreadableFileErrors.
 
@@ -20,22 +50,11 @@ def open_regular_file(path: Path) -> BinaryIO:
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
         descriptor = os.open(path, flags)
-    except FileNotFoundError as error:
-        raise UnreadableFileError("no such file or directory") from error
-    except PermissionError as error:
-        raise UnreadableFileError("permission denied") from error
-    except IsADirectoryError as error:
-        raise UnreadableFileError("is a directory") from error
     except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise UnreadableFileError("symbolic link loop") from error
-        raise UnreadableFileError(f"cannot open: {error.strerror or error}") from error
+        raise unreadable(error, path) from error
     try:
-        mode = os.fstat(descriptor).st_mode
-        if stat.S_ISDIR(mode):
-            raise UnreadableFileError("is a directory")  # Linux opens folders read-only without EISDIR
-        if not stat.S_ISREG(mode):
-            raise UnreadableFileError("not a regular file")
+        # Linux opens folders read-only without EISDIR, so the mode check covers them too.
+        check_file_mode(os.fstat(descriptor).st_mode)
         if hasattr(os, "set_blocking"):
             os.set_blocking(descriptor, True)
         return os.fdopen(descriptor, "rb")

@@ -43,9 +43,18 @@ __all__ = ["ModuleNode", "describe_module_tree", "is_module_object", "module_fro
 
 _NORM_CLASSES = frozenset(
     {
-        "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LazyBatchNorm1d",
-        "LazyBatchNorm2d", "LazyBatchNorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d",
-        "InstanceNorm3d", "FrozenBatchNorm2d",
+        "BatchNorm1d",
+        "BatchNorm2d",
+        "BatchNorm3d",
+        "SyncBatchNorm",
+        "LazyBatchNorm1d",
+        "LazyBatchNorm2d",
+        "LazyBatchNorm3d",
+        "GroupNorm",
+        "InstanceNorm1d",
+        "InstanceNorm2d",
+        "InstanceNorm3d",
+        "FrozenBatchNorm2d",
     }
 )
 """Norm layers whose shift plays the tied-bias role after a bias-less conv."""
@@ -147,7 +156,8 @@ def module_from_pickle(root: Call, path: str = "") -> ModuleNode:
         raw_params = state.get("_parameters")
         if isinstance(raw_params, dict):
             node.unresolved = [
-                k for k, v in raw_params.items()
+                k
+                for k, v in raw_params.items()
                 if isinstance(k, str) and v is not None and node.params.get(k) is None
             ]
         node.buffers = _tensor_dict(state.get("_buffers"))
@@ -179,8 +189,14 @@ def _fill_quantized(node: ModuleNode, state: tuple[object, ...]) -> None:
     node.conv_weight = weight
     node.conv_bias = bias
     node.attrs.update(
-        {"in_channels": state[0], "out_channels": state[1], "kernel_size": state[2],
-         "stride": state[3], "transposed": state[6], "groups": state[8]}
+        {
+            "in_channels": state[0],
+            "out_channels": state[1],
+            "kernel_size": state[2],
+            "stride": state[3],
+            "transposed": state[6],
+            "groups": state[8],
+        }
     )
     node.extra_params.extend(t for t in (weight, bias) if t is not None)
 
@@ -325,8 +341,14 @@ def describe_module_tree(
         weight_name, weight = hit
         transposed = _transposed(node)
         groups = _int_attr(node, "groups")
-        item = _Found(node, weight_name, weight, transposed, groups,
-                      _out_channels(weight.info.shape, transposed, groups))
+        item = _Found(
+            node,
+            weight_name,
+            weight,
+            transposed,
+            groups,
+            _out_channels(weight.info.shape, transposed, groups),
+        )
         bias = node.conv_bias if node.conv_weight is not None else node.params.get("bias")
         if bias is not None:
             source = BiasSource.CONV if len(bias.info.shape) == 1 else BiasSource.ADD
@@ -386,8 +408,7 @@ def _attach_parent_biases(order: list[ModuleNode], found: dict[int, _Found], war
                 continue
             shape = tensor.info.shape
             fits = [
-                c for c in child_convs
-                if _spatial_bias_fits(shape, c.c_out, len(c.weight.info.shape) - 2)
+                c for c in child_convs if _spatial_bias_fits(shape, c.c_out, len(c.weight.info.shape) - 2)
             ]
             bare = [c for c in fits if not c.terms]
             pick = bare if bare else fits
@@ -435,4 +456,3 @@ def model_params(order: list[ModuleNode]) -> int:
             seen.add(id(tensor))
             total += tensor.info.numel()
     return total
-

@@ -111,8 +111,21 @@ _MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 2
 # Ops whose output has the shape of their first input (used when shape inference gave nothing).
 _SHAPE_PRESERVING = frozenset(
     {
-        "Identity", "Cast", "CastLike", "Floor", "Round", "Ceil", "Neg", "Abs", "Relu", "Sqrt",
-        "Reciprocal", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Clip",
+        "Identity",
+        "Cast",
+        "CastLike",
+        "Floor",
+        "Round",
+        "Ceil",
+        "Neg",
+        "Abs",
+        "Relu",
+        "Sqrt",
+        "Reciprocal",
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "Clip",
     }
 )
 _BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow"})
@@ -252,9 +265,11 @@ def _conv_output_spatial(
     if transposed:
         output_shape = _attr_ints(node, "output_shape")
         if output_shape:
-            rank = len(kernel) if kernel is not None else (len(in_spatial) if in_spatial is not None else None)
+            rank = (
+                len(kernel) if kernel is not None else (len(in_spatial) if in_spatial is not None else None)
+            )
             if rank is not None and len(output_shape) >= rank:
-                return tuple(output_shape[len(output_shape) - rank:])
+                return tuple(output_shape[len(output_shape) - rank :])
     if in_spatial is None:
         return None
     rank = len(in_spatial)
@@ -320,6 +335,20 @@ def _free_names(graph: Any, depth: int = 0) -> set[str]:
 
 class _Scope:
     """One graph (main graph, subgraph or function body at one call site) and its lookups."""
+
+    @classmethod
+    def for_graph(cls, graph: Any, *, parent: _Scope | None = None, prefix: str = "") -> _Scope:
+        """The scope of a GraphProto (the main graph or a subgraph)."""
+        return cls(
+            graph.node,
+            initializers=graph.initializer,
+            sparse_initializers=graph.sparse_initializer,
+            inputs=[str(v.name) for v in graph.input],
+            outputs=[str(v.name) for v in graph.output],
+            value_infos=[*graph.input, *graph.value_info, *graph.output],
+            parent=parent,
+            prefix=prefix,
+        )
 
     def __init__(
         self,
@@ -497,8 +526,13 @@ class _Scope:
                 known = [d for d in dims if d is not None and d != -1]
                 total = None if base is None or None in base else _numel([d for d in base if d is not None])
                 dims = [
-                    (total // _numel(known) if total is not None and known and None not in dims and _numel(known)
-                     else None) if d == -1 else d
+                    (
+                        total // _numel(known)
+                        if total is not None and known and None not in dims and _numel(known)
+                        else None
+                    )
+                    if d == -1
+                    else d
                     for d in dims
                 ]
             if any(d is not None and d < 0 for d in dims):
@@ -674,7 +708,8 @@ def _load_onnx_core() -> _OnnxApi | None:
         (
             folder / name
             for name in sorted(os.listdir(folder))
-            if name.startswith("onnx_cpp2py_export.") and name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+            if name.startswith("onnx_cpp2py_export.")
+            and name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
         ),
         None,
     )
@@ -684,8 +719,11 @@ def _load_onnx_core() -> _OnnxApi | None:
     loaded = []
     for name, path, loader in (
         ("onnx.onnx_ml_pb2", pb_path, None),
-        ("onnx.onnx_cpp2py_export", extension,
-         importlib.machinery.ExtensionFileLoader("onnx.onnx_cpp2py_export", str(extension))),
+        (
+            "onnx.onnx_cpp2py_export",
+            extension,
+            importlib.machinery.ExtensionFileLoader("onnx.onnx_cpp2py_export", str(extension)),
+        ),
     ):
         module_spec = importlib.util.spec_from_file_location(name, path, loader=loader)
         if module_spec is None or module_spec.loader is None:
@@ -894,7 +932,9 @@ def _walk(ctx: _Context, scope: _Scope, stack: tuple[tuple[str, str, str], ...])
     """Collect the convs of one scope, recursing into subgraphs and function calls in node order."""
     ctx.visited_nodes += len(scope.nodes)
     if ctx.visited_nodes > MAX_ONNX_WALK_NODES:
-        raise ResourceLimitError(f"ONNX graph walk exceeds {MAX_ONNX_WALK_NODES:,} nodes (subgraphs and functions included)")
+        raise ResourceLimitError(
+            f"ONNX graph walk exceeds {MAX_ONNX_WALK_NODES:,} nodes (subgraphs and functions included)"
+        )
     for index, node in enumerate(scope.nodes):
         spec = _conv_spec(node)
         if spec is not None:
@@ -909,13 +949,8 @@ def _walk(ctx: _Context, scope: _Scope, stack: tuple[tuple[str, str, str], ...])
                     "is not a standard convolution and was not analysed"
                 )
         for label, graph in _subgraphs(node):
-            child = _Scope(
-                graph.node,
-                initializers=graph.initializer,
-                sparse_initializers=graph.sparse_initializer,
-                inputs=[str(v.name) for v in graph.input],
-                outputs=[str(v.name) for v in graph.output],
-                value_infos=[*graph.input, *graph.value_info, *graph.output],
+            child = _Scope.for_graph(
+                graph,
                 parent=scope,
                 prefix=f"{scope.prefix}{scope.node_name(index)}/{label}/",
             )
@@ -1143,8 +1178,10 @@ def _preserves_size(scope: _Scope, operand: str, value_shape: MaybeShape) -> boo
         return value_shape is None or len(shape) <= len(value_shape)
     if value_shape is None or len(shape) > len(value_shape):
         return False
-    aligned = value_shape[len(value_shape) - len(shape):]
-    return all(dim == 1 or (dim is not None and dim == target) for dim, target in zip(shape, aligned, strict=True))
+    aligned = value_shape[len(value_shape) - len(shape) :]
+    return all(
+        dim == 1 or (dim is not None and dim == target) for dim, target in zip(shape, aligned, strict=True)
+    )
 
 
 def _follow_output(scope: _Scope, output: str, op: str) -> tuple[BiasTerm | None, str | None]:
@@ -1308,14 +1345,7 @@ def _analyse(inferred: Any, warnings: list[str]) -> tuple[tuple[ConvNode, ...], 
         functions.setdefault(key, function)
     ctx = _Context(model=inferred, functions=functions, warnings=warnings)
     graph = inferred.graph
-    main = _Scope(
-        graph.node,
-        initializers=graph.initializer,
-        sparse_initializers=graph.sparse_initializer,
-        inputs=[str(v.name) for v in graph.input],
-        outputs=[str(v.name) for v in graph.output],
-        value_infos=[*graph.input, *graph.value_info, *graph.output],
-    )
+    main = _Scope.for_graph(graph)
     _walk(ctx, main, ())
     # Functions nobody calls are analysed once, with unknown inputs.  Roots first (functions not
     # called from any function body), so that a chain of uncalled functions is walked from its top.

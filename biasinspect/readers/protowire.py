@@ -83,7 +83,12 @@ _CHILDREN: dict[_Msg, dict[int, _Msg]] = {
     _Msg.GRAPH: {1: _Msg.NODE, 5: _Msg.TENSOR, 15: _Msg.SPARSE},
     _Msg.NODE: {5: _Msg.ATTRIBUTE},
     _Msg.ATTRIBUTE: {
-        5: _Msg.TENSOR, 6: _Msg.GRAPH, 10: _Msg.TENSOR, 11: _Msg.GRAPH, 22: _Msg.SPARSE, 23: _Msg.SPARSE,
+        5: _Msg.TENSOR,
+        6: _Msg.GRAPH,
+        10: _Msg.TENSOR,
+        11: _Msg.GRAPH,
+        22: _Msg.SPARSE,
+        23: _Msg.SPARSE,
     },
     _Msg.SPARSE: {1: _Msg.TENSOR, 2: _Msg.TENSOR},
     _Msg.FUNCTION: {7: _Msg.NODE, 11: _Msg.ATTRIBUTE},
@@ -311,5 +316,5 @@ def strip_model_proto(
     if body is None:  # nothing to drop: the input is already payload-free
         if len(buf) > max_bytes:
             walker.too_big()
-        return StripResult(bytes(buf[0:len(buf)]), 0)
+        return StripResult(bytes(buf[0 : len(buf)]), 0)
     return StripResult(bytes(body), walker.dropped)

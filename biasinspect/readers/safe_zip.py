@@ -231,8 +231,25 @@ class SafeZip:
         for index in range(count):
             if pos + _CENTRAL.size > len(directory):
                 raise MalformedModelError(f"malformed zip: central directory entry {index} is cut short")
-            (sig, _vm, _vn, flags, method, _t, _d, crc, csize, usize, nlen, xlen, clen,
-             disk_start, _ia, _ea, offset) = _CENTRAL.unpack_from(directory, pos)
+            (
+                sig,
+                _vm,
+                _vn,
+                flags,
+                method,
+                _t,
+                _d,
+                crc,
+                csize,
+                usize,
+                nlen,
+                xlen,
+                clen,
+                disk_start,
+                _ia,
+                _ea,
+                offset,
+            ) = _CENTRAL.unpack_from(directory, pos)
             if sig != _CENTRAL_SIG:
                 raise MalformedModelError(f"malformed zip: bad signature in central directory entry {index}")
             start = pos + _CENTRAL.size
@@ -261,7 +278,9 @@ class SafeZip:
                 raise MalformedModelError(
                     f"malformed zip: member {entry.name!r} has no local header at its offset"
                 )
-            tail = self._read_at(entry.header_offset + _LOCAL.size, nlen + xlen, f"local header of {entry.name!r}")
+            tail = self._read_at(
+                entry.header_offset + _LOCAL.size, nlen + xlen, f"local header of {entry.name!r}"
+            )
             local_name = _decode_name(tail[:nlen], flags)
             problems: list[str] = []
             if local_name != entry.name:
@@ -282,8 +301,16 @@ class SafeZip:
                 )
             data_offset = entry.header_offset + _LOCAL.size + nlen + xlen
             checked.append(
-                ZipEntry(entry.name, entry.method, entry.flags, entry.crc, entry.compressed_size,
-                         entry.size, entry.header_offset, data_offset)
+                ZipEntry(
+                    entry.name,
+                    entry.method,
+                    entry.flags,
+                    entry.crc,
+                    entry.compressed_size,
+                    entry.size,
+                    entry.header_offset,
+                    data_offset,
+                )
             )
         # Member data may not overlap another member or the directory (overlap = zip-bomb trick).
         ordered = sorted(checked, key=lambda e: e.header_offset)
@@ -299,8 +326,7 @@ class SafeZip:
             entry.compressed_size == 0 or entry.size > entry.compressed_size * limits.MAX_ZIP_RATIO
         ):
             raise ResourceLimitError(
-                f"zip member {name!r} claims a compression ratio over {limits.MAX_ZIP_RATIO}:1 "
-                "(zip bomb?)"
+                f"zip member {name!r} claims a compression ratio over {limits.MAX_ZIP_RATIO}:1 (zip bomb?)"
             )
         out = bytearray()
         inflater = zlib.decompressobj(-15)
@@ -313,7 +339,9 @@ class SafeZip:
             while remaining > 0 and not inflater.eof:
                 chunk = self._file.read(min(_CHUNK, remaining))
                 if not chunk:
-                    raise MalformedModelError(f"truncated zip: member {name!r} extends past the end of the file")
+                    raise MalformedModelError(
+                        f"truncated zip: member {name!r} extends past the end of the file"
+                    )
                 remaining -= len(chunk)
                 while chunk:
                     # Never inflate more than one byte past the declared size.

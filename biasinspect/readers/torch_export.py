@@ -443,7 +443,9 @@ def _build_scope(graph: dict[str, Any], where: str) -> _Scope:
                 graph_arg = _obj(argument["as_graph"], graph_what)
                 label = graph_arg.get("name")
                 label = label if isinstance(label, str) and label else f"graph{position}"
-                node.subgraphs.append((label, _obj(_get(graph_arg, "graph", graph_what), f"{graph_what}.graph")))
+                node.subgraphs.append(
+                    (label, _obj(_get(graph_arg, "graph", graph_what), f"{graph_what}.graph"))
+                )
         for tensor in outputs:
             scope.producer[tensor] = node
         scope.nodes.append(node)
@@ -495,7 +497,7 @@ def _link_subgraph(outer: _Scope, node: _Node, sub: _Scope, graph: dict[str, Any
         outer_tensors.extend(_tensor_refs(argument, f"{outer.where}.{node.name}"))
     if len(outer_tensors) < len(sub_inputs):
         return
-    tail = outer_tensors[len(outer_tensors) - len(sub_inputs):]
+    tail = outer_tensors[len(outer_tensors) - len(sub_inputs) :]
     for inner, outer_name in zip(sub_inputs, tail, strict=True):
         if not inner:
             continue
@@ -520,7 +522,11 @@ def _signature(graph_module: dict[str, Any], what: str) -> dict[str, _Placeholde
     signature = _obj(_get(graph_module, "signature", what), f"{what}.signature")
     specs = _list(_get(signature, "input_specs", f"{what}.signature"), f"{what}.signature.input_specs")
     placeholders: dict[str, _Placeholder] = {}
-    name_fields = {"parameter": "parameter_name", "buffer": "buffer_name", "tensor_constant": "tensor_constant_name"}
+    name_fields = {
+        "parameter": "parameter_name",
+        "buffer": "buffer_name",
+        "tensor_constant": "tensor_constant_name",
+    }
     for index, spec in enumerate(specs):
         spec_what = f"{what}.signature.input_specs[{index}]"
         kind, body = _union(spec, spec_what)
@@ -528,7 +534,9 @@ def _signature(graph_module: dict[str, Any], what: str) -> dict[str, _Placeholde
             continue  # user inputs, tokens, custom objects, constant inputs: not weights
         body = _obj(body, f"{spec_what}.{kind}")
         tensor = _tensor_name(_get(body, "arg", f"{spec_what}.{kind}"), f"{spec_what}.{kind}.arg")
-        stored = _str(_get(body, name_fields[kind], f"{spec_what}.{kind}"), f"{spec_what}.{kind}.{name_fields[kind]}")
+        stored = _str(
+            _get(body, name_fields[kind], f"{spec_what}.{kind}"), f"{spec_what}.{kind}.{name_fields[kind]}"
+        )
         placeholders[tensor] = _Placeholder(kind, stored)
     return placeholders
 
@@ -682,7 +690,9 @@ def _conv_node(
         transposed: bool | None = spec.transposed
     else:
         flag = node.args.get("transposed")
-        transposed = flag["as_bool"] if isinstance(flag, dict) and isinstance(flag.get("as_bool"), bool) else None
+        transposed = (
+            flag["as_bool"] if isinstance(flag, dict) and isinstance(flag.get("as_bool"), bool) else None
+        )
 
     present, groups = _arg_int(node.args.get("groups"))
     if not present:

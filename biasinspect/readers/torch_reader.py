@@ -195,7 +195,8 @@ def _load_pickle_file(path: Path) -> tuple[InertPickle, bool]:
             if version != LEGACY_PROTOCOL_VERSION:
                 raise MalformedModelError(
                     f"legacy torch.save file with unsupported protocol version {version!r}"
-                    if isinstance(version, int) else "legacy torch.save file without a protocol version"
+                    if isinstance(version, int)
+                    else "legacy torch.save file without a protocol version"
                 )
             guard(unpickler.load)  # sys_info: byte order and type sizes
             root = guard(unpickler.load)
@@ -318,7 +319,9 @@ def _signature(obj: object) -> frozenset[object]:
         work = [module_from_pickle(obj)]
         while work:
             node = work.pop()
-            tensors.extend(t for t in [*node.params.values(), *node.buffers.values(), *node.extra_params] if t)
+            tensors.extend(
+                t for t in [*node.params.values(), *node.buffers.values(), *node.extra_params] if t
+            )
             work.extend(node.children)
     elif isinstance(obj, dict):
         tensors.extend(t for t in (tensor_of(v) for v in obj.values()) if t is not None)
@@ -332,7 +335,9 @@ def _signature(obj: object) -> frozenset[object]:
     return frozenset(keys)
 
 
-def _pickle_warnings(pickle: InertPickle, *, ignore_prefixes: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+def _pickle_warnings(
+    pickle: InertPickle, *, ignore_prefixes: tuple[str, ...] = ()
+) -> tuple[list[str], list[str]]:
     """(warnings, unsafe callables) about the globals a pickle references."""
     warnings: list[str] = []
     unsafe = pickle.unsafe_callables()
@@ -375,21 +380,32 @@ def describe_unpickled(pickle: InertPickle, *, path: str, format: str) -> list[M
             assert isinstance(obj, Call)
             out.append(
                 describe_module_tree(
-                    module_from_pickle(obj), path=path, format=format, location=location,
-                    warnings=warnings, unsafe_callables=unsafe,
+                    module_from_pickle(obj),
+                    path=path,
+                    format=format,
+                    location=location,
+                    warnings=warnings,
+                    unsafe_callables=unsafe,
                 )
             )
         else:
             out.append(
                 describe_state_dict(
-                    _state_dict_tensors(obj), path=path, format=format, location=location,
-                    warnings=warnings, unsafe_callables=unsafe,
+                    _state_dict_tensors(obj),
+                    path=path,
+                    format=format,
+                    location=location,
+                    warnings=warnings,
+                    unsafe_callables=unsafe,
                 )
             )
     if not out:
         out.append(
             ModelDescription(
-                path=path, format=format, convs=(), model_params=None,
+                path=path,
+                format=format,
+                convs=(),
+                model_params=None,
                 warnings=(*warnings, "no weights (state dict or module) found in the pickle"),
                 unsafe_callables=tuple(unsafe),
             )
@@ -401,7 +417,9 @@ def describe_unpickled(pickle: InertPickle, *, path: str, format: str) -> list[M
 # TorchScript
 
 
-def _describe_torchscript(archive: SafeZip, prefix: str, pickle: InertPickle, path: str) -> list[ModelDescription]:
+def _describe_torchscript(
+    archive: SafeZip, prefix: str, pickle: InertPickle, path: str
+) -> list[ModelDescription]:
     from biasinspect.readers.torchscript import module_from_torchscript, parse_code
 
     warnings, unsafe = _pickle_warnings(pickle, ignore_prefixes=("__torch__.",))
@@ -413,6 +431,7 @@ def _describe_torchscript(archive: SafeZip, prefix: str, pickle: InertPickle, pa
         raise MalformedModelError("TorchScript data.pkl does not hold a module object")
     tree = module_from_torchscript(root, classes, warnings)
     return [
-        describe_module_tree(tree, path=path, format="torchscript", warnings=warnings, unsafe_callables=unsafe)
+        describe_module_tree(
+            tree, path=path, format="torchscript", warnings=warnings, unsafe_callables=unsafe
+        )
     ]
-
