@@ -18,6 +18,7 @@ from test_state_dict import RESNET_CONVS, ResNetish, n_params, vggish
 from torch import nn
 
 from biasinspect import limits
+from biasinspect.api import inspect
 from biasinspect.errors import (
     BiasInspectError,
     MalformedModelError,
@@ -380,10 +381,25 @@ def test_sharded_safetensors_matches_single_file(tmp_path: Path) -> None:
     ]
 
 
+def test_folder_scan_reports_a_sharded_checkpoint_once(tmp_path: Path) -> None:
+    model = ResNetish()
+    index = sharded_safetensors(tmp_path, model)
+    (tmp_path / "config.json").write_text("{}")
+    report = inspect(tmp_path)
+    assert report.errors == ()
+    (only,) = report.models
+    assert only.path == str(index)
+    assert only.totals.model_params == n_params(model)
+
+
+def test_a_shard_named_on_its_own_is_reported_alone(tmp_path: Path) -> None:
+    sharded_safetensors(tmp_path, ResNetish())
+    report = inspect(tmp_path / "model-00002-of-00002.safetensors")
+    assert report.errors == ()
+    assert [model.path for model in report.models] == [str(tmp_path / "model-00002-of-00002.safetensors")]
+
+
 def test_sharded_pytorch_bin(tmp_path: Path) -> None:
-    torch_reader = pytest.importorskip("biasinspect.readers.torch_reader")
-    if not hasattr(torch_reader, "tensors_from_torch_file"):
-        pytest.skip("torch_reader.tensors_from_torch_file is not there yet")
     model = ResNetish()
     model.fc.weight = nn.Parameter(torch.zeros(10, 32))
     first, second = split_state(model)
@@ -408,9 +424,6 @@ def test_sharded_pytorch_bin(tmp_path: Path) -> None:
 
 
 def test_pytorch_shards_storage_keys_never_alias_across_files(tmp_path: Path) -> None:
-    torch_reader = pytest.importorskip("biasinspect.readers.torch_reader")
-    if not hasattr(torch_reader, "tensors_from_torch_file"):
-        pytest.skip("torch_reader.tensors_from_torch_file is not there yet")
     # Same storage key ("0"), offset, shape and dtype in both files, yet different tensors.
     torch.save({"a": torch.zeros(4)}, tmp_path / "pytorch_model-00001-of-00002.bin")
     torch.save({"b": torch.ones(4)}, tmp_path / "pytorch_model-00002-of-00002.bin")
