@@ -11,10 +11,13 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn, TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from biasinspect import __version__
 from biasinspect.errors import BiasInspectError, UsageError
+
+if TYPE_CHECKING:
+    from biasinspect.model import Report
 
 EXIT_OK = 0
 EXIT_POLICY = 1
@@ -125,10 +128,7 @@ def _run_calc(argv: Sequence[str], stdout: TextIO) -> int:
     return EXIT_OK
 
 
-def _policy_failures(report: object, kinds: set[str]) -> list[str]:
-    from biasinspect.model import Report
-
-    assert isinstance(report, Report)
+def _policy_failures(report: Report, kinds: set[str]) -> list[str]:
     messages: list[str] = []
     for model in report.models:
         where = model.path + (f" [{model.location}]" if model.location else "")

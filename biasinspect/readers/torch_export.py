@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,7 +176,7 @@ def _archive_names(archive: Archive) -> list[str]:
         names = archive.names()
     except BiasInspectError:
         raise
-    except Exception as error:  # any adapter failure must surface as a BiasInspectError
+    except (KeyError, OSError, ValueError, zipfile.BadZipFile) as error:  # a zip adapter's failures
         raise MalformedModelError(f"cannot list archive members: {error}") from error
     return [name for name in names if isinstance(name, str)]
 
@@ -189,7 +191,7 @@ def _read_json(archive: Archive, member: str) -> dict[str, Any]:
         data = archive.read(member, MAX_JSON_BYTES)
     except BiasInspectError:
         raise
-    except Exception as error:  # zlib/zip/OS errors from the adapter
+    except (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         raise MalformedModelError(f"{member}: cannot read member: {error}") from error
     try:
         document = json.loads(data)
