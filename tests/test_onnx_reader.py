@@ -1106,3 +1106,39 @@ def test_invalid_group_attribute_is_unknown_not_guessed(tmp_path: Path) -> None:
     assert layer.groups is None
     assert layer.notes == ("invalid 'group' attribute",)
     assert layer.weight_shape == (3, 3, 3, 3)
+
+
+def test_dynamo_exported_model_with_external_data(tmp_path: Path) -> None:
+    # torch's default exporter (torch.export based): node names like node_Conv_0, an optimizer
+    # pass over the graph, and weights saved beside the model as external data.
+    import torch
+
+    class Net(torch.nn.Module):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 32, 5, bias=False)
+            self.bias = torch.nn.Parameter(torch.randn(32, 28, 28))
+            self.up = torch.nn.ConvTranspose2d(32, 8, 4, stride=2, padding=1)
+            self.dw = torch.nn.Conv2d(8, 8, 3, groups=8)
+
+        def forward(self, x: object) -> object:
+            return self.dw(self.up(self.conv(x) + self.bias))
+
+    path = tmp_path / "dynamo.onnx"
+    torch.onnx.export(
+        Net().eval(), (torch.randn(1, 3, 32, 32),), str(path), dynamo=True, external_data=True, verbose=False
+    )
+    data_files = [p for p in tmp_path.iterdir() if p != path]
+    assert data_files, "the exporter was expected to write external data"
+    for data_file in data_files:
+        data_file.unlink()  # inspection never needs it
+    desc = read_onnx(path)[0]
+    layers = [(c.op, c.weight_shape, c.groups, c.output_spatial, c.bias_terms) for c in desc.convs]
+    assert [(op, shape, groups, spatial) for op, shape, groups, spatial, _ in layers] == [
+        ("Conv", (32, 3, 5, 5), 1, (28, 28)),
+        ("ConvTranspose", (32, 8, 4, 4), 1, (56, 56)),
+        ("Conv", (8, 1, 3, 3), 8, (54, 54)),
+    ]
+    assert [[term.shape for term in terms] for *_, terms in layers] == [[(32, 28, 28)], [(8,)], [(8,)]]
+    assert list(kinds(desc).values()) == [BiasKind.UNTIED, BiasKind.TIED, BiasKind.TIED]
+    assert desc.model_params == 2400 + 32 * 28 * 28 + 32 * 8 * 16 + 8 + 72 + 8
