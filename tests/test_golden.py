@@ -74,3 +74,14 @@ def test_rows_add_up_to_totals(name):
         stated_total = int(layer.formula.rsplit("= ", 1)[1].replace(",", ""))
         assert stated_total == layer.weight_params + layer.bias.params
     assert totals.model_params >= totals.conv_weight_params + totals.conv_bias_params
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["samples/seed_untied.onnx"], ["calc", "--input", "3x32x32", "--filters", "32x5x5"]],
+)
+def test_readme_shows_the_real_output(monkeypatch, argv):
+    monkeypatch.chdir(ROOT)
+    readme = (ROOT / "README.md").read_text()
+    block = f"$ biasinspect {' '.join(argv)}\n" + _cli_output(*argv)
+    assert block in readme
