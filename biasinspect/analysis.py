@@ -123,7 +123,7 @@ def classify_term(
     if term.source is BiasSource.CONV:
         return BiasKind.TIED
     shape = term.shape
-    if shape is None or spatial_rank is None:
+    if shape is None or spatial_rank is None or not term.aligned:
         return BiasKind.OTHER
     output_rank = 2 + spatial_rank
     if len(shape) > output_rank:

@@ -61,6 +61,10 @@ class BiasTerm:
     name: str
     shape: MaybeShape
     source: BiasSource
+    aligned: bool = True
+    """False when the reader knows the tensor's shape but not how it meets the conv output (a
+    bias-named parameter of a state dict that is neither [C_out] nor [(1,) C_out, *spatial]);
+    such a term is classified **other** instead of being broadcast."""
 
 
 @dataclass(frozen=True)

@@ -241,3 +241,10 @@ def test_a_note_shared_by_many_layers_is_one_warning():
 
     report = analyze(ModelDescription("m", "safetensors", tuple(noted(f"l{i}") for i in range(7)), None))
     assert report.warnings == ("7 layers: undetermined: no bias: l0, l1, l2, l3, l4 ...",)
+
+
+def test_a_term_whose_alignment_is_unknown_is_other():
+    # A state dict's extra bias-named [C] parameter: torch would broadcast it along W, but how the
+    # model adds it is unknown, so it is reported, not interpreted.
+    term = BiasTerm("extra_bias", (32,), ADD, aligned=False)
+    assert classify_term(term, 32, 2, (32, 32)) is BiasKind.OTHER
