@@ -203,13 +203,7 @@ def parameter_formula(
 
 
 def _sum_params(terms: Sequence[BiasTerm]) -> int | None:
-    total = 0
-    for term in terms:
-        count = shape_params(term.shape)
-        if count is None:
-            return None
-        total += count
-    return total
+    return _sum_known(shape_params(term.shape) for term in terms)
 
 
 def analyze_conv(node: ConvNode) -> ConvLayer:

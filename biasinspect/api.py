@@ -56,18 +56,22 @@ def inspect_file(path: Path) -> list[ModelReport]:
     return [analyze(description) for description in read_file(path)]
 
 
-def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[tuple[Path, str | None]]:
+def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[tuple[str, str | None]]:
     """Turn command-line paths into files to read, folders expanded; each with a problem or None."""
-    expanded: list[tuple[Path, str | None]] = []
+    expanded: list[tuple[str, str | None]] = []
     for raw in paths:
-        path = Path(raw)
+        text = os.fspath(raw)
+        if not text:
+            expanded.append((text, "empty path"))  # Path("") would silently mean "."
+            continue
+        path = Path(text)
         if path.is_dir():
             found = list(scan_folder(path))
             if not found:
-                expanded.append((path, "no model files found in this folder"))
-            expanded.extend((item.path, item.problem) for item in found)
+                expanded.append((text, "no model files found in this folder"))
+            expanded.extend((str(item.path), item.problem) for item in found)
         else:
-            expanded.append((path, None))
+            expanded.append((text, None))
     return expanded
 
 
@@ -91,20 +95,17 @@ def _inspect_all(paths: Iterable[str | os.PathLike[str]], *, contain_bugs: bool)
     errors: list[InspectionFailure] = []
     for path, problem in expand_paths(paths):
         if problem is not None:
-            errors.append(InspectionFailure(str(path), problem))
+            errors.append(InspectionFailure(path, problem))
             continue
         try:
-            models.extend(inspect_file(path))
+            models.extend(inspect_file(Path(path)))
         except BiasInspectError as error:
-            errors.append(InspectionFailure(str(path), _one_line(error)))
+            errors.append(InspectionFailure(path, _one_line(error)))
         except Exception as error:
             if not contain_bugs:
                 raise
-            errors.append(
-                InspectionFailure(
-                    str(path), f"internal error (please report): {type(error).__name__}: {error}"
-                )
-            )
+            reason = f"internal error (please report): {type(error).__name__}: {error}"
+            errors.append(InspectionFailure(path, " ".join(reason.split())))
     return Report(models=tuple(models), errors=tuple(errors))
 
 

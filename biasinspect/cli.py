@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from biasinspect import __version__
 from biasinspect.errors import BiasInspectError, UsageError
+from biasinspect.render import FORMATS as OUTPUT_FORMATS
 
 if TYPE_CHECKING:
     from biasinspect.model import Report
@@ -24,7 +25,6 @@ EXIT_POLICY = 1
 EXIT_INPUT = 2
 
 POLICY_KINDS = ("tied", "untied", "absent", "other", "unsafe")
-OUTPUT_FORMATS = ("table", "markdown", "csv", "json")
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -145,26 +145,49 @@ def _policy_failures(report: Report, kinds: set[str]) -> list[str]:
     return messages
 
 
+def display_path(path: str) -> str:
+    """A path as one printable line: control characters (a newline in a file name) are escaped."""
+    if not path:
+        return '""'
+    if path.isprintable():
+        return path
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in path)
+
+
 def _run_inspect(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
     from biasinspect.api import inspect_paths_for_cli
+    from biasinspect.readers.onnx_reader import allow_light_onnx_import
     from biasinspect.render import render
 
     args = _build_inspect_parser().parse_args(list(argv))
-    from biasinspect.readers.onnx_reader import allow_light_onnx_import
-
     allow_light_onnx_import()  # this process is ours: skip the parts of `import onnx` we never use
     kinds = {kind for group in args.fail_on for kind in group}
     report = inspect_paths_for_cli(args.paths)
-    stdout.write(render(report, args.format))
-    stdout.flush()
+    try:
+        stdout.write(render(report, args.format))
+        stdout.flush()
+    except BrokenPipeError:
+        # The reader of stdout went away (`| head`): the exit code and the error lines still matter.
+        _silence(stdout)
     for failure in report.errors:
-        stderr.write(f"biasinspect: {failure.path}: {failure.message}\n")
+        stderr.write(f"biasinspect: {display_path(failure.path)}: {failure.message}\n")
     policy_messages = _policy_failures(report, kinds)
     for message in policy_messages:
-        stderr.write(f"biasinspect: {message}\n")
+        stderr.write(f"biasinspect: policy: {display_path(message)}\n")
     if report.errors:
         return EXIT_INPUT
     return EXIT_POLICY if policy_messages else EXIT_OK
+
+
+def _silence(stream: TextIO) -> None:
+    """Point a broken stream at /dev/null so that later flushes (at exit) cannot raise again."""
+    try:
+        descriptor = stream.fileno()
+    except (OSError, ValueError):
+        return  # not a real file (a StringIO in tests): nothing will flush it at exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, descriptor)
+    os.close(devnull)
 
 
 def main(
@@ -192,13 +215,16 @@ def main(
 
 def console_main() -> NoReturn:
     """Entry point of the ``biasinspect`` console script."""
+    for stream in (sys.stdout, sys.stderr):
+        # Names from a file (tensor names, file names) may not be encodable in the terminal's
+        # encoding; an escape is better than a UnicodeEncodeError traceback.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         code = main()
         sys.stdout.flush()
     except BrokenPipeError:
-        # Output piped into `head` and closed early: not an error worth a traceback.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _silence(sys.stdout)
         code = EXIT_OK
     except KeyboardInterrupt:
         sys.stderr.write("biasinspect: interrupted\n")

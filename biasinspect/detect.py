@@ -77,6 +77,8 @@ def check_regular_file(path: Path) -> os.stat_result:
         info = path.stat()
     except OSError as error:
         raise unreadable(error, path) from error
+    except ValueError as error:  # an embedded NUL byte
+        raise UnreadableFileError("invalid path (contains a NUL byte)") from error
     check_file_mode(info.st_mode)
     return info
 
@@ -123,10 +125,12 @@ def sniff(path: Path) -> FileFormat:
         raise UnsupportedFormatError("empty file (0 bytes)")
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return FileFormat.ZIP
-    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
-        return FileFormat.PICKLE
+    # safetensors first: a header length of 640, 896, 1152 or 1408 (mod 65536) starts with the
+    # bytes of a pickle PROTO opcode, while no pickle has a '{' at byte 8 after a plausible length.
     if _safetensors_header_plausible(head, info.st_size):
         return FileFormat.SAFETENSORS
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
+        return FileFormat.PICKLE
     suffix = path.suffix.lower()
     for magic, description in _OTHER_MAGIC:
         if head.startswith(magic):

@@ -30,7 +30,12 @@ def _shape_json(shape: MaybeShape) -> list[int | None] | None:
 
 
 def _term_json(term: BiasTerm) -> dict[str, Any]:
-    return {"name": term.name, "shape": _shape_json(term.shape), "source": str(term.source)}
+    return {
+        "name": term.name,
+        "shape": _shape_json(term.shape),
+        "source": str(term.source),
+        "aligned": term.aligned,
+    }
 
 
 def layer_to_json(layer: ConvLayer) -> dict[str, Any]:

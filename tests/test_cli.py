@@ -224,3 +224,75 @@ def test_startup_does_not_import_onnx_or_torch():
     code = "import sys, biasinspect.cli; print('onnx' in sys.modules, 'torch' in sys.modules, 'numpy' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False", "False"]
+
+
+def test_policy_lines_are_marked_as_policy():
+    code, _, err = run(str(SAMPLES / "seed_untied.onnx"), "--fail-on", "untied")
+    assert code == 1
+    assert (
+        err
+        == f"biasinspect: policy: {SAMPLES / 'seed_untied.onnx'}: 1 untied layer(s) (--fail-on untied): /conv/Conv\n"
+    )
+
+
+def test_empty_path_is_an_error_not_the_current_folder():
+    code, out, err = run("")
+    assert (code, out) == (2, "")
+    assert err == 'biasinspect: "": empty path\n'
+
+
+def test_a_newline_in_a_file_name_stays_on_one_line(tmp_path):
+    path = tmp_path / "two\nlines.onnx"
+    path.write_bytes(b"")
+    code, _, err = run(str(path))
+    assert code == 2
+    assert err == f"biasinspect: {tmp_path}/two\\nlines.onnx: empty file (0 bytes)\n"
+
+
+def test_nul_in_a_path_is_a_failure_not_an_exception():
+    from biasinspect.api import inspect
+
+    report = inspect("a\0b.onnx")
+    assert report.models == ()
+    assert [(failure.path, failure.message) for failure in report.errors] == [
+        ("a\0b.onnx", "invalid path (contains a NUL byte)")
+    ]
+
+
+class _ClosedPipe(io.StringIO):
+    def write(self, text: str) -> int:
+        raise BrokenPipeError
+
+
+def test_a_closed_stdout_keeps_the_exit_code_and_the_error_lines(tmp_path):
+    missing = tmp_path / "missing.onnx"
+    err = io.StringIO()
+    code = main([str(missing), str(SAMPLES / "seed_tied.onnx")], stdout=_ClosedPipe(), stderr=err)
+    assert code == 2
+    assert err.getvalue() == f"biasinspect: {missing}: no such file or directory\n"
+
+
+def test_unencodable_names_are_escaped_not_a_traceback(tmp_path):
+    missing = tmp_path / "modèle.onnx"
+    result = subprocess.run(
+        [sys.executable, "-m", "biasinspect", str(missing)],
+        capture_output=True,
+        env={**os.environ, "PYTHONIOENCODING": "ascii:strict"},
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr == f"biasinspect: {tmp_path}/mod\\xe8le.onnx: no such file or directory\n".encode()
+
+
+def test_safetensors_whose_header_length_looks_like_a_pickle_opcode(tmp_path):
+    # A header of 640 bytes starts the file with 0x80 0x02: the PROTO opcode of a pickle.
+    header = b'{"conv.weight":{"dtype":"F32","shape":[2,1,1,1],"data_offsets":[0,8]}}'
+    header += b" " * (640 - len(header))
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    assert path.read_bytes()[:2] == b"\x80\x02"
+    code, out, err = run(str(path), "-f", "json")
+    assert (code, err) == (0, "")
+    (model,) = json.loads(out)["models"]
+    assert model["format"] == "safetensors"
+    assert model["layers"][0]["weight_shape"] == [2, 1, 1, 1]
