@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -651,7 +652,7 @@ def _nested_if_bytes(depth: int) -> bytes:
         wrapper.output.append(onnx.ValueInfoProto(name="y"))
         inner = wrapper
     inner.input.extend([vi("cond", [], TensorProto.BOOL), vi("x", [1, 3, 4, 4])])
-    inner.initializer.append(init("w", [1, 3, 1, 1]))
+    inner.initializer.append(init("w", [30, 3, 1, 1]))  # over 64 elements: its payload is stripped
     return model(inner).SerializeToString()
 
 
@@ -695,7 +696,7 @@ def test_walker_depth_limit_is_enforced(tmp_path: Path) -> None:
     convs = by_name(read_onnx(path)[0])
     assert len(convs) == 8  # both branches at each of 3 levels
     conv = convs["If_0/then_branch/If_0/else_branch/If_0/then_branch/c"]
-    assert conv.weight_shape == (1, 3, 1, 1)
+    assert conv.weight_shape == (30, 3, 1, 1)
     assert conv.output_spatial == (4, 4)
 
 
@@ -821,9 +822,10 @@ def test_model_params_dtype_rules(tmp_path: Path) -> None:
 
 
 def test_sparse_initializer_weight_and_training_info(tmp_path: Path) -> None:
-    values = init("sw", [3])
-    indices = numpy_helper.from_array(np.array([0, 5, 11], dtype=np.int64), "sw_idx")
-    sparse = helper.make_sparse_tensor(values, indices, [4, 3, 1, 1])
+    # 70 stored values: more than the 64 elements whose values a stripped copy keeps.
+    values = init("sw", [70])
+    indices = numpy_helper.from_array(np.arange(0, 210, 3, dtype=np.int64), "sw_idx")
+    sparse = helper.make_sparse_tensor(values, indices, [70, 3, 1, 1])
     g = graph([node("Conv", ["x", "sw"], ["y"], name="conv")], [vi("x", [1, 3, 5, 5])], ["y"])
     g.sparse_initializer.append(sparse)
     m = model(g)
@@ -831,9 +833,9 @@ def test_sparse_initializer_weight_and_training_info(tmp_path: Path) -> None:
     training.initialization.CopyFrom(graph([], [], [], [init("big_state", [1000])], name="init"))
     desc = read(m, tmp_path)
     (conv,) = desc.convs
-    assert conv.weight_shape == (4, 3, 1, 1)
+    assert conv.weight_shape == (70, 3, 1, 1)
     assert conv.output_spatial == (5, 5)
-    assert desc.model_params == 12  # the dense shape; training-info graphs are not counted
+    assert desc.model_params == 210  # the dense shape; training-info graphs are not counted
     stripped = strip_model_proto(m.SerializeToString())
     parsed = onnx.ModelProto()
     parsed.ParseFromString(stripped.data)
@@ -981,13 +983,24 @@ def test_stripped_model_matches_onnx_load(tmp_path: Path) -> None:
     loaded = onnx.load(str(path))
     assert len(stripped.graph.node) == len(loaded.graph.node)
     assert [n.op_type for n in stripped.graph.node] == [n.op_type for n in loaded.graph.node]
+    kept = []
     for a, b in zip(stripped.graph.initializer, loaded.graph.initializer, strict=True):
         assert (a.name, list(a.dims), a.data_type) == (b.name, list(b.dims), b.data_type)
-        if a.name in ("shape", "small_i64"):
+        if a.raw_data or a.int64_data or a.float_data or a.int32_data:
             assert numpy_helper.to_array(a).tolist() == numpy_helper.to_array(b).tolist()
-        else:
-            assert not a.raw_data and not a.int64_data and not a.float_data
-    assert result.dropped_payload_bytes > 0
+            kept.append(a.name)
+    # Small int64/float tensors keep their values; uint8 weights and zero points, and the
+    # 100-element int64 tensor, do not.
+    assert kept == ["ws", "b", "shape", "small_i64"]
+    assert [t.name for t in loaded.graph.initializer] == [
+        "wq",
+        "wz",
+        "ws",
+        "b",
+        "shape",
+        "big_i64",
+        "small_i64",
+    ]
     # Nothing but payloads removed: stripping an already stripped copy changes nothing.
     assert strip_model_proto(result.data).data == result.data
 
@@ -1142,3 +1155,339 @@ def test_dynamo_exported_model_with_external_data(tmp_path: Path) -> None:
     assert [[term.shape for term in terms] for *_, terms in layers] == [[(32, 28, 28)], [(8,)], [(8,)]]
     assert list(kinds(desc).values()) == [BiasKind.UNTIED, BiasKind.TIED, BiasKind.TIED]
     assert desc.model_params == 2400 + 32 * 28 * 28 + 32 * 8 * 16 + 8 + 72 + 8
+
+
+# --------------------------------------------------------------------------------------------
+# Regression tests for review findings
+
+
+def _kept_values(tensor: TensorProto) -> list[float] | None:
+    """The values a stripped copy of a model holding ``tensor`` keeps (None when dropped)."""
+    g = graph([], [], [], [tensor])
+    parsed = onnx.ModelProto()
+    parsed.ParseFromString(strip_model_proto(model(g).SerializeToString()).data)
+    (out,) = parsed.graph.initializer
+    assert (list(out.dims), out.data_type) == (list(tensor.dims), tensor.data_type)
+    if not (out.raw_data or out.float_data or out.int32_data or out.int64_data or out.double_data):
+        return None
+    return [float(v) for v in numpy_helper.to_array(out).ravel()]
+
+
+def test_small_float_tensors_keep_their_values() -> None:
+    scales = [1.0, 1.0, 2.0, 2.5]
+    assert _kept_values(init("f32", [4], FLOAT, scales)) == scales
+    assert _kept_values(init("f64", [4], TensorProto.DOUBLE, scales)) == scales
+    assert _kept_values(init("f16", [4], TensorProto.FLOAT16, scales)) == scales
+    assert _kept_values(init("f64_64", [64], TensorProto.DOUBLE, [0.5] * 64)) == [0.5] * 64
+    # Typed (non-raw) float payload fields are kept too.
+    assert _kept_values(helper.make_tensor("typed", FLOAT, [2], [3.0, 4.0])) == [3.0, 4.0]
+    # Past 64 elements, or another dtype: shape only.
+    assert _kept_values(init("f32_65", [65], FLOAT, [1.0] * 65)) is None
+    assert _kept_values(init("u8", [4], TensorProto.UINT8, [1, 2, 3, 4])) is None
+    assert _kept_values(init("i16", [4], TensorProto.INT16, [1, 2, 3, 4])) is None
+
+
+def test_small_int_tensor_byte_cap_counts_only_the_data() -> None:
+    # 64 negative int64 values as varints: exactly 640 data bytes, plus the field tag and length.
+    values = [-1] * 64
+    tensor = helper.make_tensor("neg", INT64, [64], values)
+    assert len(tensor.int64_data) == 64
+    assert _kept_values(tensor) == [-1.0] * 64
+
+
+def _resize_model(scales: TensorProto | None, custom_op: bool = False) -> onnx.ModelProto:
+    nodes = [
+        node("Conv", ["x", "w"], ["c"], name="c1"),
+        node("Resize", ["c", "", "sc"], ["r"], mode="nearest"),
+        node("Conv", ["r", "w2", "b2"], ["y"], name="c2"),
+    ]
+    if custom_op:  # makes ONNX shape inference fail: our own Resize rule must compute the size
+        nodes.insert(0, node("Foo", ["x"], ["unused"], domain="my.custom"))
+    inputs = [vi("x", [1, 3, 8, 8])]
+    inits = [init("w", [4, 3, 3, 3]), init("w2", [4, 4, 3, 3]), init("b2", [4])]
+    if scales is None:
+        inputs.append(vi("sc", [4]))  # scales given at run time: the size cannot be known
+    else:
+        inits.append(scales)
+    return model(graph(nodes, inputs, ["y"], inits))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "custom_op"),
+    [
+        (FLOAT, False),
+        (TensorProto.FLOAT16, False),
+        (FLOAT, True),
+        (TensorProto.FLOAT16, True),
+        (TensorProto.DOUBLE, True),  # ONNX wants float scales; our own Resize rule reads any
+    ],
+)
+def test_conv_after_resize_keeps_its_output_size(tmp_path: Path, dtype: int, custom_op: bool) -> None:
+    scales = init("sc", [4], dtype, [1, 1, 2, 2])
+    desc = read(_resize_model(scales, custom_op), tmp_path)
+    c1, c2 = desc.convs
+    assert (c1.name, c1.output_spatial, c1.notes) == ("c1", (6, 6), ())
+    assert (c2.name, c2.output_spatial, c2.notes) == ("c2", (10, 10), ())
+    assert c2.bias_terms == (BiasTerm("b2", (4,), CONV),)
+    assert len(desc.warnings) == int(custom_op)
+
+
+def test_upsample_scales_attribute_and_resize_sizes_without_inference(tmp_path: Path) -> None:
+    g = graph(
+        [
+            node("Foo", ["x"], ["unused"], domain="my.custom"),
+            node("Upsample", ["x"], ["u"], scales=[1.0, 1.0, 3.0, 2.0]),
+            node("Conv", ["u", "w"], ["a"], name="after_upsample"),
+            node("Resize", ["x", "", "", "sizes"], ["r"]),
+            node("Conv", ["r", "w"], ["b"], name="after_resize_sizes"),
+        ],
+        [vi("x", [1, 3, 4, 4])],
+        ["a", "b"],
+        [init("w", [2, 3, 1, 1]), ints("sizes", [1, 3, 5, 7])],
+    )
+    desc = read(model(g, opset=7), tmp_path)
+    assert {c.name: c.output_spatial for c in desc.convs} == {
+        "after_upsample": (12, 8),
+        "after_resize_sizes": (5, 7),
+    }
+
+
+def test_conv_output_size_lost_with_fixed_inputs_gets_a_note(tmp_path: Path) -> None:
+    desc = read(_resize_model(None), tmp_path)
+    c1, c2 = desc.convs
+    assert c1.notes == ()
+    assert c2.output_spatial == (None, None)
+    assert c2.notes == (
+        "output size unknown: the size of input 'r' could not be inferred, "
+        "although the model's input shapes are fixed",
+    )
+    # With a symbolic input dim an unknown size is expected: no note.
+    m = _resize_model(None)
+    m.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "height"
+    c1, c2 = read(m, tmp_path, "symbolic.onnx").convs
+    assert (c1.output_spatial, c2.output_spatial) == ((None, 6), (None, None))
+    assert c1.notes == c2.notes == ()
+
+
+def _many_call_sites_model(calls: int, doc_bytes: int) -> onnx.ModelProto:
+    """``calls`` call sites of a one-conv function, each with a different input size, plus an
+    unrelated function carrying a large doc string."""
+    f = _function("F", [node("Conv", ["X", "W"], ["Y"], name="c")], ["X", "W"], ["Y"])
+    unrelated = _function("G", [node("Identity", ["X"], ["Y"])], ["X"], ["Y"])
+    unrelated.doc_string = "x" * doc_bytes
+    g = graph(
+        [node("F", [f"x{i}", "w"], [f"y{i}"], name=f"call{i}", domain="local") for i in range(calls)],
+        [vi(f"x{i}", [1, 1, 3 + i, 3]) for i in range(calls)],
+        [f"y{i}" for i in range(calls)],
+        [init("w", [1, 1, 1, 1])],
+    )
+    return model(g, extra_opsets={"local": 1}, functions=[f, unrelated])
+
+
+def test_many_function_call_sites_stay_small(tmp_path: Path) -> None:
+    # 300 call sites with distinct shapes and a 2 MB doc string elsewhere: each call site's
+    # inference used to copy every function (1.2 GiB peak); now only the called one, no docs.
+    path = save(_many_call_sites_model(300, 2_000_000), tmp_path / "calls.onnx")
+    # Peak RSS from /proc (VmHWM): getrusage's ru_maxrss would inherit pytest's peak across exec.
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from biasinspect.readers.onnx_reader import read_onnx\n"
+        "d = read_onnx(Path(sys.argv[1]))[0]\n"
+        "print(len(d.convs), d.convs[299].name, d.convs[299].output_spatial, len(d.warnings))\n"
+        "status = Path('/proc/self/status').read_text().splitlines()\n"
+        "print(next(int(line.split()[1]) for line in status if line.startswith('VmHWM:')) // 1024)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    summary, peak_mib = result.stdout.splitlines()
+    assert summary == "300 call299/c (302, 3) 0"
+    assert int(peak_mib) < 200  # ~50 MiB now; 1,239 MiB before
+
+
+def test_function_inference_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from biasinspect.readers import onnx_reader
+
+    monkeypatch.setattr(onnx_reader, "MAX_ONNX_FUNCTION_INFERENCE_NODES", 4)
+    desc = read(_many_call_sites_model(6, 0), tmp_path)
+    # Four call sites are inferred (one node each); the rest are walked without inference, and
+    # the conv arithmetic still gives their sizes from the bound input shapes.
+    assert [c.output_spatial for c in desc.convs] == [(3 + i, 3) for i in range(6)]
+    assert desc.warnings == (
+        "shape inference inside functions stopped after 4 nodes; "
+        "shapes in the remaining call sites may be unknown",
+    )
+
+
+def _quantized_bn_models() -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """A conv followed by a folded BatchNorm (Mul, Add by per-channel parameters), float and
+    ConvInteger form (rescaled by a run-time scalar first)."""
+    bn = [init("s", [1, 4, 1, 1]), init("t", [1, 4, 1, 1])]
+    float_g = graph(
+        [
+            node("Conv", ["x", "w"], ["c"], name="conv"),
+            node("Mul", ["c", "s"], ["m"]),
+            node("Add", ["m", "t"], ["y"]),
+        ],
+        [vi("x", [1, 3, 8, 8])],
+        ["y"],
+        [init("w", [4, 3, 3, 3]), *bn],
+    )
+    int_g = graph(
+        [
+            node("ConvInteger", ["xq", "wq"], ["ci"], name="conv"),
+            node("Cast", ["ci"], ["cf"], to=FLOAT),
+            node("Mul", ["cf", "sc"], ["r"]),
+            node("Mul", ["r", "s"], ["m"]),
+            node("Add", ["m", "t"], ["y"]),
+        ],
+        [vi("xq", [1, 3, 8, 8], TensorProto.UINT8), vi("sc", [])],
+        ["y"],
+        [init("wq", [4, 3, 3, 3], TensorProto.UINT8), *bn],
+    )
+    return model(float_g), model(int_g)
+
+
+def test_quantized_conv_then_folded_batchnorm_has_no_bias(tmp_path: Path) -> None:
+    float_m, int_m = _quantized_bn_models()
+    (fconv,) = read(float_m, tmp_path, "f.onnx").convs
+    (qconv,) = read(int_m, tmp_path, "q.onnx").convs
+    assert (fconv.bias_terms, fconv.followed_by) == ((), "Mul+Add")
+    assert (qconv.bias_terms, qconv.followed_by) == ((), "Mul+Add")
+
+
+def test_conv_integer_rescale_by_a_stored_per_channel_scale_is_not_followed(tmp_path: Path) -> None:
+    # Without the run-time scalar rescale, the per-channel Mul is the norm's, not a rescale.
+    _, int_m = _quantized_bn_models()
+    nodes = [n for n in int_m.graph.node if n.output[0] != "r"]
+    nodes[2].input[0] = "cf"
+    del int_m.graph.node[:]
+    int_m.graph.node.extend(nodes)
+    (qconv,) = read(int_m, tmp_path).convs
+    assert (qconv.bias_terms, qconv.followed_by) == ((), "Mul+Add")
+    # A stored scalar rescale is followed (once), and the Add after it is the bias.
+    g = graph(
+        [
+            node("ConvInteger", ["xq", "wq"], ["ci"], name="conv"),
+            node("Cast", ["ci"], ["cf"], to=FLOAT),
+            node("Mul", ["cf", "sc"], ["r"]),
+            node("Add", ["r", "b"], ["y"]),
+        ],
+        [vi("xq", [1, 3, 8, 8], TensorProto.UINT8)],
+        ["y"],
+        [init("wq", [4, 3, 3, 3], TensorProto.UINT8), init("sc", [], FLOAT, [0.5]), init("b", [1, 4, 1, 1])],
+    )
+    (qconv,) = read(model(g), tmp_path, "scalar.onnx").convs
+    assert (qconv.bias_terms, qconv.followed_by) == ((BiasTerm("b", (1, 4, 1, 1), ADD),), None)
+
+
+def _nested_functions_model(functions: int, if_levels: int) -> onnx.ModelProto:
+    """F0 calls F1 ... calls F{functions-1} (which holds the conv), each call and the conv inside
+    ``if_levels`` nested If nodes."""
+
+    def nest(body: list[onnx.NodeProto]) -> tuple[list[onnx.NodeProto], str]:
+        out = "Y"
+        for level in range(if_levels):
+            sub = helper.make_graph(body, f"b{level}", [], [onnx.ValueInfoProto(name=out)])
+            out = f"o{level}"
+            body = [
+                node(
+                    "Constant",
+                    [],
+                    [f"cond{level}"],
+                    value=helper.make_tensor("cv", TensorProto.BOOL, [], [True]),
+                ),
+                node(
+                    "If",
+                    [f"cond{level}"],
+                    [out],
+                    then_branch=sub,
+                    else_branch=graph([node("Identity", ["X"], ["e"])], [], ["e"]),
+                ),
+            ]
+        return body, out
+
+    protos = []
+    for i in range(functions):
+        last = i + 1 == functions
+        inner = (
+            node("Conv", ["X", "W"], ["Y"], name="c")
+            if last
+            else node(f"F{i + 1}", ["X", "W"], ["Y"], domain="local")
+        )
+        body, out = nest([inner])
+        protos.append(_function(f"F{i}", [*body, node("Identity", [out], ["Z"])], ["X", "W"], ["Z"]))
+    g = graph(
+        [node("F0", ["x", "w"], ["y"], name="call", domain="local")],
+        [vi("x", [1, 1, 3, 3])],
+        ["y"],
+        [init("w", [1, 1, 1, 1])],
+    )
+    return model(g, extra_opsets={"local": 1}, functions=protos)
+
+
+def test_deep_function_and_subgraph_nesting_does_not_exhaust_the_stack(tmp_path: Path) -> None:
+    # 32 nested functions x 31 nested If levels: ~1,000 scopes, past Python's recursion limit.
+    desc = read(_nested_functions_model(32, 31), tmp_path)
+    ifs = "If_1/then_branch/" * 31
+    expected = "call/" + "".join(f"{ifs}F{i}_0/" for i in range(1, 32)) + ifs + "c"
+    (conv,) = desc.convs
+    assert conv.name == expected
+    assert conv.weight_shape == (1, 1, 1, 1)
+    assert desc.warnings == ()
+
+
+def test_function_called_only_from_a_subgraph_is_reported_once(tmp_path: Path) -> None:
+    g_fn = _function("G", [node("Conv", ["X", "W"], ["Y"], name="c")], ["X", "W"], ["Y"])
+    then = graph([node("G", ["X", "W"], ["t"], domain="local", name="callG")], [], ["t"])
+    other = graph([node("Identity", ["X"], ["e"])], [], ["e"])
+    f_fn = _function(
+        "F",
+        [node("If", ["C"], ["Y"], name="if", then_branch=then, else_branch=other)],
+        ["X", "W", "C"],
+        ["Y"],
+    )
+    g = graph([node("Relu", ["x"], ["y"])], [vi("x", [1, 1, 3, 3])], ["y"])
+    desc = read(model(g, extra_opsets={"local": 1}, functions=[g_fn, f_fn]), tmp_path)
+    assert [c.name for c in desc.convs] == ["local.F/if/then_branch/callG/c"]
+
+
+@pytest.mark.parametrize("domain", ["", "com.microsoft"])
+def test_quantized_int32_biases_count_in_any_domain(tmp_path: Path, domain: str) -> None:
+    u8, i8, i32 = TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32
+    g = graph(
+        [
+            node(
+                "QLinearConv",
+                ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"],
+                ["y"],
+                name="qc",
+                domain=domain,
+            ),
+            node("DequantizeLinear", ["q32", "xs"], ["dq"], domain=domain),
+        ],
+        [vi("x", [1, 3, 8, 8], u8)],
+        ["y", "dq"],
+        [
+            init("xs", []),
+            init("xz", [], u8),
+            init("w", [4, 3, 3, 3], i8),
+            init("ws", []),
+            init("wz", [], i8),
+            init("ys", []),
+            init("yz", [], u8),
+            init("b", [4], i32),
+            init("q32", [5], i32),
+            init("plain32", [7], i32),
+        ],
+    )
+    desc = read(model(g, extra_opsets={"com.microsoft": 1}), tmp_path)
+    # float scales 3, int8/uint8 weight and zero points 108 + 3, int32 conv bias 4 and
+    # DequantizeLinear input 5; the unused int32 tensor never counts.
+    assert desc.model_params == 3 + 108 + 3 + 4 + 5
+    assert desc.convs[0].bias_terms == (BiasTerm("b", (4,), CONV),)

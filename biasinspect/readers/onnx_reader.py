@@ -21,9 +21,10 @@ Bias terms
     anything computed only from those -- e.g. Reshape/Unsqueeze/Cast/DequantizeLinear/
     DynamicQuantizeLinear of an initializer), source ``add``.  On the way to the ``Add``,
     single-consumer ``Cast``/``Identity``/``DequantizeLinear`` nodes are followed, and for
-    ``ConvInteger`` (whose int32 output is rescaled first) also ``Mul``/``Div`` by an operand that
-    does not grow the tensor (the scale).  A graph input operand (e.g. a residual connection) is
-    not a parameter.  An NhwcConv's Add operand is reported in channels-first order.  A conv with
+    ``ConvInteger`` (whose int32 output is rescaled first) also one ``Mul``/``Div`` by an operand
+    that does not grow the tensor and is a scalar or computed at run time (the rescale; a stored
+    per-channel scale is a folded norm's, handled by the ``Mul+Add`` rule below).  A graph input
+    operand (e.g. a residual connection) is not a parameter.  An NhwcConv's Add operand is reported in channels-first order.  A conv with
     no bias term whose output feeds only a ``BatchNormalization`` gets ``followed_by=
     "BatchNormalization"``; one feeding only a ``Mul`` by a parameter whose output feeds only an
     ``Add`` of a parameter gets ``followed_by="Mul+Add"``.
@@ -38,6 +39,15 @@ model_params
     only when the tensor is a quantized bias (QLinearConv input 8, or DequantizeLinear input 0);
     INT64, UINT32, UINT64, BOOL and STRING tensors (shapes, indices, masks) never count.
     Training-info graphs are not counted.
+
+Shapes
+    ONNX shape inference (with data propagation) on the payload-free copy gives most shapes.
+    Integer and floating tensors of at most 64 elements keep their values in that copy (shape
+    vectors such as Reshape targets, and Resize/Upsample scales), so output sizes can be
+    computed through them; larger tensors are shapes only.  Where inference leaves a size
+    unknown, a few ops (shape-preserving and broadcasting ops, Reshape, Unsqueeze, Transpose,
+    ConstantOfShape, Resize/Upsample and the conv arithmetic itself) are computed here.  When every
+    model input has a fixed shape yet a conv's output size stays unknown, the conv gets a note.
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ import re
 import struct
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,20 +73,22 @@ from biasinspect.errors import (
 )
 from biasinspect.model import BiasSource, BiasTerm, ConvNode, Dim, MaybeShape, ModelDescription
 from biasinspect.readers.files import open_regular_file
-from biasinspect.readers.protowire import strip_model_proto
+from biasinspect.readers.protowire import decode_varint, strip_model_proto
 
 _INT64_MAX = (1 << 63) - 1
 
 # onnx.TensorProto.DataType values.
 _FLOAT_TYPES = frozenset({1, 10, 11, 14, 15, 16, 17, 18, 19, 20, 23, 24, 27, 28})
 _SMALL_INT_TYPES = frozenset({2, 3, 4, 5, 21, 22, 25, 26})  # (u)int8/16/4/2
+_FLOAT = 1
 _INT32 = 6
 _INT64 = 7
+_FLOAT16 = 10
+_DOUBLE = 11
 _EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 
 # onnx.AttributeProto.AttributeType values.
-_A_FLOAT, _A_INT, _A_STRING, _A_TENSOR, _A_GRAPH = 1, 2, 3, 4, 5
-_A_FLOATS, _A_INTS, _A_GRAPHS, _A_SPARSE = 6, 7, 10, 11
+_A_INT, _A_STRING, _A_GRAPH, _A_INTS, _A_GRAPHS = 2, 3, 5, 7, 10
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _MS_DOMAIN = "com.microsoft"
@@ -91,17 +103,19 @@ class _ConvSpec:
     bias: int | None
     transposed: bool = False
     channels_last: bool = False
+    quantized: bool = False
+    """Integer arithmetic: an int32 bias input is a quantized parameter (counted in model_params)."""
 
 
 _CONV_SPECS: dict[tuple[str, str], _ConvSpec] = {
     ("", "Conv"): _ConvSpec(0, 1, 2),
     ("", "ConvTranspose"): _ConvSpec(0, 1, 2, transposed=True),
-    ("", "QLinearConv"): _ConvSpec(0, 3, 8),
-    ("", "ConvInteger"): _ConvSpec(0, 1, None),
+    ("", "QLinearConv"): _ConvSpec(0, 3, 8, quantized=True),
+    ("", "ConvInteger"): _ConvSpec(0, 1, None, quantized=True),
     (_MS_DOMAIN, "FusedConv"): _ConvSpec(0, 1, 2),
     (_MS_DOMAIN, "NhwcConv"): _ConvSpec(0, 1, 2, channels_last=True),
     # onnxruntime's contrib QLinearConv: the ONNX op plus a ``channels_last`` attribute.
-    (_MS_DOMAIN, "QLinearConv"): _ConvSpec(0, 3, 8),
+    (_MS_DOMAIN, "QLinearConv"): _ConvSpec(0, 3, 8, quantized=True),
 }
 
 # Top-level ModelProto fields and their wire types: the first field of a real ONNX file is one
@@ -142,6 +156,11 @@ twice, 30 levels deep, would otherwise mean 2**30 analyses -- and as many in ONN
 
 MAX_ONNX_WALK_NODES = 5_000_000
 """Cap on nodes visited while walking the main graph, subgraphs and function instances."""
+
+MAX_ONNX_FUNCTION_INFERENCE_NODES = 1_000_000
+"""Cap on the function-body nodes given to shape inference over all call sites (each distinct
+call site infers its function with the functions it calls).  Past it, the remaining call sites
+are walked without inference (shapes there may be unknown) and a warning says so."""
 
 
 def _dims_of_tensor(tensor: Any, what: str, name: str | None = None) -> tuple[int, ...]:
@@ -219,21 +238,34 @@ def _type_shape(type_proto: Any) -> tuple[int, MaybeShape]:
     return int(tensor_type.elem_type), tuple(dims)
 
 
-def _tensor_int_values(tensor: Any) -> list[int] | None:
-    """The values of a small INT32/INT64 tensor whose data the stripped copy kept."""
-    if tensor.data_type not in (_INT32, _INT64) or tensor.data_location == _EXTERNAL:
+# Kept small tensors (see protowire): dtype -> (typed payload field, struct code of raw_data).
+_VALUE_LAYOUT = {
+    _INT32: ("int32_data", "i"),
+    _INT64: ("int64_data", "q"),
+    _FLOAT: ("float_data", "f"),
+    _DOUBLE: ("double_data", "d"),
+    _FLOAT16: ("int32_data", "e"),
+}
+
+
+def _tensor_values(tensor: Any, integer: bool = False) -> list[float] | None:
+    """The values of a small integer/floating tensor whose data the stripped copy kept (with
+    ``integer``, of an INT32/INT64 one only)."""
+    if integer and tensor.data_type not in (_INT32, _INT64):
         return None
-    count = _numel([int(d) for d in tensor.dims]) if all(d >= 0 for d in tensor.dims) else -1
-    if count < 0:
+    layout = _VALUE_LAYOUT.get(int(tensor.data_type))
+    if layout is None or tensor.data_location == _EXTERNAL or any(d < 0 for d in tensor.dims):
         return None
-    if tensor.data_type == _INT64 and len(tensor.int64_data) == count:
-        return [int(v) for v in tensor.int64_data]
-    if tensor.data_type == _INT32 and len(tensor.int32_data) == count:
-        return [int(v) for v in tensor.int32_data]
+    count = _numel([int(d) for d in tensor.dims])
+    field_name, code = layout
+    typed = getattr(tensor, field_name)
+    if count and len(typed) == count:
+        if tensor.data_type == _FLOAT16:  # float16 bit patterns stored as int32
+            return list(struct.unpack(f"<{count}e", struct.pack(f"<{count}H", *(v & 0xFFFF for v in typed))))
+        return list(typed)
     raw = bytes(tensor.raw_data)
-    size = 8 if tensor.data_type == _INT64 else 4
-    if raw and len(raw) == count * size:
-        return list(struct.unpack("<" + ("q" if size == 8 else "i") * count, raw))
+    if raw and len(raw) == count * struct.calcsize(code):
+        return list(struct.unpack(f"<{count}{code}", raw))
     return None
 
 
@@ -306,14 +338,32 @@ def _conv_output_spatial(
     return tuple(result)
 
 
+def _subgraphs_of_attribute(attribute: Any) -> Iterator[tuple[str, Any]]:
+    """(label, GraphProto) for the graph(s) an attribute holds."""
+    if attribute.type == _A_GRAPH or (attribute.type == 0 and attribute.HasField("g")):
+        yield str(attribute.name), attribute.g
+    elif attribute.type == _A_GRAPHS:
+        for index, graph in enumerate(attribute.graphs):
+            yield f"{attribute.name}[{index}]", graph
+
+
 def _subgraphs(node: Any) -> Iterator[tuple[str, Any]]:
     """(label, GraphProto) for every graph attribute of a node."""
     for attribute in node.attribute:
-        if attribute.type == _A_GRAPH or (attribute.type == 0 and attribute.HasField("g")):
-            yield str(attribute.name), attribute.g
-        elif attribute.type == _A_GRAPHS:
-            for index, graph in enumerate(attribute.graphs):
-                yield f"{attribute.name}[{index}]", graph
+        yield from _subgraphs_of_attribute(attribute)
+
+
+def _nested_nodes(nodes: Iterable[Any]) -> Iterator[Any]:
+    """Every node of a node list and of all the subgraphs inside it, at any depth (iteratively)."""
+    pending = [iter(nodes)]
+    while pending:
+        node = next(pending[-1], None)
+        if node is None:
+            pending.pop()
+            continue
+        yield node
+        for _, graph in _subgraphs(node):
+            pending.append(iter(graph.node))
 
 
 def _free_names(graph: Any, depth: int = 0) -> set[str]:
@@ -464,28 +514,44 @@ class _Scope:
 
     def int_values(self, name: str) -> list[int] | None:
         """Values of a small constant integer tensor (shape vectors), when stored in the file."""
+        values = self.values(name, integer=True)
+        return None if values is None else [int(v) for v in values]
+
+    def values(self, name: str, integer: bool = False) -> list[float] | None:
+        """Values of a small constant integer or floating tensor (shape vectors, scales), when
+        stored in the file; only integer tensors' with ``integer``."""
         scope = self.owner(name)
-        if scope is None:
-            return None
-        if name in scope.initializers:
-            return _tensor_int_values(scope.initializers[name])
-        if name in scope.producer:
-            node = scope.nodes[scope.producer[name][0]]
-            if node.op_type == "Constant" and _is_default_domain(node):
-                for attribute in node.attribute:
-                    if attribute.name == "value" and attribute.HasField("t"):
-                        return _tensor_int_values(attribute.t)
-                    if attribute.name == "value_ints":
-                        return [int(v) for v in attribute.ints]
-                    if attribute.name == "value_int":
-                        return [int(attribute.i)]
-        if name in scope.bindings:
-            caller, actual = scope.bindings[name]
-            return caller.int_values(actual)
+        for _ in range(_MAX_EXPR_DEPTH):  # follows function inputs to their bound actuals
+            if scope is None:
+                return None
+            if name in scope.initializers:
+                return _tensor_values(scope.initializers[name], integer)
+            if name in scope.producer:
+                node = scope.nodes[scope.producer[name][0]]
+                if node.op_type == "Constant" and _is_default_domain(node):
+                    for attribute in node.attribute:
+                        if attribute.name == "value" and attribute.HasField("t"):
+                            return _tensor_values(attribute.t, integer)
+                        if attribute.name == "value_ints":
+                            return [int(v) for v in attribute.ints]
+                        if attribute.name == "value_int":
+                            return [int(attribute.i)]
+                        if attribute.name == "value_floats" and not integer:
+                            return [float(v) for v in attribute.floats]
+                        if attribute.name == "value_float" and not integer:
+                            return [float(attribute.f)]
+                return None
+            if name not in scope.bindings:
+                return None
+            caller, name = scope.bindings[name]
+            scope = caller.owner(name)
         return None
 
     def _fallback_shape(self, node: Any, slot: int, depth: int) -> MaybeShape:
         """Shape of a node output for the few ops that matter for biases and weights."""
+        spec = _conv_spec(node)
+        if spec is not None:
+            return self._conv_output_shape(node, spec, depth) if slot == 0 else None
         if not _is_default_domain(node):
             return None
         op = str(node.op_type)
@@ -538,6 +604,8 @@ class _Scope:
             if any(d is not None and d < 0 for d in dims):
                 return None
             return tuple(dims)
+        if op in ("Resize", "Upsample") and inputs and inputs[0] and slot == 0:
+            return self._resized_shape(node, inputs, depth)
         if op == "ConstantOfShape" and inputs and slot == 0:
             values = self.int_values(inputs[0])
             return tuple(values) if values is not None and all(v >= 0 for v in values) else None
@@ -552,6 +620,52 @@ class _Scope:
                 return None
             return tuple(base[p] for p in perm)
         return None
+
+    def _conv_output_shape(self, node: Any, spec: _ConvSpec, depth: int) -> MaybeShape:
+        """Output shape [N, C_out, *spatial] of a channels-first conv-like node."""
+        inputs = [str(name) for name in node.input]
+        if spec.channels_last or _attr_int(node, "channels_last", 0) or len(inputs) <= spec.weight:
+            return None
+        x_shape = self.shape(inputs[spec.x], depth) if inputs[spec.x] else None
+        weight = self.shape(inputs[spec.weight], depth) if inputs[spec.weight] else None
+        if x_shape is None or len(x_shape) < 3:
+            return None
+        kernel = _attr_ints(node, "kernel_shape")
+        if kernel is None and weight is not None and len(weight) > 2:
+            kernel = tuple(d for d in weight[2:] if d is not None)
+        channels: Dim = None
+        groups = _attr_int(node, "group", 1)
+        if weight is not None and len(weight) > 2 and groups > 0:
+            channels = (
+                weight[0] if not spec.transposed else (None if weight[1] is None else weight[1] * groups)
+            )
+        spatial = _conv_output_spatial(node, spec.transposed, tuple(x_shape[2:]), kernel)
+        return (x_shape[0], channels, *(spatial or ()))
+
+    def _resized_shape(self, node: Any, inputs: Sequence[str], depth: int) -> MaybeShape:
+        """Output shape of Resize (X, roi, scales, sizes; opset 10: X, scales) or Upsample (X,
+        scales; opset 7: a ``scales`` attribute), from stored sizes or scales."""
+        base = self.shape(inputs[0], depth)
+        if base is None or _attr(node, "axes") is not None:  # axes subsets: left to inference
+            return None
+        sizes_name = inputs[3] if node.op_type == "Resize" and len(inputs) > 3 else ""
+        if sizes_name:
+            sizes = self.int_values(sizes_name)
+            return tuple(sizes) if sizes is not None and len(sizes) == len(base) else None
+        scales_name = inputs[2] if node.op_type == "Resize" and len(inputs) > 2 else ""
+        if node.op_type == "Upsample" or len(inputs) == 2:
+            scales_name = inputs[1] if len(inputs) > 1 else ""
+        scales: list[float] | None = None
+        if scales_name:
+            scales = self.values(scales_name)
+        elif node.op_type == "Upsample":
+            attribute = _attr(node, "scales")
+            scales = [float(v) for v in attribute.floats] if attribute is not None else None
+        if scales is None or len(scales) != len(base) or any(not v > 0 for v in scales):
+            return None
+        return tuple(
+            None if dim is None else int(dim * scale) for dim, scale in zip(base, scales, strict=True)
+        )
 
     def is_parameter(self, name: str, depth: int = 0) -> bool:
         """True when ``name`` is fixed by the file: an initializer, a Constant, or computed only
@@ -769,12 +883,16 @@ def _count_graph_params(
     """Parameter elements declared in one graph (see the module docstring) and its subgraphs."""
     quantized_biases: set[str] = set()
     for node in nodes:
-        if not _is_default_domain(node):
-            continue
-        if node.op_type == "QLinearConv" and len(node.input) > 8 and node.input[8]:
-            quantized_biases.add(str(node.input[8]))
-        if node.op_type == "DequantizeLinear" and node.input and node.input[0]:
+        spec = _conv_spec(node)
+        if spec is not None and spec.quantized and spec.bias is not None and len(node.input) > spec.bias:
+            quantized_biases.add(str(node.input[spec.bias]))
+        if (
+            node.op_type == "DequantizeLinear"
+            and (_is_default_domain(node) or node.domain == _MS_DOMAIN)
+            and node.input
+        ):
             quantized_biases.add(str(node.input[0]))
+    quantized_biases.discard("")
 
     def counts(name: str, data_type: int) -> bool:
         if data_type in _FLOAT_TYPES or data_type in _SMALL_INT_TYPES:
@@ -841,37 +959,64 @@ def _count_model_params(model: Any, warn_external: Any) -> int:
     return total
 
 
-def _count_function_instances(model: Any) -> int:
+_FunctionKey = tuple[str, str, str]
+"""(domain, name, overload) of a model-local function; "ai.onnx" is spelled ""."""
+
+
+def _function_key(domain: str, name: str, overload: str) -> _FunctionKey:
+    return ("" if domain == "ai.onnx" else domain, name, overload)
+
+
+def _node_key(node: Any) -> _FunctionKey:
+    """The function key a node would call."""
+    return _function_key(str(node.domain), str(node.op_type), str(getattr(node, "overload", "")))
+
+
+def _function_key_of(function: Any) -> _FunctionKey:
+    """The key a FunctionProto is called by."""
+    return _function_key(str(function.domain), str(function.name), str(getattr(function, "overload", "")))
+
+
+def _calls_within(nodes: Iterable[Any], functions: dict[_FunctionKey, Any]) -> list[_FunctionKey]:
+    """The model-local functions called by a node list, subgraphs included, once per call site."""
+    if not functions:  # the common case: no walk needed
+        return []
+    return [key for node in _nested_nodes(nodes) if (key := _node_key(node)) in functions]
+
+
+def _count_function_instances(
+    main_calls: Sequence[_FunctionKey], calls: dict[_FunctionKey, list[_FunctionKey]]
+) -> int:
     """How many function bodies a full expansion of nested model-local function calls analyses
-    (capped just past :data:`MAX_ONNX_FUNCTION_INSTANCES`); recursive calls count once."""
-    functions = {
-        _function_key(str(f.domain), str(f.name), str(getattr(f, "overload", ""))): f for f in model.functions
-    }
+    (capped just past :data:`MAX_ONNX_FUNCTION_INSTANCES`); recursive calls count once.
+
+    ``calls`` maps each function to the functions its body calls (subgraphs included).  The
+    recursion below is bounded by :data:`_MAX_FUNCTION_DEPTH` frames, whatever the nesting.
+    """
     cap = MAX_ONNX_FUNCTION_INSTANCES + 1
-    memo: dict[tuple[str, str, str], int] = {}
+    memo: dict[_FunctionKey, int] = {}
 
-    def calls_in(nodes: Iterable[Any], stack: frozenset[tuple[str, str, str]], depth: int) -> int:
+    def expand(key: _FunctionKey, stack: frozenset[_FunctionKey]) -> int:
+        """Instances analysed below one call of ``key`` (``stack``: the callers, ``key`` excluded)."""
+        if key in memo:
+            return memo[key]
+        if len(stack) >= _MAX_FUNCTION_DEPTH:
+            return 0
+        inner = stack | {key}
         total = 0
-        for node in nodes:
-            for _, graph in _subgraphs(node):
-                if depth < _MAX_EXPR_DEPTH:
-                    total += calls_in(graph.node, stack, depth + 1)
-            key = _function_key(str(node.domain), str(node.op_type), str(getattr(node, "overload", "")))
-            if key in functions:
-                total += 1 if key in stack else 1 + expand(key, stack)
+        for callee in calls[key]:
+            total += 1 if callee in inner else 1 + expand(callee, inner)
             if total >= cap:
-                return cap
-        return total
-
-    def expand(key: tuple[str, str, str], stack: frozenset[tuple[str, str, str]]) -> int:
-        if key not in memo:
-            if len(stack) >= _MAX_FUNCTION_DEPTH:
-                return 0
-            memo[key] = calls_in(functions[key].node, stack | {key}, 0)
+                break
+        memo[key] = min(total, cap)
         return memo[key]
 
-    total = calls_in(model.graph.node, frozenset(), 0)
-    for key in functions:  # uncalled functions are analysed once each, too
+    total = 0
+    for key in main_calls:
+        total += 1 + expand(key, frozenset())
+        if total >= cap:
+            return cap
+    for key in calls:  # uncalled functions are analysed once each, too
         total += 1 + expand(key, frozenset())
         if total >= cap:
             return cap
@@ -909,27 +1054,83 @@ def _external_location_problem(location: str, model_dir: Path) -> str | None:
 
 @dataclass
 class _Context:
-    """State shared by one model's walk."""
+    """State shared by one model's reading and walk."""
 
-    model: Any
-    functions: dict[tuple[str, str, str], Any]
+    model_dir: Path
+    functions: dict[_FunctionKey, Any] = field(default_factory=dict)
+    calls: dict[_FunctionKey, list[_FunctionKey]] = field(default_factory=dict)
+    """For each function, the functions its body calls (subgraphs included)."""
+    model: Any = None
+    """The (shape-inferred) model being walked."""
+    inputs_static: bool = False
+    """Every input of the graph being walked has a fully known shape (so an unknown conv output
+    size means shape inference lost track, which is worth a note)."""
     convs: list[ConvNode] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    called: set[tuple[str, str, str]] = field(default_factory=set)
-    inference_cache: dict[bytes, Any] = field(default_factory=dict)
+    called: set[_FunctionKey] = field(default_factory=set)
+    inference_cache: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+    """Inferred function bodies by (function, bound input types, call attributes)."""
+    reachable: dict[_FunctionKey, list[_FunctionKey]] = field(default_factory=dict)
+    sizes: dict[_FunctionKey, int] = field(default_factory=dict)
     visited_nodes: int = 0
+    inferred_function_nodes: int = 0
 
     def warn(self, message: str) -> None:
+        """Add a warning once."""
         if message not in self.warnings:
             self.warnings.append(message)
 
+    def warn_external(self, tensor: Any) -> None:
+        """Warn about a tensor whose external data location is suspicious (nothing is opened)."""
+        if tensor.data_location != _EXTERNAL:
+            return
+        location = next((str(e.value) for e in tensor.external_data if e.key == "location"), "")
+        problem = _external_location_problem(location, self.model_dir)
+        if problem is not None:
+            self.warn(f"external data of tensor '{tensor.name}' {problem}; not opened")
 
-def _function_key(domain: str, name: str, overload: str) -> tuple[str, str, str]:
-    return ("" if domain == "ai.onnx" else domain, name, overload)
+    def reachable_from(self, key: _FunctionKey) -> list[_FunctionKey]:
+        """``key`` and every function its body calls, directly or not."""
+        if key not in self.reachable:
+            seen = {key}
+            order = [key]
+            for current in order:  # grows while iterating: a breadth-first closure
+                for callee in self.calls.get(current, ()):
+                    if callee not in seen:
+                        seen.add(callee)
+                        order.append(callee)
+            self.reachable[key] = order
+        return self.reachable[key]
+
+    def inference_size(self, key: _FunctionKey) -> int:
+        """Nodes (subgraphs included) of ``key`` and the functions it reaches: one inference's work."""
+        if key not in self.sizes:
+            self.sizes[key] = sum(
+                1 for k in self.reachable_from(key) for _ in _nested_nodes(self.functions[k].node)
+            )
+        return self.sizes[key]
 
 
-def _walk(ctx: _Context, scope: _Scope, stack: tuple[tuple[str, str, str], ...]) -> None:
-    """Collect the convs of one scope, recursing into subgraphs and function calls in node order."""
+_Frame = Iterator[tuple[_Scope, tuple[_FunctionKey, ...]]]
+
+
+def _walk(ctx: _Context, root: _Scope, stack: tuple[_FunctionKey, ...]) -> None:
+    """Collect the convs of a scope and of every subgraph and function call inside it, in node order.
+
+    Iterative (an explicit stack of per-scope generators), so nesting subgraphs inside functions
+    inside subgraphs cannot exhaust Python's stack.
+    """
+    frames: list[_Frame] = [_scope_steps(ctx, root, stack)]
+    while frames:
+        child = next(frames[-1], None)
+        if child is None:
+            frames.pop()
+        else:
+            frames.append(_scope_steps(ctx, *child))
+
+
+def _scope_steps(ctx: _Context, scope: _Scope, stack: tuple[_FunctionKey, ...]) -> _Frame:
+    """Record one scope's convs; yield each nested scope (subgraph, function call) to walk, in order."""
     ctx.visited_nodes += len(scope.nodes)
     if ctx.visited_nodes > MAX_ONNX_WALK_NODES:
         raise ResourceLimitError(
@@ -937,29 +1138,44 @@ def _walk(ctx: _Context, scope: _Scope, stack: tuple[tuple[str, str, str], ...])
         )
     for index, node in enumerate(scope.nodes):
         spec = _conv_spec(node)
+        key = _node_key(node)
         if spec is not None:
             if _attr_int(node, "channels_last", 0):
-                spec = _ConvSpec(spec.x, spec.weight, spec.bias, spec.transposed, channels_last=True)
-            ctx.convs.append(_conv_node(scope, index, spec))
-        elif node.op_type in ("Conv", "ConvTranspose") and not _is_default_domain(node):
-            key = _function_key(str(node.domain), str(node.op_type), str(getattr(node, "overload", "")))
-            if key not in ctx.functions:
-                ctx.warn(
-                    f"{scope.prefix}{scope.node_name(index)}: {node.op_type} in domain '{node.domain}' "
-                    "is not a standard convolution and was not analysed"
+                spec = _ConvSpec(spec.x, spec.weight, spec.bias, spec.transposed, True, spec.quantized)
+            conv = _conv_node(scope, index, spec)
+            kernel = conv.kernel_shape
+            output = conv.output_spatial
+            if ctx.inputs_static and kernel and None not in kernel and (output is None or None in output):
+                # The model's input sizes are fixed and so is the kernel: the size of this conv's
+                # input was lost on the way (an op neither inference nor our fallback follows).
+                x_name = str(node.input[spec.x]) if len(node.input) > spec.x else ""
+                conv = replace(
+                    conv,
+                    notes=(
+                        *conv.notes,
+                        f"output size unknown: the size of input '{x_name}' could not be inferred, "
+                        "although the model's input shapes are fixed",
+                    ),
                 )
-        for label, graph in _subgraphs(node):
-            child = _Scope.for_graph(
-                graph,
-                parent=scope,
-                prefix=f"{scope.prefix}{scope.node_name(index)}/{label}/",
+            ctx.convs.append(conv)
+        elif (
+            node.op_type in ("Conv", "ConvTranspose")
+            and not _is_default_domain(node)
+            and key not in ctx.functions
+        ):
+            ctx.warn(
+                f"{scope.prefix}{scope.node_name(index)}: {node.op_type} in domain '{node.domain}' "
+                "is not a standard convolution and was not analysed"
             )
-            _walk(ctx, child, stack)
-        key = _function_key(str(node.domain), str(node.op_type), str(getattr(node, "overload", "")))
+        for label, graph in _subgraphs(node):
+            prefix = f"{scope.prefix}{scope.node_name(index)}/{label}/"
+            yield _Scope.for_graph(graph, parent=scope, prefix=prefix), stack
         function = ctx.functions.get(key)
         if function is not None:
             ctx.called.add(key)
-            _walk_function(ctx, function, key, scope, index, stack)
+            body = _function_scope(ctx, function, key, scope, index, stack)
+            if body is not None:
+                yield body, (*stack, key)
 
 
 def _substitute_attributes(nodes: Iterable[Any], call: Any | None, function: Any, depth: int = 0) -> None:
@@ -987,45 +1203,95 @@ def _substitute_attributes(nodes: Iterable[Any], call: Any | None, function: Any
         node.attribute.extend(kept)
 
 
-def _subgraphs_of_attribute(attribute: Any) -> Iterator[tuple[str, Any]]:
-    if attribute.type == _A_GRAPH:
-        yield str(attribute.name), attribute.g
-    elif attribute.type == _A_GRAPHS:
-        for index, graph in enumerate(attribute.graphs):
-            yield f"{attribute.name}[{index}]", graph
-
-
-def _walk_function(
+def _function_scope(
     ctx: _Context,
     function: Any,
-    key: tuple[str, str, str],
+    key: _FunctionKey,
     caller: _Scope | None,
     call_index: int | None,
-    stack: tuple[tuple[str, str, str], ...],
-) -> None:
-    """Analyse a function body for one call site (or, with no caller, with unknown inputs)."""
+    stack: tuple[_FunctionKey, ...],
+) -> _Scope | None:
+    """A function body's scope for one call site (or, with no caller, with unknown inputs);
+    None when the call is not followed (recursion, nesting too deep)."""
     onnx = _onnx()
     label = f"{key[0]}.{key[1]}" if key[0] else key[1]
     if key in stack:
         ctx.warn(f"function '{label}' calls itself; the recursive call was not followed")
-        return
+        return None
     if len(stack) >= _MAX_FUNCTION_DEPTH:
         ctx.warn(f"function calls nested deeper than {_MAX_FUNCTION_DEPTH}; '{label}' was not analysed")
-        return
+        return None
     call = caller.nodes[call_index] if caller is not None and call_index is not None else None
     formals = [str(name) for name in function.input]
     actuals = [str(name) for name in call.input] if call is not None else []
     bindings: dict[str, tuple[_Scope, str]] = {}
-    graph = onnx.pb.GraphProto()
-    graph.name = str(function.name)
+    bound_types: list[tuple[int, MaybeShape]] = []
     for position, formal in enumerate(formals):
-        info = graph.input.add()
-        info.name = formal
         actual = actuals[position] if position < len(actuals) else ""
         if caller is None or not actual:
+            bound_types.append((0, None))
             continue
         bindings[formal] = (caller, actual)
-        elem_type, shape = caller.elem_type(actual), caller.shape(actual)
+        bound_types.append((caller.elem_type(actual), caller.shape(actual)))
+    # The inferred body depends only on the function, its inputs' types and the call's attributes:
+    # call sites that agree on those share one inference (and one copy of the body).
+    attributes = (
+        tuple(sorted(a.SerializeToString(deterministic=True) for a in call.attribute)) if call else ()
+    )
+    cache_key = (key, tuple(bound_types), attributes)
+    body = ctx.inference_cache.get(cache_key)
+    if body is None:
+        model = _function_model(ctx, function, key, call, formals, bound_types)
+        size = ctx.inference_size(key)
+        if ctx.inferred_function_nodes + size > MAX_ONNX_FUNCTION_INFERENCE_NODES:
+            # Over budget: walk this call site without inference, and keep nothing for later.
+            ctx.warn(
+                "shape inference inside functions stopped after "
+                f"{MAX_ONNX_FUNCTION_INFERENCE_NODES:,} nodes; shapes in the remaining call sites may be unknown"
+            )
+            body = model.graph
+        else:
+            ctx.inferred_function_nodes += size
+            try:
+                model = onnx.infer_shapes(model)
+            except Exception as error:  # onnx raises several unrelated types
+                ctx.warn(f"shape inference failed in function '{label}': {_first_line(error)}")
+            body = model.graph
+            ctx.inference_cache[cache_key] = body
+    prefix = (
+        f"{caller.prefix}{caller.node_name(call_index)}/"
+        if caller is not None and call_index is not None
+        else f"{label}/"
+    )
+    return _Scope(
+        body.node,
+        inputs=formals,
+        outputs=[str(name) for name in function.output],
+        value_infos=[*body.input, *body.value_info, *body.output],
+        prefix=prefix,
+        bindings=bindings,
+    )
+
+
+def _function_model(
+    ctx: _Context,
+    function: Any,
+    key: _FunctionKey,
+    call: Any | None,
+    formals: Sequence[str],
+    bound_types: Sequence[tuple[int, MaybeShape]],
+) -> Any:
+    """A model whose graph is the function body with the call's input types and attributes bound.
+
+    It carries only the functions reachable from this one (doc strings were dropped up front), so
+    its size is the function's own, not the model's.
+    """
+    onnx = _onnx()
+    graph = onnx.pb.GraphProto()
+    graph.name = str(function.name)
+    for formal, (elem_type, shape) in zip(formals, bound_types, strict=True):
+        info = graph.input.add()
+        info.name = formal
         if elem_type:
             tensor_type = info.type.tensor_type
             tensor_type.elem_type = elem_type
@@ -1045,32 +1311,17 @@ def _walk_function(
     domains.update({str(o.domain): int(o.version) for o in function.opset_import})
     for domain, version in domains.items():
         model.opset_import.add(domain=domain, version=version)
-    model.functions.extend(ctx.model.functions)
+    model.functions.extend(ctx.functions[k] for k in ctx.reachable_from(key)[1:])
     model.graph.CopyFrom(graph)
-    cache_key = model.SerializeToString(deterministic=True)
-    inferred = ctx.inference_cache.get(cache_key)
-    if inferred is None:
-        try:
-            inferred = onnx.infer_shapes(model)
-        except Exception as error:  # onnx raises several unrelated types
-            ctx.warn(f"shape inference failed in function '{label}': {_first_line(error)}")
-            inferred = model
-        ctx.inference_cache[cache_key] = inferred
-    body = inferred.graph
-    prefix = (
-        f"{caller.prefix}{caller.node_name(call_index)}/"
-        if caller is not None and call_index is not None
-        else f"{label}/"
-    )
-    scope = _Scope(
-        body.node,
-        inputs=formals,
-        outputs=[str(name) for name in function.output],
-        value_infos=[*body.input, *body.value_info, *body.output],
-        prefix=prefix,
-        bindings=bindings,
-    )
-    _walk(ctx, scope, (*stack, key))
+    return model
+
+
+def _drop_doc_strings(functions: Iterable[Any]) -> None:
+    """Clear the doc strings of function protos and their nodes (they are copied per call site)."""
+    for function in functions:
+        function.ClearField("doc_string")
+        for node in _nested_nodes(function.node):
+            node.ClearField("doc_string")
 
 
 def _first_line(error: BaseException) -> str:
@@ -1184,10 +1435,21 @@ def _preserves_size(scope: _Scope, operand: str, value_shape: MaybeShape) -> boo
     )
 
 
+def _is_rescale(scope: _Scope, operand: str, value_shape: MaybeShape) -> bool:
+    """True when Mul/Div by ``operand`` looks like a quantized conv's int32 -> float rescale: it
+    keeps the element count, and is a scalar or computed at run time (a stored per-channel
+    parameter is more likely a folded norm's scale)."""
+    if not operand or not _preserves_size(scope, operand, value_shape):
+        return False
+    shape = scope.shape(operand)
+    return (shape is not None and all(dim == 1 for dim in shape)) or not scope.is_parameter(operand)
+
+
 def _follow_output(scope: _Scope, output: str, op: str) -> tuple[BiasTerm | None, str | None]:
     """Find an Add of a parameter after a conv output, or the norm that follows it."""
     current = output
     visited = {current}
+    rescaled = op != "ConvInteger"  # at most one rescale, and only after an integer conv
     for _ in range(_MAX_FOLLOW):
         consumer = scope.single_consumer(current)
         if consumer is None or not _is_default_domain(consumer):
@@ -1204,8 +1466,9 @@ def _follow_output(scope: _Scope, output: str, op: str) -> tuple[BiasTerm | None
             return None, "BatchNormalization"
         if kind == "Mul" and len(inputs) == 2:
             other = inputs[1] if inputs[0] == current else inputs[0]
-            if op == "ConvInteger" and nxt and _preserves_size(scope, other, scope.shape(current)):
+            if not rescaled and nxt and _is_rescale(scope, other, scope.shape(current)):
                 current = nxt  # the int32 -> float rescale of a quantized conv
+                rescaled = True
             elif other and scope.is_parameter(other) and nxt:
                 after = scope.single_consumer(nxt)
                 if (
@@ -1220,10 +1483,11 @@ def _follow_output(scope: _Scope, output: str, op: str) -> tuple[BiasTerm | None
                 return None, None
             else:
                 return None, None
-        elif kind == "Div" and len(inputs) == 2 and inputs[0] == current and op == "ConvInteger":
-            if not (nxt and _preserves_size(scope, inputs[1], scope.shape(current))):
+        elif kind == "Div" and len(inputs) == 2 and inputs[0] == current and not rescaled:
+            if not (nxt and _is_rescale(scope, inputs[1], scope.shape(current))):
                 return None, None
             current = nxt
+            rescaled = True
         elif (kind in ("Cast", "Identity") or (kind == "DequantizeLinear" and inputs[0] == current)) and nxt:
             current = nxt  # element-count-preserving: the bias may be added after it
         else:
@@ -1273,12 +1537,11 @@ def _load_stripped(path: Path) -> Any:
 
 def _check_looks_like_onnx(view: mmap.mmap) -> None:
     """Reject bytes whose first protobuf field cannot start a ModelProto."""
-    first = view[0]
-    number, wire = first >> 3, first & 7
-    if first & 0x80:  # a multi-byte tag: only field 20, 25, 26 (two-byte tags) are plausible
-        second = view[1] if len(view) > 1 else 0
-        number = (first & 0x7F) >> 3 | (second & 0x7F) << 4
-    if _MODEL_FIELDS.get(number) != wire:
+    try:
+        key = decode_varint(view, 0, min(len(view), 10), "first field tag")[0]
+    except MalformedModelError:
+        key = -1  # not even a tag
+    if key < 0 or _MODEL_FIELDS.get(key >> 3) != key & 7:
         raise UnsupportedFormatError(
             f"not an ONNX model: the first bytes ({bytes(view[:8]).hex(' ')}) do not start a ModelProto"
         )
@@ -1293,34 +1556,26 @@ def read_onnx(path: Path) -> list[ModelDescription]:
     """
     path = Path(path)
     model = _load_stripped(path)
-
-    warnings: list[str] = []
-    model_dir = path.parent
-
-    def warn_external(tensor: Any) -> None:
-        if tensor.data_location != _EXTERNAL:
-            return
-        location = next((str(e.value) for e in tensor.external_data if e.key == "location"), "")
-        problem = _external_location_problem(location, model_dir)
-        if problem is not None:
-            message = f"external data of tensor '{tensor.name}' {problem}; not opened"
-            if message not in warnings:
-                warnings.append(message)
-
-    model_params = _count_model_params(model, warn_external)
-    if _count_function_instances(model) > MAX_ONNX_FUNCTION_INSTANCES:
+    ctx = _Context(model_dir=path.parent)
+    model_params = _count_model_params(model, ctx.warn_external)
+    for function in model.functions:
+        ctx.functions.setdefault(_function_key_of(function), function)
+    _drop_doc_strings(ctx.functions.values())
+    ctx.calls = {key: _calls_within(function.node, ctx.functions) for key, function in ctx.functions.items()}
+    main_calls = _calls_within(model.graph.node, ctx.functions)
+    if _count_function_instances(main_calls, ctx.calls) > MAX_ONNX_FUNCTION_INSTANCES:
         raise ResourceLimitError(
             f"model-local functions expand to more than {MAX_ONNX_FUNCTION_INSTANCES:,} call sites"
         )
 
     try:
-        inferred = _onnx().infer_shapes(model)
+        ctx.model = _onnx().infer_shapes(model)
     except Exception as error:  # InferenceError, ValidationError, RuntimeError, ...
-        warnings.append(f"shape inference failed: {_first_line(error)}")
-        inferred = model
+        ctx.warn(f"shape inference failed: {_first_line(error)}")
+        ctx.model = model
 
     try:
-        convs, walk_warnings = _analyse(inferred, warnings)
+        _analyse(ctx)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeError) as error:
         # A structure this walk did not anticipate; the file is at fault far more often than not.
         raise MalformedModelError(
@@ -1330,33 +1585,29 @@ def read_onnx(path: Path) -> list[ModelDescription]:
         ModelDescription(
             path=str(path),
             format="onnx",
-            convs=convs,
+            convs=tuple(ctx.convs),
             model_params=model_params,
-            warnings=walk_warnings,
+            warnings=tuple(ctx.warnings),
         )
     ]
 
 
-def _analyse(inferred: Any, warnings: list[str]) -> tuple[tuple[ConvNode, ...], tuple[str, ...]]:
-    """Walk the main graph, its subgraphs and every function; return the convs and warnings."""
-    functions: dict[tuple[str, str, str], Any] = {}
-    for function in inferred.functions:
-        key = _function_key(str(function.domain), str(function.name), str(getattr(function, "overload", "")))
-        functions.setdefault(key, function)
-    ctx = _Context(model=inferred, functions=functions, warnings=warnings)
-    graph = inferred.graph
+def _analyse(ctx: _Context) -> None:
+    """Walk the main graph, its subgraphs and every function, collecting convs into ``ctx``."""
+    graph = ctx.model.graph
     main = _Scope.for_graph(graph)
+    input_shapes = [main.types.get(name, (0, None))[1] for name in main.inputs]
+    ctx.inputs_static = all(shape is not None and None not in shape for shape in input_shapes)
     _walk(ctx, main, ())
-    # Functions nobody calls are analysed once, with unknown inputs.  Roots first (functions not
-    # called from any function body), so that a chain of uncalled functions is walked from its top.
-    called_by_functions = {
-        _function_key(str(n.domain), str(n.op_type), str(getattr(n, "overload", "")))
-        for function in functions.values()
-        for n in function.node
-    }
-    uncalled = [key for key in functions if key not in ctx.called]
+    # Functions nobody calls are analysed once, with unknown inputs (so no notes about unknown
+    # sizes).  Roots first (functions not called from any function body, subgraphs included), so
+    # that a chain of uncalled functions is walked from its top.
+    ctx.inputs_static = False
+    called_by_functions = {callee for callees in ctx.calls.values() for callee in callees}
+    uncalled = [key for key in ctx.functions if key not in ctx.called]
     for key in [k for k in uncalled if k not in called_by_functions] + uncalled:
         if key not in ctx.called:
             ctx.called.add(key)
-            _walk_function(ctx, functions[key], key, None, None, ())
-    return tuple(ctx.convs), tuple(ctx.warnings)
+            body = _function_scope(ctx, ctx.functions[key], key, None, None, ())
+            if body is not None:
+                _walk(ctx, body, (key,))

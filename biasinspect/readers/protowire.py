@@ -11,9 +11,11 @@ What is kept and what is dropped:
 
 * TensorProto payload fields -- ``float_data`` (4), ``int32_data`` (5), ``string_data`` (6),
   ``int64_data`` (7), ``raw_data`` (9), ``double_data`` (10), ``uint64_data`` (11) -- are
-  dropped, except for small INT32/INT64 tensors (at most :data:`SMALL_INT_TENSOR_ELEMENTS`
-  elements): those are shape vectors (Reshape targets, ConstantOfShape inputs) that shape
-  inference's data propagation needs.  ``dims``, ``data_type``, ``name``, ``data_location`` and
+  dropped, except for small integer and floating tensors: INT32/INT64/FLOAT/DOUBLE/FLOAT16
+  tensors of at most :data:`SMALL_TENSOR_ELEMENTS` elements whose payload is at most
+  :data:`SMALL_PAYLOAD_BYTES` bytes keep their values.  Those are shape vectors (Reshape targets,
+  ConstantOfShape inputs) and scales (Resize/Upsample ``scales``) that shape inference needs to
+  compute output sizes, not weights.  ``dims``, ``data_type``, ``name``, ``data_location`` and
   ``external_data`` (file name strings only) are kept; no external file is ever opened.
 * Everything that can contain a TensorProto is walked: ModelProto.graph/functions/training_info,
   TrainingInfoProto graphs, GraphProto.node/initializer/sparse_initializer, NodeProto.attribute,
@@ -36,12 +38,14 @@ from dataclasses import dataclass
 from biasinspect import limits
 from biasinspect.errors import MalformedModelError, ResourceLimitError
 
-SMALL_INT_TENSOR_ELEMENTS = 64
-"""INT32/INT64 tensors with at most this many elements keep their data (shape vectors)."""
+SMALL_TENSOR_ELEMENTS = 64
+"""Integer and floating tensors with at most this many elements keep their data (shape vectors,
+scales)."""
 
-_SMALL_PAYLOAD_BYTES = SMALL_INT_TENSOR_ELEMENTS * 10
-"""Largest kept payload field: 64 varints of at most 10 bytes.  A "small" tensor whose payload
-is bigger than this is lying about its size, and its payload is dropped like any other."""
+SMALL_PAYLOAD_BYTES = SMALL_TENSOR_ELEMENTS * 10
+"""Largest kept payload, counting only the data (not field tags and length prefixes): 64 varints
+of at most 10 bytes.  A "small" tensor whose payload is bigger than this is lying about its size,
+and its payload is dropped like any other."""
 
 # Wire types.
 _VARINT = 0
@@ -53,9 +57,16 @@ _I32 = 5
 _T_DIMS = 1
 _T_DATA_TYPE = 2
 _T_PAYLOAD_FIELDS = frozenset({4, 5, 6, 7, 9, 10, 11})
-_T_INT_PAYLOAD_FIELDS = frozenset({5, 7, 9})
-_INT32 = 6
-_INT64 = 7
+_T_RAW_DATA = 9
+# Kept dtypes (TensorProto.DataType) -> the typed payload field that can hold their values
+# (raw_data can hold any of them).
+_KEPT_PAYLOAD_FIELD = {
+    1: 4,  # FLOAT: float_data
+    6: 5,  # INT32: int32_data
+    7: 7,  # INT64: int64_data
+    10: 5,  # FLOAT16: int32_data (bit patterns)
+    11: 10,  # DOUBLE: double_data
+}
 
 
 Buffer = bytes | bytearray | memoryview | mmap.mmap
@@ -98,11 +109,9 @@ _CHILDREN: dict[_Msg, dict[int, _Msg]] = {
 
 @dataclass
 class StripResult:
-    """The stripped ModelProto bytes plus what the walk noticed on the way."""
+    """The stripped ModelProto bytes."""
 
     data: bytes
-    dropped_payload_bytes: int = 0
-    """Total size of the payload fields left out (never read)."""
 
 
 class _Walker:
@@ -112,26 +121,12 @@ class _Walker:
         self.buf = buf
         self.max_depth = max_depth
         self.max_bytes = max_bytes
-        self.dropped = 0
 
     # -- primitive readers -------------------------------------------------------------------
 
     def varint(self, pos: int, end: int, what: str) -> tuple[int, int]:
         """Decode an unsigned varint at ``pos``; return (value, next position)."""
-        buf = self.buf
-        result = 0
-        shift = 0
-        while True:
-            if pos >= end:
-                raise MalformedModelError(f"truncated protobuf: {what} runs past the end of its message")
-            byte = buf[pos]
-            pos += 1
-            result |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return result, pos
-            shift += 7
-            if shift >= 70:
-                raise MalformedModelError(f"malformed protobuf: {what} is a varint longer than 10 bytes")
+        return decode_varint(self.buf, pos, end, what)
 
     def skip_field(self, wire: int, pos: int, end: int, what: str) -> int:
         """Return the position after a field's value whose tag ended at ``pos``."""
@@ -215,10 +210,12 @@ class _Walker:
         return out
 
     def strip_tensor(self, start: int, end: int) -> bytearray | None:
-        """Drop a TensorProto's payload fields (keeping small integer shape vectors)."""
-        # Pass 1: find data_type and dims wherever they are; payloads are skipped, not read.
+        """Drop a TensorProto's payload fields (keeping small integer/floating tensors' values)."""
+        # Pass 1: find data_type, dims and the kept payload's data size; payloads are skipped,
+        # not read.
         data_type = 0
         numel = 1
+        payload: dict[int, int] = {}  # payload field number -> data bytes (tags, lengths excluded)
         pos = start
         while pos < end:
             number, wire, pos = self.tag(pos, end, _Msg.TENSOR)
@@ -236,27 +233,33 @@ class _Walker:
                     dim, pos = self.varint(pos, packed_end, "TensorProto dims")
                     numel = _mul_dim(numel, dim)
             else:
+                value_start = pos
                 pos = self.skip_field(wire, pos, end, f"TensorProto field {number}")
-        keep_ints = data_type in (_INT32, _INT64) and 0 <= numel <= SMALL_INT_TENSOR_ELEMENTS
-        # Pass 2: copy everything but the payload fields.
-        out: bytearray | None = None
+                if number in _T_PAYLOAD_FIELDS:
+                    if wire == _LEN:  # measure the data only, not its length prefix
+                        value_start = self.varint(value_start, end, "TensorProto payload length")[1]
+                    payload[number] = payload.get(number, 0) + pos - value_start
+        typed_field = _KEPT_PAYLOAD_FIELD.get(data_type)
+        kept_fields = (typed_field, _T_RAW_DATA) if typed_field is not None else ()
+        keep = (
+            typed_field is not None
+            and 0 <= numel <= SMALL_TENSOR_ELEMENTS
+            and sum(size for number, size in payload.items() if number in kept_fields) <= SMALL_PAYLOAD_BYTES
+        )
+        if not payload or (keep and all(number in kept_fields for number in payload)):
+            return None
+        # Pass 2: copy everything but the dropped payload fields.
+        out = bytearray()
         run_start = start
         pos = start
         while pos < end:
             field_start = pos
             number, wire, pos = self.tag(pos, end, _Msg.TENSOR)
             pos = self.skip_field(wire, pos, end, f"TensorProto field {number}")
-            if number not in _T_PAYLOAD_FIELDS:
+            if number not in _T_PAYLOAD_FIELDS or (keep and number in kept_fields):
                 continue
-            if keep_ints and number in _T_INT_PAYLOAD_FIELDS and pos - field_start <= _SMALL_PAYLOAD_BYTES:
-                continue
-            self.dropped += pos - field_start
-            if out is None:
-                out = bytearray()
             self.append(out, run_start, field_start)
             run_start = pos
-        if out is None:
-            return None
         self.append(out, run_start, end)
         return out
 
@@ -277,6 +280,27 @@ class _Walker:
         raise ResourceLimitError(
             f"ONNX graph structure exceeds {self.max_bytes // (1024 * 1024)} MiB even without tensor data"
         )
+
+
+def decode_varint(buf: Buffer, pos: int, end: int, what: str) -> tuple[int, int]:
+    """Decode an unsigned varint at ``buf[pos]`` that must end before ``end``.
+
+    Returns (value, next position); raises :class:`MalformedModelError` naming ``what`` when
+    the varint runs past ``end`` or is longer than 10 bytes.
+    """
+    result = 0
+    shift = 0
+    while True:
+        if pos >= end:
+            raise MalformedModelError(f"truncated protobuf: {what} runs past the end of its message")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift >= 70:
+            raise MalformedModelError(f"malformed protobuf: {what} is a varint longer than 10 bytes")
 
 
 def _mul_dim(numel: int, dim: int) -> int:
@@ -316,5 +340,5 @@ def strip_model_proto(
     if body is None:  # nothing to drop: the input is already payload-free
         if len(buf) > max_bytes:
             walker.too_big()
-        return StripResult(bytes(buf[0 : len(buf)]), 0)
-    return StripResult(bytes(body), walker.dropped)
+        return StripResult(bytes(buf[0 : len(buf)]))
+    return StripResult(bytes(body))
