@@ -246,6 +246,11 @@ BAD_HEADERS = [
      "duplicate key 'a' in header"),
     ("nul_padding", b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}\0\0', b"\0" * 8,
      "header is not valid JSON: Extra data"),
+    ("lone_surrogate_key", b'{"conv\\ud800.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}',
+     b"\0" * 8, "header is not valid JSON: lone surrogate in string 'conv\\ud800.weight'"),
+    ("lone_low_surrogate_value", b'{"__metadata__": {"format": "\\uDC00"}, "a": {"dtype": "F32", "shape": [2],'
+                                 b' "data_offsets": [0, 8]}}', b"\0" * 8,
+     "header is not valid JSON: lone surrogate in string '\\udc00'"),
     ("deep_nesting", b'{"a": ' + b"[" * 200_000 + b"]" * 200_000 + b"}", b"",
      "header JSON is nested too deeply"),
 ]  # fmt: skip
@@ -263,6 +268,60 @@ def test_invalid_headers_are_malformed(
     assert "\n" not in str(caught.value)
     if case != "duplicate_key":  # the library lets a later duplicate overwrite an earlier one
         assert not library_accepts(path), "the safetensors library accepts what we reject"
+
+
+def test_surrogate_pairs_and_escaped_backslashes_are_valid(tmp_path: Path) -> None:
+    # A proper pair is one character; "\\\\ud800" is a backslash then "ud800": both are fine.
+    raw = (
+        b'{"__metadata__": {"note": "\\\\ud800"}, "emoji\\ud83d\\ude00": {"dtype": "F32", "shape": [2],'
+        b' "data_offsets": [0, 8]}}'
+    )
+    path = write_raw(tmp_path / "pair.safetensors", raw, b"\0" * 8)
+    assert library_accepts(path)
+    assert tensors_from_safetensors(path) == {"emoji\U0001f600": TensorInfo((2,), "float32")}
+
+
+@pytest.mark.timeout(20)
+def test_overflow_is_found_without_multiplying_out_every_dim(tmp_path: Path) -> None:
+    # 200,000 dims of 2**63 - 1: multiplying them all out first took quadratic time (an
+    # 80,000-dim header took 16 s); the check stops at the second dim.  The message quotes
+    # only the first dims, not a megabyte-long shape.
+    dims = 200_000
+    header = {"t": {"dtype": "F32", "shape": [2**63 - 1] * dims, "data_offsets": [0, 0]}}
+    path = write_raw(tmp_path / "dos.safetensors", json.dumps(header))
+    with pytest.raises(MalformedModelError) as caught:
+        read_safetensors(path)
+    big = 2**63 - 1
+    assert str(caught.value) == (
+        f"tensor 't': shape [{', '.join([str(big)] * 8)}, ... ({dims} items)] overflows a 64-bit size"
+    )
+
+
+def test_a_zero_dim_before_any_overflow_makes_an_empty_tensor(tmp_path: Path) -> None:
+    header = {"z": {"dtype": "F32", "shape": [0, 2**63, 2**63], "data_offsets": [0, 0]}}
+    path = write_raw(tmp_path / "zero.safetensors", json.dumps(header))
+    assert library_accepts(path)
+    assert tensors_from_safetensors(path) == {"z": TensorInfo((0, 2**63, 2**63), "float32")}
+    header = {"z": {"dtype": "F32", "shape": [2**63, 2**63, 0], "data_offsets": [0, 0]}}
+    path = write_raw(tmp_path / "late_zero.safetensors", json.dumps(header))
+    assert not library_accepts(path)
+    with pytest.raises(MalformedModelError, match="overflows a 64-bit size"):
+        tensors_from_safetensors(path)
+
+
+@pytest.mark.parametrize("where", ["name", "dtype", "shape"])
+def test_messages_quote_huge_names_and_values_briefly(tmp_path: Path, where: str) -> None:
+    name = "n" * 1_000_000 if where == "name" else "t"
+    entry: dict[str, object] = {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}  # size mismatch
+    if where == "dtype":
+        entry["dtype"] = "Q" * 1_000_000
+    elif where == "shape":
+        entry["shape"] = [-1] * 1_000_000
+    path = write_raw(tmp_path / "long.safetensors", json.dumps({name: entry}), b"\0" * 4)
+    with pytest.raises(MalformedModelError) as caught:
+        read_safetensors(path)
+    assert len(str(caught.value)) < 500
+    assert str(caught.value).startswith(f"tensor {name!r}"[:150])
 
 
 def test_duplicate_key_inside_an_entry(tmp_path: Path) -> None:
@@ -510,7 +569,28 @@ def test_tensor_in_two_shards_keeps_the_mapped_one(tmp_path: Path) -> None:
     (description,) = read_sharded_index(index)
     assert description.model_params == 5
     assert description.warnings == (
-        "a: also in shard 'one.safetensors'; the index maps it to 'two.safetensors'",
+        "shard 'one.safetensors' also holds 1 tensor ('a') that the index maps to other shards;"
+        " those copies were ignored",
+    )
+
+
+def test_tensors_repeated_across_shards_make_one_warning_per_shard(tmp_path: Path) -> None:
+    # The index maps only "keep"; 7 unlisted tensors appear in both shards and 7 listed ones
+    # appear again in a shard they are not mapped to: two warnings, not fourteen.
+    repeated = {f"r{index}": torch.zeros(1) for index in range(7)}
+    listed = {f"m{index}": torch.zeros(1) for index in range(7)}
+    save_file({**repeated, **listed}, str(tmp_path / "a.safetensors"))
+    weight_map = dict.fromkeys(listed, "a.safetensors")
+    weight_map["keep"] = "b.safetensors"
+    save_file({**repeated, **listed, "keep": torch.zeros(1)}, str(tmp_path / "b.safetensors"))
+    index = write_index(tmp_path / "model.safetensors.index.json", weight_map)
+    (description,) = read_sharded_index(index)
+    assert description.model_params == 15
+    assert description.warnings == (
+        "shard 'b.safetensors' also holds 7 tensors ('m0', 'm1', 'm2', 'm3', 'm4', ...) that the"
+        " index maps to other shards; those copies were ignored",
+        "shard 'b.safetensors' repeats 7 tensors ('r0', 'r1', 'r2', 'r3', 'r4', ...) already read"
+        " from an earlier shard; the first copies were kept",
     )
 
 
@@ -520,7 +600,15 @@ def test_tensor_in_two_shards_keeps_the_mapped_one(tmp_path: Path) -> None:
         (b"[]", "index is not a JSON object"),
         (b'{"metadata": {}}', "index has no 'weight_map' object"),
         (b'{"weight_map": {"a": 3}}', "weight_map entry 'a' is not a file name"),
-        (b'{"weight_map": {"a": "x.safetensors", "a": "y.safetensors"}}', "duplicate key 'a' in index JSON"),
+        (b'{"weight_map": {"a": "x.safetensors", "a": "y.safetensors"}}', "duplicate key 'a' in index"),
+        (
+            b'{"weight_map": {"a\\ud800": "x.safetensors"}}',
+            "index is not valid JSON: lone surrogate in string 'a\\ud800'",
+        ),
+        (
+            b'{"weight_map": {"a": "\\udc00x.safetensors"}}',
+            "index is not valid JSON: lone surrogate in string '\\udc00x",
+        ),
         (b'{"weight_map": ', "index is not valid JSON: Expecting value"),
         (b'{"\xff": 1}', "index is not valid UTF-8"),
     ],
@@ -533,13 +621,29 @@ def test_malformed_index(tmp_path: Path, content: bytes, message: str) -> None:
     assert str(caught.value).startswith(message)
 
 
-def test_index_format_from_shard_names(tmp_path: Path) -> None:
+def test_index_format_comes_from_the_index_name(tmp_path: Path) -> None:
+    from biasinspect import detect
+    from biasinspect.readers import sharded
+
+    # The format sniffer sends only these names here; nothing else is read as an index.
+    assert sharded.INDEX_SUFFIXES == detect.INDEX_SUFFIXES
     save_file({"a": torch.zeros(2)}, str(tmp_path / "part1.safetensors"))
     index = write_index(tmp_path / "weights.index.json", {"a": "part1.safetensors"})
+    with pytest.raises(
+        UnsupportedFormatError, match=r"^not a shard index name: expected a name ending in one of"
+    ):
+        read_sharded_index(index)
+    index = write_index(tmp_path / "Model.SafeTensors.Index.JSON", {"a": "part1.safetensors"})
     (description,) = read_sharded_index(index)
     assert description.format == "safetensors" and description.model_params == 2
-    mixed = write_index(tmp_path / "weights.index.json", {"a": "part1.safetensors", "b": "part2.bin"})
-    with pytest.raises(
-        UnsupportedFormatError, match=exactly("index names neither safetensors nor PyTorch shards")
-    ):
-        read_sharded_index(mixed)
+
+
+def test_shard_names_with_non_ascii_digits(tmp_path: Path) -> None:
+    # '²'.isdigit() is true but int('²') fails: natural order must not parse it.
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "\u00b2.safetensors"))
+    save_file({"b": torch.zeros(3)}, str(tmp_path / "\u0663-2.safetensors"))
+    index = write_index(
+        tmp_path / "model.safetensors.index.json", {"a": "\u00b2.safetensors", "b": "\u0663-2.safetensors"}
+    )
+    (description,) = read_sharded_index(index)
+    assert description.model_params == 5

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from biasinspect.model import BiasSource, BiasTerm, ConvNode, ModelDescription
+from biasinspect.analysis import analyze, classify_term
+from biasinspect.model import BiasKind, BiasSource, BiasTerm, ConvNode, ModelDescription
 from biasinspect.readers.state_dict import describe_state_dict, natural_sort_key
 from biasinspect.readers.tensors import TensorInfo
 
@@ -202,17 +203,76 @@ def test_name_hint_does_not_override_a_conv_shaped_bias_without_saying_so() -> N
     )
 
 
-def test_bias_matching_neither_dim_is_undetermined() -> None:
+@pytest.mark.parametrize(
+    ("layer", "weight", "bias", "groups"),
+    [
+        (nn.ConvTranspose2d(4, 6, 3, groups=2), (4, 3, 3, 3), 6, 2),
+        (nn.ConvTranspose2d(8, 4, 2, groups=2), (8, 2, 2, 2), 4, 2),
+        (nn.ConvTranspose1d(12, 6, 1, groups=3), (12, 2, 1), 6, 3),
+    ],
+)
+def test_bias_length_dim1_times_groups_proves_a_grouped_conv_transpose(
+    layer: nn.Module, weight: tuple[int, ...], bias: int, groups: int
+) -> None:
+    # A Conv's bias length is always dim0; L != dim0 with L = dim1 x g (g dividing dim0) is a
+    # ConvTranspose with groups g, and C_out = L.
     model = nn.Module()
-    model.up = nn.ConvTranspose2d(4, 6, 3, groups=2)  # weight [4, 3, 3, 3], bias [6]
+    model.up = layer
     (conv,) = describe(model).convs
-    assert conv.weight_shape == (4, 3, 3, 3)
-    assert conv.transposed is None
-    assert conv.bias_terms == (BiasTerm("up.bias", (6,), CONV),)
+    assert conv.weight_shape == weight
+    assert conv.transposed is True and conv.groups == groups
+    assert conv.bias_terms == (BiasTerm("up.bias", (bias,), CONV),)
     assert conv.notes == (
-        "undetermined: bias length 6 matches neither weight dim0 (4) nor dim1 (3)"
+        f"ConvTranspose inferred: bias length {bias} = weight dim1 ({weight[1]}) x groups {groups}",
+    )
+    (layer_report,) = analyze(describe(model)).layers
+    assert layer_report.out_channels == bias and layer_report.groups == groups
+
+
+@pytest.mark.parametrize(
+    ("weight", "bias"),
+    [
+        ((4, 3, 3, 3), 5),  # 5 is no multiple of dim1
+        ((4, 3, 3, 3), 9),  # 9 = 3 x 3, but 3 groups do not divide C_in = 4
+        ((4, 0, 3, 3), 6),  # an empty dim1 proves nothing (and must not divide by zero)
+    ],
+)
+def test_bias_matching_neither_dim_is_undetermined(weight: tuple[int, ...], bias: int) -> None:
+    state = {"up.weight": torch.zeros(weight), "up.bias": torch.zeros(bias)}
+    (conv,) = describe(state).convs
+    assert conv.transposed is None and conv.groups is None
+    assert conv.notes == (
+        f"undetermined: bias length {bias} matches neither weight dim0 ({weight[0]}) nor dim1 ({weight[1]})"
         " (a grouped ConvTranspose has bias length dim1 x groups)",
     )
+
+
+def test_name_hint_without_bias_leaves_groups_unknown() -> None:
+    # A depthwise ConvTranspose without bias: weight [8, 1, 4, 4], groups 8 in reality.  The
+    # name says ConvTranspose but nothing says how many groups, so groups stays unknown.
+    model = nn.Module()
+    model.dec = nn.Module()
+    model.dec.deconv = nn.ConvTranspose2d(8, 8, 4, groups=8, bias=False)
+    (conv,) = describe(model).convs
+    assert conv.weight_shape == (8, 1, 4, 4)
+    assert conv.transposed is True and conv.groups is None
+    assert conv.notes == ("ConvTranspose inferred from the module name (no bias to confirm it)",)
+    (layer_report,) = analyze(describe(model)).layers
+    assert layer_report.out_channels is None  # not the wrong "1"
+
+
+def test_name_hint_with_equal_dims_and_bias_proves_groups_1() -> None:
+    model = nn.Module()
+    model.upconv = nn.ConvTranspose2d(8, 8, 3)  # weight [8, 8, 3, 3], bias [8]
+    (conv,) = describe(model).convs
+    # Taking the hint: C_out = dim1 x groups = 8 = dim1, so groups is 1.
+    assert conv.transposed is True and conv.groups == 1
+
+
+def test_empty_dims_with_a_hint_do_not_divide_by_zero() -> None:
+    state = {"deconv.weight": torch.zeros(4, 0, 3, 3), "deconv.bias": torch.zeros(4)}
+    (conv,) = describe(state).convs
+    assert conv.transposed is False and conv.notes == ()
 
 
 # --- re-parametrized weights ---------------------------------------------------------------------
@@ -314,14 +374,23 @@ def test_untied_bias_in_parent_module(leading_one: bool) -> None:
     assert conv.transposed is False and conv.notes == ()
 
 
-def test_parent_bias_with_wrong_spatial_rank_or_width_is_not_attached() -> None:
+def test_parent_bias_with_wrong_spatial_rank_or_width_is_unaligned_or_unattached() -> None:
     model = nn.Module()
     model.block = nn.Module()
     model.block.conv = nn.Conv2d(3, 8, 5, bias=False)
     model.block.bias_1d = nn.Parameter(torch.zeros(8, 28))  # spatial rank 1 for a Conv2d
     model.block.bias_wrong = nn.Parameter(torch.zeros(5, 28, 28))  # width 5 is neither 8 nor 3
-    (conv,) = describe(model).convs
-    assert conv.bias_terms == ()
+    description = describe(model)
+    (conv,) = description.convs
+    # The block's only conv: the tensors are its, but not laid out as [C_out, *spatial].
+    assert conv.bias_terms == (
+        BiasTerm("block.bias_1d", (8, 28), ADD, aligned=False),
+        BiasTerm("block.bias_wrong", (5, 28, 28), ADD, aligned=False),
+    )
+    assert analyze(description).layers[0].bias.kind == BiasKind.OTHER
+    # With two convs in the block nothing says which one they would belong to.
+    model.block.other = nn.Conv2d(3, 8, 5, bias=False)
+    assert all(conv.bias_terms == () for conv in describe(model).convs)
 
 
 def test_parent_bias_prefers_the_conv_without_its_own_bias() -> None:
@@ -348,15 +417,91 @@ def test_ambiguous_parent_bias_is_attached_to_no_conv() -> None:
     )
 
 
+def test_parent_bias_that_settles_a_conv_frees_its_other_width() -> None:
+    # block.a [8, 4, 3, 3] could be a Conv (C_out 8) or a ConvTranspose (C_out 4).  The first
+    # parent bias (width 4) fits only a, which makes it a ConvTranspose; the second (width 8)
+    # then fits only b instead of being ambiguous between a and b.
+    state = {
+        "block.a.weight": TensorInfo((8, 4, 3, 3), "float32"),
+        "block.b.weight": TensorInfo((8, 6, 3, 3), "float32"),
+        "block.bias_a": TensorInfo((4, 5, 5), "float32"),
+        "block.bias_b": TensorInfo((8, 5, 5), "float32"),
+    }
+    description = describe_state_dict(state, path="m", format="pytorch")
+    convs = by_name(description)
+    assert convs["block.a"].bias_terms == (BiasTerm("block.bias_a", (4, 5, 5), ADD),)
+    assert convs["block.a"].transposed is True
+    assert convs["block.b"].bias_terms == (BiasTerm("block.bias_b", (8, 5, 5), ADD),)
+    assert convs["block.b"].transposed is False
+    assert description.warnings == ()
+
+
+@pytest.mark.timeout(30)
+def test_many_same_width_convs_and_parent_biases_stay_linear() -> None:
+    # 20,000 bias-less convs of one width in one parent, and as many bias-named parent tensors
+    # of that width: each tensor is ambiguous.  The old per-tensor loop over the convs was
+    # quadratic (8,000 of each took 22 s); the decision is now O(1) per tensor.
+    count = 20_000
+    state: dict[str, TensorInfo] = {}
+    for index in range(count):
+        state[f"p.c{index}.weight"] = TensorInfo((8, 3, 3, 3), "float32")
+    for index in range(count):
+        state[f"p.bias{index}"] = TensorInfo((8, 4, 4), "float32")
+    description = describe_state_dict(state, path="m", format="safetensors", registration_order=False)
+    assert len(description.convs) == count
+    assert all(conv.bias_terms == () for conv in description.convs)
+    assert len(description.warnings) == count
+    assert description.warnings[0] == (
+        "p.bias0: shape [8, 4, 4] fits several convs (p.c0, p.c1, p.c2, p.c3, p.c4, ...); not attached"
+    )
+
+
 def test_other_bias_named_params_in_own_module_are_add_terms() -> None:
     model = nn.Module()
     model.conv = nn.Conv2d(3, 8, 3)
     model.conv.register_parameter("extra_bias", nn.Parameter(torch.zeros(())))
-    (conv,) = describe(model).convs
+    model.conv.register_parameter("bias_scale", nn.Parameter(torch.zeros(8)))
+    model.conv.register_parameter("untied_bias", nn.Parameter(torch.zeros(1, 8, 26, 26)))
+    description = describe(model)
+    (conv,) = description.convs
+    # Only the [(1,) C_out, *spatial] one is aligned with the output; the rest are "other".
     assert conv.bias_terms == (
         BiasTerm("conv.bias", (8,), CONV),
-        BiasTerm("conv.extra_bias", (), ADD),
+        BiasTerm("conv.extra_bias", (), ADD, aligned=False),
+        BiasTerm("conv.bias_scale", (8,), ADD, aligned=False),
+        BiasTerm("conv.untied_bias", (1, 8, 26, 26), ADD),
     )
+    kinds = [classify_term(term, 8, 2, (26, 26)) for term in conv.bias_terms]
+    # Broadcast, the [8] term would have looked like an untied [1, 1, 1, 8]: it is "other".
+    assert kinds == [BiasKind.TIED, BiasKind.OTHER, BiasKind.OTHER, BiasKind.UNTIED]
+
+
+def test_own_untied_extra_settles_conv_vs_transpose() -> None:
+    model = nn.Module()
+    model.local = nn.Conv2d(4, 6, 3, bias=False)  # weight [6, 4, 3, 3]: undetermined by itself
+    model.local.register_parameter("bias_map", nn.Parameter(torch.zeros(4, 5, 5)))  # width dim1
+    (conv,) = describe(model).convs
+    assert conv.bias_terms == (BiasTerm("local.bias_map", (4, 5, 5), ADD),)
+    assert conv.transposed is True and conv.groups == 1
+    assert conv.notes == ("ConvTranspose inferred from local.bias_map (width 4 = weight dim1)",)
+
+
+def test_weight_normed_bias_is_one_conv_term() -> None:
+    # weight_norm(conv, name="bias") replaces conv.bias by bias_g/bias_v (old API) or by
+    # parametrizations.bias.original0/original1 (new API): ONE bias of the shape of v.
+    model = nn.Module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.old = nn.utils.weight_norm(nn.Conv2d(3, 8, 3), name="bias")
+    model.new = nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 8, 3), name="bias")
+    description = describe(model)
+    convs = by_name(description)
+    assert convs["old"].bias_terms == (BiasTerm("old.bias_v", (8,), CONV),)
+    assert convs["new"].bias_terms == (BiasTerm("new.parametrizations.bias.original1", (8,), CONV),)
+    assert all(conv.transposed is False for conv in convs.values())
+    assert description.model_params == n_params(model)  # g counted, as model.parameters() does
+    report = analyze(description)
+    assert [layer.bias.kind for layer in report.layers] == [BiasKind.TIED, BiasKind.TIED]
 
 
 def test_parametrized_bias_counts_as_own_bias() -> None:
@@ -572,3 +717,23 @@ def test_natural_sort_key() -> None:
     assert sorted(names, key=natural_sort_key) == [
         "a", "a.b", "features.2", "features.10", "layer1.9.conv", "layer1.10.conv",
     ]  # fmt: skip
+    huge = "9" * 5000  # int() refuses strings over 4300 digits
+    assert sorted([f"x.{huge}", "x.10", "x.007", "x.8"], key=natural_sort_key) == [
+        "x.007", "x.8", "x.10", f"x.{huge}",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("index", ["\u00b2", "\u0663", "1" * 5000])
+def test_non_ascii_and_huge_digit_names_are_not_indexes(index: str) -> None:
+    # '²'.isdigit() is True but int('²') fails; '٣' is a decimal digit int() reads as 3.
+    state = {
+        f"seq.{index}.weight": TensorInfo((8, 3, 3, 3), "float32"),
+        "seq.4.weight": TensorInfo((8,), "float32"),
+        "seq.4.bias": TensorInfo((8,), "float32"),
+        "seq.4.running_mean": TensorInfo((8,), "float32"),
+        "seq.4.running_var": TensorInfo((8,), "float32"),
+    }
+    description = describe_state_dict(state, path="m", format="safetensors", registration_order=False)
+    (conv,) = description.convs  # no ValueError from int()
+    assert conv.name == f"seq.{index}"
+    assert [c.name for c in describe_state_dict(state, path="m", format="pytorch").convs] == [f"seq.{index}"]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+import re
 import stat
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
-from biasinspect.errors import UnreadableFileError
+from biasinspect.errors import MalformedModelError, UnreadableFileError
 
 
 def unreadable(error: OSError, path: Path) -> UnreadableFileError:
@@ -79,3 +81,99 @@ def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise DuplicateKeyError(key)
         result[key] = value
     return result
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+"""A ``\\uD800``-``\\uDFFF`` escape: the only way a surrogate can reach a decoded JSON string
+(strict UTF-8 decoding already rejects encoded surrogates)."""
+
+QUOTE_CHARS = 200
+"""Longest name or value quoted in an error message (hostile headers hold megabyte names)."""
+
+
+def shorten(text: str, limit: int = QUOTE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, ending in ``...`` when cut."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """``repr(value)`` cut to about ``limit`` characters (with ``...``), for one-line messages.
+
+    Lists and tuples show their first 8 items at most, so a hostile shape of a million dims
+    does not become a megabyte-long message.
+    """
+    if isinstance(value, (list, tuple)) and len(value) > 8:
+        shown = ", ".join(quote(item, limit) for item in value[:8])
+        text = f"[{shown}, ... ({len(value)} items)]"
+    else:
+        text = repr(value)
+    return shorten(text, limit)
+
+
+def _lone_surrogate(document: object) -> str | None:
+    """The first string (key or value) holding a lone surrogate, walking iteratively."""
+    stack = [document]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            strings: list[str] = [value]
+        elif isinstance(value, dict):
+            strings = list(value)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            strings = []
+            stack.extend(value)
+        else:
+            continue
+        for text in strings:
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    return text
+    return None
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_object(
+    raw: bytes, what: str, *, strict_constants: bool = False, require_brace: bool = False
+) -> dict[str, Any]:
+    """Decode ``raw`` as UTF-8 JSON whose top level is an object, as a strict parser would.
+
+    Beyond :func:`json.loads`: duplicate keys and lone surrogate escapes (``"\\ud800"``, which
+    serde_json and other strict parsers reject) are errors; with ``strict_constants``, so are
+    ``NaN``/``Infinity``; with ``require_brace``, the first non-whitespace byte must be ``{``.
+    Every failure is a one-line :class:`MalformedModelError` starting with ``what`` (e.g.
+    ``header`` -> ``header is not valid JSON: ...``), except a duplicate key:
+    ``duplicate key 'k' in <what>``.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise MalformedModelError(f"{what} is not valid UTF-8 (byte {error.start})") from error
+    if require_brace and not text.lstrip(" \t\r\n").startswith("{"):
+        raise MalformedModelError(f"{what} does not start with '{{'")
+    try:
+        parsed = json.loads(
+            text,
+            object_pairs_hook=reject_duplicate_keys,
+            parse_constant=_reject_constant if strict_constants else None,
+        )
+    except DuplicateKeyError as error:
+        raise MalformedModelError(f"duplicate key {quote(error.key)} in {what}") from error
+    except RecursionError as error:
+        raise MalformedModelError(f"{what} JSON is nested too deeply") from error
+    except ValueError as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise MalformedModelError(f"{what} is not valid JSON: {shorten(reason)}") from error
+    if not isinstance(parsed, dict):
+        raise MalformedModelError(f"{what} is not a JSON object")
+    if _SURROGATE_ESCAPE.search(text) is not None:
+        bad = _lone_surrogate(parsed)
+        if bad is not None:
+            # repr() shows the surrogate as a \udxxx escape, so the message stays printable.
+            raise MalformedModelError(f"{what} is not valid JSON: lone surrogate in string {quote(bad)}")
+    return parsed

@@ -25,16 +25,15 @@ integer tensor in a PyTorch state dict is treated.
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from biasinspect import limits
 from biasinspect.errors import MalformedModelError, ResourceLimitError, UnreadableFileError
 from biasinspect.model import ModelDescription
-from biasinspect.readers.files import DuplicateKeyError, open_regular_file, reject_duplicate_keys
+from biasinspect.readers.files import open_regular_file, parse_json_object, quote
 from biasinspect.readers.state_dict import describe_state_dict
 from biasinspect.readers.tensors import TensorInfo
 
@@ -67,11 +66,6 @@ DTYPES: dict[str, tuple[str, int]] = {
 """safetensors dtype -> (TensorInfo dtype name, bits per element), as in the Rust crate."""
 
 _U64_LIMIT = 2**64
-_JSON_WHITESPACE = b" \t\r\n"
-
-
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def _is_uint(value: object) -> bool:
@@ -108,47 +102,49 @@ def _read_header(path: Path) -> tuple[bytes, int]:
 
 
 def _parse_json(header: bytes) -> dict[str, Any]:
-    try:
-        text = header.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise MalformedModelError(f"header is not valid UTF-8 (byte {error.start})") from error
-    stripped = header.lstrip(_JSON_WHITESPACE)
-    if not stripped.startswith(b"{"):
-        raise MalformedModelError("header does not start with '{'")
-    try:
-        parsed = json.loads(text, object_pairs_hook=reject_duplicate_keys, parse_constant=_reject_constant)
-    except DuplicateKeyError as error:
-        raise MalformedModelError(f"duplicate key {error.key!r} in header") from error
-    except RecursionError as error:
-        raise MalformedModelError("header JSON is nested too deeply") from error
-    except ValueError as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise MalformedModelError(f"header is not valid JSON: {reason}") from error
-    if not isinstance(parsed, dict):
-        raise MalformedModelError("header is not a JSON object")
-    return parsed
+    # serde_json rejects NaN/Infinity and lone surrogates as json.loads does not; the library
+    # also requires the header to start with '{' (after whitespace).
+    return parse_json_object(header, "header", strict_constants=True, require_brace=True)
 
 
 def _entry(name: str, value: object) -> tuple[str, tuple[int, ...], int, int, int]:
     """Validate one tensor entry: (dtype name, shape, begin, end, bits per element)."""
+    tensor = f"tensor {quote(name)}"
     if not isinstance(value, dict):
-        raise MalformedModelError(f"tensor {name!r}: header entry is not an object")
+        raise MalformedModelError(f"{tensor}: header entry is not an object")
     for key in ("dtype", "shape", "data_offsets"):
         if key not in value:
-            raise MalformedModelError(f"tensor {name!r}: header entry has no {key!r}")
+            raise MalformedModelError(f"{tensor}: header entry has no {key!r}")
     dtype = value["dtype"]
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise MalformedModelError(f"tensor {name!r}: unknown dtype {dtype!r}")
+        raise MalformedModelError(f"{tensor}: unknown dtype {quote(dtype)}")
     shape = value["shape"]
     if not isinstance(shape, list) or not all(_is_uint(dim) for dim in shape):
-        raise MalformedModelError(f"tensor {name!r}: shape {shape!r} is not a list of unsigned integers")
+        raise MalformedModelError(f"{tensor}: shape {quote(shape)} is not a list of unsigned integers")
     offsets = value["data_offsets"]
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
         raise MalformedModelError(
-            f"tensor {name!r}: data_offsets {offsets!r} is not a pair of unsigned integers"
+            f"{tensor}: data_offsets {quote(offsets)} is not a pair of unsigned integers"
         )
     dtype_name, bits = DTYPES[dtype]
     return dtype_name, tuple(shape), offsets[0], offsets[1], bits
+
+
+def _checked_numel(shape: tuple[int, ...], bits: int) -> int | None:
+    """Element count of ``shape``, or ``None`` once it (or its bit count) reaches 2**64.
+
+    Checked after every dim, as the library's ``try_fold(1, checked_mul)`` does: multiplying
+    out a header of many huge dims before checking would cost time quadratic in the number
+    of dims (and give the same verdict: once 2**64 is passed, the library has failed).  The
+    running count stays below 2**64, so every step is cheap; a zero dim reached before any
+    overflow makes the count 0 for good, as in the library.
+    """
+    numel = 1
+    for dim in shape:
+        numel *= dim
+        if numel >= _U64_LIMIT:
+            return None
+    return None if numel * bits >= _U64_LIMIT else numel
 
 
 def _validate_layout(entries: list[tuple[str, str, tuple[int, ...], int, int, int]], data_size: int) -> None:
@@ -156,6 +152,7 @@ def _validate_layout(entries: list[tuple[str, str, tuple[int, ...], int, int, in
     ordered = sorted(entries, key=lambda entry: (entry[3], entry[4]))
     position = 0
     for name, _dtype, shape, begin, end, bits in ordered:
+        tensor = f"tensor {quote(name)}"
         if begin != position or end < begin:
             if end < begin:
                 problem = "end before begin"
@@ -163,26 +160,21 @@ def _validate_layout(entries: list[tuple[str, str, tuple[int, ...], int, int, in
                 problem = f"overlap the previous tensor, which ends at byte {position}"
             else:
                 problem = f"leave a gap after byte {position}"
-            raise MalformedModelError(f"tensor {name!r}: data_offsets [{begin}, {end}] {problem}")
+            raise MalformedModelError(f"{tensor}: data_offsets [{begin}, {end}] {problem}")
         if end > data_size:
             raise MalformedModelError(
-                f"tensor {name!r}: data_offsets [{begin}, {end}] run past the end of the"
-                f" {data_size} data bytes"
+                f"{tensor}: data_offsets [{begin}, {end}] run past the end of the {data_size} data bytes"
             )
         position = end
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        if numel >= _U64_LIMIT or numel * bits >= _U64_LIMIT:
-            raise MalformedModelError(f"tensor {name!r}: shape {list(shape)} overflows a 64-bit size")
+        numel = _checked_numel(shape, bits)
+        if numel is None:
+            raise MalformedModelError(f"{tensor}: shape {quote(list(shape))} overflows a 64-bit size")
         if (numel * bits) % 8:
-            raise MalformedModelError(
-                f"tensor {name!r}: {numel} elements of {bits} bits do not fill whole bytes"
-            )
+            raise MalformedModelError(f"{tensor}: {numel} elements of {bits} bits do not fill whole bytes")
         if end - begin != numel * bits // 8:
             raise MalformedModelError(
-                f"tensor {name!r}: data_offsets [{begin}, {end}] hold {end - begin} bytes but shape"
-                f" {list(shape)} needs {numel * bits // 8}"
+                f"{tensor}: data_offsets [{begin}, {end}] hold {end - begin} bytes but shape"
+                f" {quote(list(shape))} needs {numel * bits // 8}"
             )
     if position != data_size:
         raise MalformedModelError(

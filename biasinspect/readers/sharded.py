@@ -21,8 +21,6 @@ are sorted, so safetensors shards are described with ``registration_order=False`
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -37,13 +35,14 @@ from biasinspect.errors import (
     UnsupportedFormatError,
 )
 from biasinspect.model import ModelDescription
-from biasinspect.readers.files import DuplicateKeyError, open_regular_file, reject_duplicate_keys
+from biasinspect.readers.files import open_regular_file, parse_json_object, quote
 from biasinspect.readers.safetensors_reader import tensors_from_safetensors
 from biasinspect.readers.state_dict import describe_state_dict, natural_sort_key
 from biasinspect.readers.tensors import TensorInfo
 
-SAFETENSORS_SUFFIXES = (".safetensors",)
-PYTORCH_SUFFIXES = (".bin", ".pt", ".pth")
+SAFETENSORS_INDEX_SUFFIX = ".safetensors.index.json"
+INDEX_SUFFIXES = (SAFETENSORS_INDEX_SUFFIX, ".bin.index.json", ".pt.index.json", ".pth.index.json")
+"""Index file names this module reads; the same list as ``biasinspect.detect.INDEX_SUFFIXES``."""
 
 TensorReader = Callable[[Path], dict[str, TensorInfo]]
 
@@ -62,42 +61,30 @@ def _load_index(index_path: Path) -> dict[str, str]:
         raise UnreadableFileError(f"cannot read file: {error.strerror or error}") from error
     if len(raw) > limits.MAX_JSON_BYTES:
         raise ResourceLimitError(f"index JSON exceeds the {limits.MAX_JSON_BYTES}-byte limit")
-    try:
-        parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
-    except DuplicateKeyError as error:
-        raise MalformedModelError(f"duplicate key {error.key!r} in index JSON") from error
-    except UnicodeDecodeError as error:
-        raise MalformedModelError(f"index is not valid UTF-8 (byte {error.start})") from error
-    except RecursionError as error:
-        raise MalformedModelError("index JSON is nested too deeply") from error
-    except ValueError as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise MalformedModelError(f"index is not valid JSON: {reason}") from error
-    if not isinstance(parsed, dict):
-        raise MalformedModelError("index is not a JSON object")
+    parsed = parse_json_object(raw, "index")
     weight_map = parsed.get("weight_map")
     if not isinstance(weight_map, dict):
         raise MalformedModelError("index has no 'weight_map' object")
     for name, shard in weight_map.items():
         if not isinstance(shard, str):
-            raise MalformedModelError(f"weight_map entry {name!r} is not a file name")
+            raise MalformedModelError(f"weight_map entry {quote(name)} is not a file name")
     return cast(dict[str, str], weight_map)
 
 
 def _check_shard_path(folder: Path, shard: str) -> Path:
     """The shard's path under ``folder``; MalformedModelError if it could lead outside."""
     if not shard or "\x00" in shard:
-        raise MalformedModelError(f"shard {shard!r}: empty or invalid file name")
+        raise MalformedModelError(f"shard {quote(shard)}: empty or invalid file name")
     posix, windows = PurePosixPath(shard), PureWindowsPath(shard)
     if posix.is_absolute() or windows.is_absolute() or windows.drive or shard.startswith(("/", "\\")):
-        raise MalformedModelError(f"shard {shard!r}: absolute paths are not allowed")
+        raise MalformedModelError(f"shard {quote(shard)}: absolute paths are not allowed")
     if ".." in posix.parts or ".." in windows.parts:
-        raise MalformedModelError(f"shard {shard!r}: '..' is not allowed in shard paths")
+        raise MalformedModelError(f"shard {quote(shard)}: '..' is not allowed in shard paths")
     candidate = folder / shard
     root = os.path.realpath(folder)
     resolved = os.path.realpath(candidate)
     if os.path.commonpath([root, resolved]) != root:
-        raise MalformedModelError(f"shard {shard!r}: resolves outside the index's folder")
+        raise MalformedModelError(f"shard {quote(shard)}: resolves outside the index's folder")
     return candidate
 
 
@@ -105,19 +92,20 @@ def _shard_names(weight_map: dict[str, str]) -> list[str]:
     return sorted(set(weight_map.values()), key=natural_sort_key)
 
 
-def _index_format(index_path: Path, shards: list[str]) -> str:
-    """``"safetensors"`` or ``"pytorch"``, from the index's name or else its shards' names."""
+def _index_format(index_path: Path) -> str:
+    """``"safetensors"`` or ``"pytorch"``, from the index's name.
+
+    Only names ending in one of :data:`INDEX_SUFFIXES` are read as indexes (the format sniffer
+    sends nothing else here), so the name always tells.
+    """
     name = index_path.name.lower()
-    if name.endswith(".safetensors.index.json"):
+    if name.endswith(SAFETENSORS_INDEX_SUFFIX):
         return "safetensors"
-    if name.endswith((".bin.index.json", ".pt.index.json", ".pth.index.json")):
+    if name.endswith(INDEX_SUFFIXES):
         return "pytorch"
-    lowered = [shard.lower() for shard in shards]
-    if lowered and all(shard.endswith(SAFETENSORS_SUFFIXES) for shard in lowered):
-        return "safetensors"
-    if lowered and all(shard.endswith(PYTORCH_SUFFIXES) for shard in lowered):
-        return "pytorch"
-    raise UnsupportedFormatError("index names neither safetensors nor PyTorch shards")
+    raise UnsupportedFormatError(
+        f"not a shard index name: expected a name ending in one of {', '.join(INDEX_SUFFIXES)}"
+    )
 
 
 def shard_files(index_path: Path) -> list[Path]:
@@ -132,13 +120,22 @@ def shard_files(index_path: Path) -> list[Path]:
 
 
 def _torch_tensor_reader() -> TensorReader:
-    # Imported lazily: the torch reader is another module and not needed for safetensors.
-    try:
-        module = importlib.import_module("biasinspect.readers.torch_reader")
-        reader = module.tensors_from_torch_file
-    except (ImportError, AttributeError) as error:
-        raise UnsupportedFormatError("reading PyTorch shards is not available in this build") from error
-    return cast(TensorReader, reader)
+    # Imported here, not at the top: PyTorch shards are rare and the torch reader pulls in the
+    # pickle machinery, which a safetensors index never needs.
+    from biasinspect.readers.torch_reader import tensors_from_torch_file
+
+    return tensors_from_torch_file
+
+
+MAX_LISTED_DUPLICATES = 5
+"""Names quoted in the one warning about tensors found in more than one shard."""
+
+
+def _names_sample(names: list[str]) -> str:
+    """``n tensors: 'a', 'b', ...``: the count and the first few names, for one warning line."""
+    shown = ", ".join(quote(name) for name in names[:MAX_LISTED_DUPLICATES])
+    more = ", ..." if len(names) > MAX_LISTED_DUPLICATES else ""
+    return f"{len(names)} tensor{'s' if len(names) != 1 else ''} ({shown}{more})"
 
 
 def read_sharded_index(index_path: Path) -> list[ModelDescription]:
@@ -150,8 +147,8 @@ def read_sharded_index(index_path: Path) -> list[ModelDescription]:
     """
     weight_map = _load_index(index_path)
     folder = index_path.parent
+    format_name = _index_format(index_path)
     shards = _shard_names(weight_map)
-    format_name = _index_format(index_path, shards)
     paths = {shard: _check_shard_path(folder, shard) for shard in shards}
     reader: TensorReader = (
         tensors_from_safetensors if format_name == "safetensors" else _torch_tensor_reader()
@@ -161,26 +158,42 @@ def read_sharded_index(index_path: Path) -> list[ModelDescription]:
     for shard in shards:
         path = paths[shard]
         if not path.exists():
-            raise MalformedModelError(f"shard {shard!r} listed in the index does not exist")
+            raise MalformedModelError(f"shard {quote(shard)} listed in the index does not exist")
         try:
             tensors = reader(path)
         except BiasInspectError as error:
-            raise type(error)(f"shard {shard!r}: {error}") from error
+            raise type(error)(f"shard {quote(shard)}: {error}") from error
+        # One warning per kind per shard, not one per tensor: a shard that repeats another's
+        # tensors may hold millions of them.
+        elsewhere: list[str] = []
+        repeated: list[str] = []
         for name, info in tensors.items():
             owner = weight_map.get(name)
             if owner is not None and owner != shard:
-                warnings.append(f"{name}: also in shard {shard!r}; the index maps it to {owner!r}")
+                elsewhere.append(name)
                 continue
             if name in merged:
-                warnings.append(f"{name}: in more than one shard; the first one kept")
+                repeated.append(name)
                 continue
             if info.storage_key is not None:
                 # Storage keys are per file ("0", "1"...): qualify them so shards never alias.
                 info = dataclasses.replace(info, storage_key=f"{shard}:{info.storage_key}")
             merged[name] = info
+        if elsewhere:
+            warnings.append(
+                f"shard {quote(shard)} also holds {_names_sample(elsewhere)} that the index maps to"
+                " other shards; those copies were ignored"
+            )
+        if repeated:
+            warnings.append(
+                f"shard {quote(shard)} repeats {_names_sample(repeated)} already read from an earlier"
+                " shard; the first copies were kept"
+            )
     for name, shard in weight_map.items():
         if name not in merged:
-            raise MalformedModelError(f"tensor {name!r} is listed for shard {shard!r} but is not in it")
+            raise MalformedModelError(
+                f"tensor {quote(name)} is listed for shard {quote(shard)} but is not in it"
+            )
     description = describe_state_dict(
         merged,
         path=str(index_path),

@@ -22,32 +22,48 @@ Conv detection
     module path containing ``expert`` is skipped with a warning (stacked MoE expert matrices).
 
 Conv vs ConvTranspose
-    A conv weight is [C_out, C_in/g, *k]; a transposed one is [C_in, C_out/g, *k].  With a 1-D
-    ``X.bias`` of length L: L == dim0 != dim1 -> Conv; L == dim1 != dim0 -> ConvTranspose
-    (groups 1, the only possibility); dim0 == dim1 == L or no bias -> undetermined
-    (``transposed=None``), unless the module path contains ``transpose``, ``deconv`` or
-    ``upconv``, which is taken as a hint for ConvTranspose (and said so in the notes); with such
-    a name, L == dim0 stays undetermined when dim1 divides dim0 (a grouped ConvTranspose, e.g. a
-    depthwise one, has that shape too).  L matching neither dim -> undetermined.  Without an
-    own bias, the width of an untied bias in the parent module, or of the norm that directly
-    follows (by registration order or as the next item of a ``Sequential``), settles the
-    question the same way; the name-based and unique-width norm pairings below never do (a
-    pre-activation norm of width C_in must not make a Conv look transposed).  Inferring Conv
-    adds no note (it is the reading the analysis takes anyway); inferring ConvTranspose does.
-    ``groups`` is ``None`` (state dicts do not record it), except for a ConvTranspose proven by a
-    tensor of C_out channels: C_out = dim1 x groups = dim1, so groups is 1.
+    A conv weight is [C_out, C_in/g, *k]; a transposed one is [C_in, C_out/g, *k], and a Conv's
+    bias length is always dim0 while a ConvTranspose's is dim1 x groups.  With a 1-D own bias
+    of length L:
+
+    * L == dim0 != dim1 -> Conv;
+    * L == dim1 != dim0 -> ConvTranspose, groups 1;
+    * L != dim0, L = dim1 x g with g dividing dim0 -> ConvTranspose, groups g (e.g.
+      ``ConvTranspose2d(8, 4, 2, groups=2)``: weight [8, 2, 2, 2], bias [4]);
+    * dim0 == dim1 == L -> undetermined (``transposed=None``); L matching nothing -> undetermined.
+
+    A module path containing ``transpose``, ``deconv`` or ``upconv`` is a hint for
+    ConvTranspose (said so in the notes): with no bias it gives ConvTranspose with groups
+    unknown (a depthwise ConvTranspose [C, 1, *k] has groups C); with dim0 == dim1 == L it
+    gives ConvTranspose with groups 1 (L = dim1 x groups); with L == dim0 != dim1 the conv
+    stays undetermined when dim1 divides dim0 (a grouped ConvTranspose has that shape too).
+    Without an own bias, the width of an untied bias in the conv's own or parent module, or of
+    the norm that directly follows (by registration order or as the next item of a
+    ``Sequential``), settles the question (width dim1 != dim0 -> ConvTranspose, groups 1); the
+    name-based and unique-width norm pairings below never do (a pre-activation norm of width
+    C_in must not make a Conv look transposed).  Inferring Conv adds no note (it is the reading
+    the analysis takes anyway); inferring ConvTranspose does.  Otherwise ``groups`` is ``None``
+    (state dicts do not record it).
 
     ``op`` is ``Conv{n}d`` / ``ConvTranspose{n}d``, or ``Conv{n}d?`` when undetermined (Conv or
     ConvTranspose; the analysis then treats dim0 as C_out).
 
 Bias terms
-    * ``X.bias`` (or ``X.parametrizations.bias.original``) of rank 1 -> source CONV; of any
-      other rank -> source ADD, so that the analysis's broadcasting rule classifies it.
-    * any other parameter in ``X`` whose last name component contains ``bias`` -> ADD.
-    * a parameter in the parent module ``P`` (``X = P.child``) whose last component contains
-      ``bias`` and whose shape is [C_out, *spatial] or [1, C_out, *spatial] (spatial rank = conv
-      rank - 2) -> ADD on that conv.  If several convs of ``P`` fit, convs without their own bias
-      are preferred; if still ambiguous, the parameter is attached to none (with a warning).
+    * the own bias -> source CONV when of rank 1, else ADD (so that the analysis's broadcasting
+      rule classifies it).  It is ``X.bias``, ``X.parametrizations.bias.original``, or ONE
+      weight-normed bias: ``X.bias_g`` + ``X.bias_v`` or ``X.parametrizations.bias.original0``
+      + ``original1`` (``weight_norm(conv, name="bias")``) with the shape of ``v`` (``g`` is
+      counted in model_params as usual);
+    * any other tensor in ``X`` whose last name component contains ``bias`` -> ADD, aligned
+      when shaped [C_out, *spatial] or [1, C_out, *spatial] (spatial rank = conv rank - 2),
+      else ``aligned=False`` (the analysis says "other" instead of broadcasting it);
+    * a tensor in the parent module ``P`` (``X = P.child``) whose last component contains
+      ``bias`` and whose shape is [C_out, *spatial] or [1, C_out, *spatial] -> ADD on that
+      conv.  If several convs of ``P`` fit, convs without their own bias are preferred; if
+      still ambiguous, the tensor is attached to none (with a warning).  A parent tensor of
+      any other shape -> ADD with ``aligned=False`` on the conv when it is ``P``'s only child
+      conv, else attached to none (nothing says which conv it would belong to).  This is the
+      rule :mod:`biasinspect.readers.module_tree` applies to pickled modules.
 
 followed_by (only for convs with no bias term at all)
     ``"BatchNorm"``: a module with 1-D ``running_mean`` and ``running_var`` (and, if present,
@@ -79,6 +95,7 @@ import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
 from biasinspect.model import BiasSource, BiasTerm, ConvNode, ModelDescription
 from biasinspect.readers.tensors import TensorInfo
@@ -93,9 +110,13 @@ _CONV_WORDS = ("convolution", "conv")
 _NORM_WORDS = ("normalization", "batch_norm", "batchnorm", "norm", "bn")
 _BN_LEAVES = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
 _PARAMETRIZATION_RE = re.compile(r"^(.*?)\.?parametrizations\.")
-_NUMBER_RE = re.compile(r"(\d+)")
+_NUMBER_RE = re.compile(r"([0-9]+)")
+"""ASCII digit runs only: ``str.isdigit`` and ``\\d`` also accept ``²`` or ``٣``, which ``int``
+rejects or reads differently."""
+_MAX_INDEX_DIGITS = 18
+"""Longest ``Sequential`` index taken as a number (``int()`` refuses strings over 4300 digits)."""
 
-NaturalKey = tuple[tuple[tuple[int, int | str], ...], ...]
+NaturalKey = tuple[tuple[tuple[int, int, str], ...], ...]
 
 
 def natural_sort_key(name: str) -> NaturalKey:
@@ -104,13 +125,17 @@ def natural_sort_key(name: str) -> NaturalKey:
     ``layer1.9.conv`` sorts before ``layer1.10.conv``, and ``features.2`` before
     ``features.10``.
     """
-    key: list[tuple[tuple[int, int | str], ...]] = []
+    key: list[tuple[tuple[int, int, str], ...]] = []
     for component in name.split("."):
-        parts: list[tuple[int, int | str]] = []
-        for piece in _NUMBER_RE.split(component):
-            if not piece:
-                continue
-            parts.append((0, int(piece)) if piece.isdigit() else (1, piece))
+        parts: list[tuple[int, int, str]] = []
+        # split() with a capturing group alternates text, digits, text...: odd pieces are digits.
+        for index, piece in enumerate(_NUMBER_RE.split(component)):
+            if index % 2:
+                # Numeric order without int(): fewer significant digits first, then lexically.
+                digits = piece.lstrip("0") or "0"
+                parts.append((0, len(digits), digits))
+            elif piece:
+                parts.append((1, 0, piece))
         key.append(tuple(parts))
     return tuple(key)
 
@@ -207,7 +232,6 @@ class _StateDict:
             if isinstance(name, str) and _is_valid(info):
                 self.names.append(name)
                 self.infos[name] = info
-        self.position = {name: index for index, name in enumerate(self.names)}
         # module -> {leaf: full name} for the module's direct tensors.
         self.leaves: dict[str, dict[str, str]] = {}
         for name in self.names:
@@ -314,11 +338,38 @@ def _find_convs(sd: _StateDict, warnings: list[str]) -> dict[str, _Conv]:
     return convs
 
 
+def _own_bias_names(sd: _StateDict, module: str) -> tuple[str | None, str | None]:
+    """(bias tensor, its weight-norm magnitude ``g`` or None) of conv ``module``, if any.
+
+    ``X.bias`` or ``X.parametrizations.bias.original`` is the bias itself; a weight-normed bias
+    (``weight_norm(conv, name="bias")``: ``X.bias_g`` + ``X.bias_v``, or the parametrize API's
+    ``X.parametrizations.bias.original0`` + ``original1``) is ONE bias of the shape of ``v``.
+    """
+    own = sd.leaves.get(module, {})
+    if "bias" in own:
+        return own["bias"], None
+    if "bias_v" in own and "bias_g" in own:
+        return own["bias_v"], own["bias_g"]
+    parametrized = sd.leaves.get(_join(module, "parametrizations.bias"), {})
+    if "original" in parametrized:
+        return parametrized["original"], None
+    if "original1" in parametrized and "original0" in parametrized:
+        return parametrized["original1"], parametrized["original0"]
+    return None, None
+
+
+def _untied_width(shape: tuple[int, ...], spatial_rank: int) -> int | None:
+    """C_out of a tensor shaped [C_out, *spatial] or [1, C_out, *spatial]; None otherwise."""
+    if len(shape) == spatial_rank + 1:
+        return shape[0]
+    if len(shape) == spatial_rank + 2 and shape[0] == 1:
+        return shape[1]
+    return None
+
+
 def _own_bias(sd: _StateDict, conv: _Conv) -> None:
     """Attach the conv's own bias (and bias-named extras) and settle Conv vs ConvTranspose."""
-    bias_name = sd.leaves.get(conv.module, {}).get("bias")
-    if bias_name is None:
-        bias_name = sd.leaves.get(_join(conv.module, "parametrizations.bias"), {}).get("original")
+    bias_name, magnitude_name = _own_bias_names(sd, conv.module)
     length: int | None = None
     if bias_name is not None:
         shape = sd.infos[bias_name].shape
@@ -328,19 +379,33 @@ def _own_bias(sd: _StateDict, conv: _Conv) -> None:
         else:
             conv.terms.append(BiasTerm(bias_name, shape, BiasSource.ADD))
         conv.own_bias = True
-    for leaf, name in sd.leaves.get(conv.module, {}).items():
-        if "bias" in leaf.lower() and name != bias_name:
-            conv.terms.append(BiasTerm(name, sd.infos[name].shape, BiasSource.ADD))
     _settle_transposed(conv, length)
+    spatial_rank = len(conv.shape) - 2
+    for leaf, name in sd.leaves.get(conv.module, {}).items():
+        if "bias" not in leaf.lower() or name in (bias_name, magnitude_name):
+            continue
+        shape = sd.infos[name].shape
+        width = _untied_width(shape, spatial_rank)
+        if width is not None and width in conv.widths():
+            conv.terms.append(BiasTerm(name, shape, BiasSource.ADD))
+            conv.settle_by_width(width, name)
+        else:
+            # Bias-named but not laid out as [(1,) C_out, *spatial]: how it meets the output is
+            # unknown, so the analysis reports it as "other" instead of broadcasting it.
+            conv.terms.append(BiasTerm(name, shape, BiasSource.ADD, aligned=False))
 
 
 def _settle_transposed(conv: _Conv, length: int | None) -> None:
+    """Conv vs ConvTranspose (and groups, when proven) from the own bias length and the name.
+
+    A Conv's bias length is always dim0 (C_out); a ConvTranspose's is dim1 x groups.
+    """
     dim0, dim1 = conv.shape[0], conv.shape[1]
     hinted = conv.hinted
     if length is None:
         if hinted:
+            # groups stays unknown: a depthwise ConvTranspose [C, 1, *k] has groups C.
             conv.transposed = True
-            conv.groups = 1
             conv.notes.append("ConvTranspose inferred from the module name (no bias to confirm it)")
         elif dim0 == dim1:
             conv.notes.append(
@@ -352,7 +417,7 @@ def _settle_transposed(conv: _Conv, length: int | None) -> None:
             conv.settleable = True
         return
     if length == dim0 and length != dim1:
-        if hinted and dim0 % dim1 == 0:
+        if hinted and dim1 > 0 and dim0 % dim1 == 0:
             conv.notes.append(
                 f"undetermined: the name suggests ConvTranspose but bias length {length} = weight dim0"
                 " fits a Conv (or a grouped ConvTranspose)"
@@ -365,7 +430,9 @@ def _settle_transposed(conv: _Conv, length: int | None) -> None:
         conv.notes.append(f"ConvTranspose inferred: bias length {length} = weight dim1 (groups 1)")
     elif length == dim0 == dim1:
         if hinted:
+            # Taking the hint, C_out = dim1 x groups = length = dim1, so groups is 1.
             conv.transposed = True
+            conv.groups = 1
             conv.notes.append(
                 f"ConvTranspose inferred from the module name (weight dims 0, 1 and the bias all {length})"
             )
@@ -373,6 +440,14 @@ def _settle_transposed(conv: _Conv, length: int | None) -> None:
             conv.notes.append(
                 f"undetermined: Conv or ConvTranspose (weight dims 0, 1 and the bias all {length})"
             )
+    elif length > 0 and dim1 > 0 and length % dim1 == 0 and dim0 % (length // dim1) == 0:
+        # Not dim0, so not a Conv: a ConvTranspose whose C_out = dim1 x groups = length.
+        groups = length // dim1
+        conv.transposed = True
+        conv.groups = groups
+        conv.notes.append(
+            f"ConvTranspose inferred: bias length {length} = weight dim1 ({dim1}) x groups {groups}"
+        )
     else:
         conv.notes.append(
             f"undetermined: bias length {length} matches neither weight dim0 ({dim0}) nor dim1 ({dim1})"
@@ -380,46 +455,71 @@ def _settle_transposed(conv: _Conv, length: int | None) -> None:
         )
 
 
+@dataclass
+class _WidthSlot:
+    """The convs of one parent that a [C_out, *spatial] tensor of one width could belong to."""
+
+    without_own: dict[str, _Conv] = field(default_factory=dict)
+    with_own: dict[str, _Conv] = field(default_factory=dict)
+
+
 def _parent_biases(sd: _StateDict, convs: dict[str, _Conv], warnings: list[str]) -> None:
     """Attach bias-named parameters of a conv's parent module shaped [C_out, *spatial]."""
-    # (parent, spatial rank, possible C_out) -> convs: lookups stay linear in the number of names.
-    by_width: dict[tuple[str, int, int], list[_Conv]] = {}
-    parents: set[str] = set()
+    # (parent, spatial rank, possible C_out) -> candidate convs, split by whether they have an
+    # own bias.  Each bias-named tensor then decides 0 / 1 / several candidates from the slot
+    # sizes alone, so the pass is linear in names + convs even when thousands of convs of one
+    # width share a parent.  A conv settled by a tensor leaves the slots of widths it lost.
+    slots: dict[tuple[str, int, int], _WidthSlot] = {}
+    # parent -> its child convs (insertion-ordered: deterministic attachment order)
+    parents: dict[str, list[_Conv]] = {}
     for conv in convs.values():
         if conv.module:
             parent = _split(conv.module)[0]
-            parents.add(parent)
+            parents.setdefault(parent, []).append(conv)
             for width in conv.widths():
-                by_width.setdefault((parent, len(conv.shape) - 2, width), []).append(conv)
-    for parent in parents:
+                slot = slots.setdefault((parent, len(conv.shape) - 2, width), _WidthSlot())
+                (slot.with_own if conv.own_bias else slot.without_own)[conv.module] = conv
+    for parent, children in parents.items():
         if parent in convs:
             continue  # a conv's own bias-named tensors were attached by _own_bias
         for leaf, name in sd.leaves.get(parent, {}).items():
             if "bias" not in leaf.lower():
                 continue
             shape = sd.infos[name].shape
-            fits: dict[str, tuple[_Conv, int]] = {}
-            # [C_out, *spatial] first, then [1, C_out, *spatial].
+            # [C_out, *spatial] and [1, C_out, *spatial] imply different spatial ranks, so a
+            # conv can sit in at most one of the two slots.
+            found: list[tuple[_WidthSlot, int]] = []
             for channel_dim in (0, 1):
                 if len(shape) < 2 + channel_dim or (channel_dim and shape[0] != 1):
                     continue
                 width = shape[channel_dim]
-                for conv in by_width.get((parent, len(shape) - 1 - channel_dim, width), []):
-                    if width in conv.widths():
-                        fits.setdefault(conv.module, (conv, width))
-            found = list(fits.values())
-            if len(found) > 1:
-                without_own = [fit for fit in found if not fit[0].own_bias]
-                if without_own:
-                    found = without_own
-            if len(found) > 1:
-                names = ", ".join(fit[0].module for fit in found[:5]) + (", ..." if len(found) > 5 else "")
+                match = slots.get((parent, len(shape) - 1 - channel_dim, width))
+                if match is not None and (match.without_own or match.with_own):
+                    found.append((match, width))
+            if not found:
+                if len(children) == 1:
+                    # Bias-named but not [(1,) C_out, *spatial]: with one conv in the module it
+                    # can only be that conv's, but how it meets the output is unknown -> other.
+                    children[0].terms.append(BiasTerm(name, shape, BiasSource.ADD, aligned=False))
+                continue
+            preferred = [(slot.without_own, width) for slot, width in found if slot.without_own]
+            if not preferred:
+                preferred = [(slot.with_own, width) for slot, width in found]
+            count = sum(len(candidates) for candidates, _ in preferred)
+            if count > 1:
+                shown = [module for candidates, _ in preferred for module in islice(candidates, 5)][:5]
+                names = ", ".join(shown) + (", ..." if count > 5 else "")
                 warnings.append(f"{name}: shape {list(shape)} fits several convs ({names}); not attached")
                 continue
-            if found:
-                conv, width = found[0]
-                conv.terms.append(BiasTerm(name, shape, BiasSource.ADD))
-                conv.settle_by_width(width, name)
+            candidates, width = preferred[0]
+            conv = next(iter(candidates.values()))
+            conv.terms.append(BiasTerm(name, shape, BiasSource.ADD))
+            before = set(conv.widths())
+            conv.settle_by_width(width, name)
+            for old in before - set(conv.widths()):
+                old_slot = slots.get((parent, len(conv.shape) - 2, old))
+                if old_slot is not None:
+                    (old_slot.with_own if conv.own_bias else old_slot.without_own).pop(conv.module, None)
 
 
 def _paired_name(leaf: str) -> list[str]:
@@ -436,7 +536,7 @@ def _paired_name(leaf: str) -> list[str]:
 
 def _next_in_sequential(module: str) -> str | None:
     parent, leaf = _split(module)
-    if leaf.isdigit():
+    if leaf.isascii() and leaf.isdecimal() and len(leaf) <= _MAX_INDEX_DIGITS:
         return _join(parent, str(int(leaf) + 1))
     return None
 

@@ -36,6 +36,7 @@ from biasinspect.errors import (
 from biasinspect.limits import MAX_JSON_BYTES
 from biasinspect.model import BiasSource, BiasTerm, ConvNode, MaybeShape, ModelDescription
 from biasinspect.readers.archive import Archive
+from biasinspect.readers.files import parse_json_object
 
 FORMAT = "torch-export"
 """The ``format`` string of every description this reader returns."""
@@ -49,6 +50,12 @@ independent of that)."""
 
 MAX_ALIAS_HOPS = 64
 """Most view/dtype/dequantize nodes followed when tracing a tensor back to its placeholder."""
+
+MAX_MODULE_PATH_CHARS = 1024
+"""Longest ``nn_module_stack`` module path that is cleaned up into a dotted name; a longer one
+(no real model nests that deep) is ignored and the layer named otherwise."""
+
+_GETATTR = re.compile(r"getattr\(([^()]*), '([^']*)'\)")
 
 _PROGRAM_JSON = re.compile(r"^(?:[^/]+/)?models/([^/]+)\.json$")
 _LEGACY_JSON = re.compile(r"^(?:[^/]+/)?serialized_exported_program\.json$")
@@ -193,16 +200,8 @@ def _read_json(archive: Archive, member: str) -> dict[str, Any]:
         raise
     except (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         raise MalformedModelError(f"{member}: cannot read member: {error}") from error
-    try:
-        document = json.loads(data)
-    except RecursionError as error:
-        raise MalformedModelError(f"{member}: JSON nested too deeply") from error
-    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise MalformedModelError(f"{member}: invalid JSON: {message}") from error
-    if not isinstance(document, dict):
-        raise MalformedModelError(f"{member}: top level is {_kind(document)}, expected an object")
-    return document
+    # UTF-8 JSON object, no duplicate keys, no lone surrogates: torch writes nothing else.
+    return parse_json_object(data, member)
 
 
 def _weight_storages(archive: Archive, names: list[str], member: str, model_name: str) -> dict[str, str]:
@@ -613,14 +612,19 @@ def _module(node: _Node) -> tuple[str, str]:
     if len(parts) != 3:
         return "", ""
     path, type_name = parts[1], parts[2]
+    type_name = type_name.rsplit(".", 1)[-1]
+    if len(path) > MAX_MODULE_PATH_CHARS:
+        return "", type_name
     # Older exporters wrote Dynamo source strings such as L['self'].features[0] or
-    # getattr(L['self'].layer1, '0').conv1; reduce them to the dotted module path.
-    for _ in range(path.count("getattr(")):
-        path = re.sub(r"getattr\(([^()]*), '([^']*)'\)", r"\1.\2", path, count=1)
+    # getattr(L['self'].layer1, '0').conv1; reduce them to the dotted module path, innermost
+    # getattr first.  Each pass removes one getattr, and the length cap bounds the passes.
+    substituted = 1
+    while substituted:
+        path, substituted = _GETATTR.subn(r"\1.\2", path, count=1)
     path = re.sub(r"^L\['self'\]\.?", "", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']*)'\]", r".\1", path).strip(".")
-    return path, type_name.rsplit(".", 1)[-1]
+    return path, type_name
 
 
 def _followed_by(scope: _Scope, output: str, placeholders: dict[str, _Placeholder]) -> str | None:
