@@ -1018,3 +1018,154 @@ def test_payloads_are_live_controls(tmp_path):
     assert {live[int(number)].name: flag for number, flag in ran.items()} == {
         payload.name: "True" for payload in live
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Review regressions (TORCH_FIXES 1-5): pickles torch.load would run that we once missed
+# ---------------------------------------------------------------------------------------------
+
+
+def _binunicode(text: str) -> bytes:
+    raw = text.encode()
+    return b"X" + len(raw).to_bytes(4, "little") + raw
+
+
+def _mkdir_call(module: str, name: str, target: Path) -> bytes:
+    """GLOBAL module/name called with (target,) -- the protocol-4 dotted-attribute trick when
+    ``name`` holds dots (pickle resolves it through module attributes)."""
+    return f"c{module}\n{name}\n".encode() + b"(" + _binunicode(str(target)) + b"tR"
+
+
+def _pickle_report(tmp_path: Path, data: bytes, name: str = "payload.pkl") -> dict[str, Any]:
+    path = tmp_path / name
+    path.write_bytes(data)
+    code, report, err = run_json(path)
+    assert (code, err) == (0, ""), err
+    return only_model(report)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("torch.nn.modules.module", "torch.hub.os.mkdir"),
+        ("torch.nn.modules.conv", "torch.hub.load"),
+        ("torch.nn.functional", "torch.ops.load_library"),
+        ("numpy.dtypes", "np.load"),
+        ("torch.jit._pickle", "os.mkdir"),
+    ],
+)
+def test_dotted_attribute_global_is_never_safe(tmp_path, marker, module, name):
+    """Protocol >= 4 find_class walks a dotted attribute out of an allow-listed module
+    (``torch.nn.modules.module`` + ``torch.hub.os.mkdir`` is ``os.mkdir``): called, it is unsafe."""
+    data = b"\x80\x04" + _mkdir_call(module, name, marker) + b"}" + _binunicode("w") + b"K\x01s\x86."
+    model = _pickle_report(tmp_path, data)
+    assert f"{module}.{name}" in model["unsafe_callables"]
+    assert any(f"{module}.{name}" in warning for warning in model["warnings"])
+
+
+@pytest.mark.timeout(120)
+def test_torch_export_archive_with_hidden_data_pkl(tmp_path, marker):
+    """A .pt2 with a planted <prefix>/data.pkl: torch.load would unpickle it, so it is read
+    inertly and its callables reported next to the export program's conv."""
+    import torch
+
+    export = tmp_path / "real.pt2"
+    program = torch.export.export(torch.nn.Conv2d(3, 4, 3), (torch.zeros(1, 3, 8, 8),))
+    torch.export.save(program, str(export))
+    with zipfile.ZipFile(export) as source:
+        names = source.namelist()
+        members = {name: source.read(name) for name in names}
+    prefix = names[0].split("/")[0]
+    assert f"{prefix}/data.pkl" not in members
+    members[f"{prefix}/data.pkl"] = b"\x80\x02" + _mkdir_call("os", "mkdir", marker) + b"."
+    path = tmp_path / "hidden.pt2"
+    with zipfile.ZipFile(path, "w") as target:
+        for name, data in members.items():
+            target.writestr(name, data)
+    code, report, err = run_json(path)
+    assert (code, err) == (0, ""), err
+    model = only_model(report)
+    assert model["format"] == "torch-export"
+    assert len(model["layers"]) == 1
+    assert model["unsafe_callables"] == ["os.mkdir"]
+    assert any("data.pkl" in warning for warning in model["warnings"])
+
+
+@pytest.mark.timeout(30)
+def test_legacy_storage_keys_pickle_with_payload(tmp_path, marker):
+    """The 5th pickle of a legacy torch.save file (storage keys) is unpickled by torch.load too."""
+    data = hf.seed_torch_legacy()
+    start, end = hf.legacy_pickle_spans(data)[4]
+    keys = data[start:end]
+    assert keys[:2] == b"\x80\x02"
+    evil = b"\x80\x02" + _mkdir_call("os", "mkdir", marker) + b"0" + keys[2:]
+    path = tmp_path / "legacy.pt"
+    path.write_bytes(data[:start] + evil + data[end:])
+    code, report, err = run_json(path)
+    assert (code, err) == (0, ""), err
+    model = only_model(report)
+    assert_seed_conv(model)
+    assert model["unsafe_callables"] == ["os.mkdir"]
+
+
+def _legacy_blob(obj: bytes, keys: bytes) -> bytes:
+    """A legacy torch.save stream as torch.storage._load_from_bytes receives it."""
+    import pickle
+
+    from biasinspect.readers.pickle_inert import LEGACY_MAGIC
+
+    head = pickle.dumps(LEGACY_MAGIC, 2) + pickle.dumps(1001, 2) + pickle.dumps({}, 2)
+    return head + obj + keys + b"\x00" * 16
+
+
+def _load_from_bytes(blob: bytes) -> bytes:
+    return b"ctorch.storage\n_load_from_bytes\n(B" + len(blob).to_bytes(4, "little") + blob + b"tR"
+
+
+@pytest.mark.timeout(30)
+def test_nested_blob_keys_pickle_and_depth_are_reported(tmp_path, marker):
+    """(a) a payload in a nested blob's storage-keys pickle is reported; (b) blobs nested past
+    the follow limit are reported as not inspected, never dropped silently."""
+    import pickle
+
+    keys = b"\x80\x02" + _mkdir_call("os", "mkdir", marker) + b"0" + pickle.dumps([], 2)[2:]
+    blob = _legacy_blob(pickle.dumps(None, 2), keys)
+    model = _pickle_report(tmp_path, b"\x80\x03" + _load_from_bytes(blob) + b".", "keys.pkl")
+    assert model["unsafe_callables"] == ["os.mkdir"]
+
+    inner = b"\x80\x03" + _mkdir_call("os", "mkdir", marker) + b"."
+    for _ in range(3):  # deeper than MAX_NESTED_BLOBS
+        inner = _legacy_blob(b"\x80\x03" + _load_from_bytes(inner) + b".", pickle.dumps([], 2))
+    model = _pickle_report(tmp_path, b"\x80\x03" + _load_from_bytes(inner) + b".", "deep.pkl")
+    assert "<nested storage blob not inspected>" in model["unsafe_callables"]
+
+
+@pytest.mark.timeout(30)
+def test_functions_called_by_allow_listed_helpers(tmp_path, marker):
+    """_rebuild_from_type_v2(func, type, args, state) calls func(*args); copyreg._reconstructor
+    runs base.__init__: both callables are reported."""
+    rebuild = (
+        b"\x80\x02ctorch._tensor\n_rebuild_from_type_v2\n(cnumpy\nsave\nctorch\nTensor\n("
+        + _binunicode(str(marker))
+        + b"K\x00tNtR."
+    )
+    model = _pickle_report(tmp_path, rebuild, "rebuild.pkl")
+    assert "numpy.save" in model["unsafe_callables"]
+    reconstruct = b"ccopyreg\n_reconstructor\n(cmymodels\nNet\ncevilmod\nBase\nNtR."
+    model = _pickle_report(tmp_path, reconstruct, "reconstruct.pkl")
+    assert "evilmod.Base" in model["unsafe_callables"]
+    assert "mymodels.Net" not in model["unsafe_callables"]  # only __new__'d, like NEWOBJ
+
+
+@pytest.mark.timeout(30)
+def test_storage_location_object_graph_is_not_stringified(tmp_path):
+    """A storage persistent id whose location is a 100M-element shared list graph (a 200 KB
+    file) is read quickly: the location is never turned into text."""
+    data = bytearray(b"\x80\x02](" + b"K\x00" * 100_000 + b"eq\x00")  # L = [0] * 100k
+    data += b"0](" + b"h\x00" * 1000 + b"eq\x01"  # M = [L] * 1000
+    data += b"0}(" + _binunicode("conv.weight")
+    data += b"ctorch._utils\n_rebuild_tensor_v2\n((" + _binunicode("storage")
+    data += b"ctorch\nFloatStorage\n" + _binunicode("0") + b"h\x01K\x10tQK\x00(K\x10t(K\x01tI00\nNtRu."
+    model = _pickle_report(tmp_path, bytes(data), "location.pkl")
+    assert model["unsafe_callables"] == []

@@ -158,6 +158,23 @@ def test_classify_global(dotted: str, kind: str) -> None:
     assert classify_global(dotted) == kind
 
 
+@pytest.mark.parametrize(
+    ("dotted", "attribute", "kind"),
+    [
+        # A user package whose submodule shares a standard-library name is the user's module.
+        ("mypkg.code.Net", None, "unknown"),
+        ("models.signal.trace.Block", None, "unknown"),
+        # An attribute walk (protocol >= 4) reaching os through an allow-listed module is unsafe.
+        ("torch.nn.modules.conv.os.path.join", "os.path.join", "unsafe"),
+        ("torch.nn.modules.conv.F.torch.hub.load", "F.torch.hub.load", "unsafe"),
+        # A dotted attribute is never safe, even when every part looks harmless.
+        ("torch.nn.modules.conv.Conv2d.forward", "Conv2d.forward", "unknown"),
+    ],
+)
+def test_classify_global_with_attribute_walk(dotted: str, attribute: str | None, kind: str) -> None:
+    assert classify_global(dotted, attribute) == kind
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("make", [p0_call, p4_call])
 @pytest.mark.parametrize(

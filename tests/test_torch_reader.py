@@ -415,6 +415,34 @@ def test_user_conv_subclass_with_own_untied_bias(tmp_path: Path) -> None:
     assert desc.model_params == n_params(model)
 
 
+class CamelUntied(nn.Module):
+    """An untied bias whose name spells Bias with a capital (still a bias, like in state dicts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, bias=False)
+        self.untiedBias = nn.Parameter(torch.zeros(3, 6, 6))
+
+
+def test_capitalised_bias_name_in_parent_module(tmp_path: Path) -> None:
+    path = tmp_path / "camel.pt"
+    model = CamelUntied()
+    torch.save(model, path)
+    (conv,) = only(path).convs
+    assert conv.bias_terms == (add_term("untiedBias", (3, 6, 6)),)
+
+
+def test_bias_v_without_bias_g_is_not_a_weight_normed_bias(tmp_path: Path) -> None:
+    conv = nn.Conv2d(2, 3, 3, bias=False)
+    conv.register_parameter("bias_v", nn.Parameter(torch.zeros(3)))
+    path = tmp_path / "v_only.pt"
+    torch.save(nn.Sequential(conv), path)
+    (layer,) = only(path).convs
+    # Without its magnitude bias_g it is not the conv's own bias, only an extra bias-named
+    # parameter added to the output.
+    assert [(t.name, t.shape, t.source) for t in layer.bias_terms] == [("0.bias_v", (3,), BiasSource.ADD)]
+
+
 def test_tensors_from_torch_file_for_shards(tmp_path: Path, models: dict[str, nn.Module]) -> None:
     state = models["vgg"].state_dict()
     for name, kwargs in (("zip.bin", {}), ("legacy.bin", {"_use_new_zipfile_serialization": False})):
@@ -831,3 +859,112 @@ def test_torchscript_whose_root_is_not_a_module(saved: dict[str, Path], tmp_path
         MalformedModelError, match=re.escape("TorchScript data.pkl does not hold a module object")
     ):
         read(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# Review regressions (TORCH_FIXES 6-9)
+
+
+class _ParamWeightNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 8, 3))
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.c(x))
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_torchscript_parametrized_weight_norm_conv(tmp_path: Path, how: str) -> None:
+    """The current weight-norm API keeps the weight in parametrizations.weight.original0/1."""
+    model = _ParamWeightNorm()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = (
+            torch.jit.script(model) if how == "script" else torch.jit.trace(model, torch.zeros(1, 3, 9, 9))
+        )
+        torch.jit.save(scripted, str(tmp_path / "wn.pt"))
+    (desc,) = read_torch_zip(tmp_path / "wn.pt")
+    assert desc.format == "torchscript"
+    (conv,) = desc.convs
+    assert conv.name == "c"
+    assert conv.weight_name == "c.parametrizations.weight.original1"
+    assert conv.weight_shape == (8, 3, 3, 3)
+    assert conv.bias_terms == (BiasTerm("c.bias", (8,), BiasSource.CONV),)
+    assert desc.model_params == sum(p.numel() for p in model.parameters())
+
+
+def test_module_pickled_with_protocol_1_keeps_class_names(tmp_path: Path) -> None:
+    """Protocols 0/1 pickle modules as copyreg._reconstructor(cls, object, None)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8))
+    for protocol in (0, 1):
+        path = tmp_path / f"p{protocol}.pt"
+        torch.save(model, path, pickle_protocol=protocol)
+        (desc,) = read_torch_zip(path)
+        (conv,) = desc.convs
+        assert (conv.name, conv.op, conv.bias_terms, conv.followed_by) == ("0", "Conv2d", (), "BatchNorm2d")
+        assert desc.model_params == sum(p.numel() for p in model.parameters())
+
+
+def test_torchscript_constants_pkl_is_read(tmp_path: Path) -> None:
+    """torch.jit.load unpickles constants.pkl too: a payload there is reported."""
+    marker = tmp_path / "MARK"
+    source = tmp_path / "ts.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(nn.Conv2d(3, 8, 3)), str(source))
+    with zipfile.ZipFile(source) as zin:
+        members = {name: zin.read(name) for name in zin.namelist()}
+    (constants,) = [name for name in members if name.endswith("/constants.pkl")]
+    raw = str(marker).encode()
+    members[constants] = (
+        b"\x80\x02cos\nmkdir\n(X" + len(raw).to_bytes(4, "little") + raw + b"tR0" + members[constants][2:]
+    )
+    path = tmp_path / "evil.pt"
+    with zipfile.ZipFile(path, "w") as zout:
+        for name, data in members.items():
+            zout.writestr(name, data)
+    (desc,) = read_torch_zip(path)
+    assert len(desc.convs) == 1
+    assert desc.unsafe_callables == ("os.mkdir",)
+    assert not marker.exists()
+
+
+def test_bias_named_extras_are_unaligned_add_terms() -> None:
+    """A bias-named extra that is not [C_out, *spatial] is kept as an unaligned ADD term."""
+    from biasinspect.readers.module_tree import ModuleNode, describe_module_tree
+    from biasinspect.readers.pickle_inert import TensorRef
+    from biasinspect.readers.tensors import TensorInfo
+
+    def tensor(*shape: int) -> TensorRef:
+        return TensorRef(TensorInfo(shape, "float32"), True, None)
+
+    conv = ModuleNode("c", "torch.nn.modules.conv.Conv2d", params={"weight": tensor(8, 3, 3, 3)})
+    conv.params["extra_bias"] = tensor(1)
+    conv.params["map_bias"] = tensor(8, 5, 5)
+    conv.attrs.update(kernel_size=(3, 3), stride=(1, 1), groups=1)
+    root = ModuleNode("", "mymodels.Net", params={"out_bias": tensor(3)}, children=[conv])
+    (node,) = describe_module_tree(root, path="x", format="pytorch").convs
+    assert node.bias_terms == (
+        BiasTerm("c.extra_bias", (1,), BiasSource.ADD, aligned=False),
+        BiasTerm("c.map_bias", (8, 5, 5), BiasSource.ADD),
+        BiasTerm("out_bias", (3,), BiasSource.ADD, aligned=False),
+    )
+
+
+def test_zip_with_data_pkl_in_two_top_folders_is_refused(tmp_path: Path) -> None:
+    """torch refuses such zips; which record would be loaded is ambiguous."""
+    buffer = io.BytesIO()
+    torch.save({"w": torch.zeros(2, 3, 3, 3)}, buffer)
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as zin:
+        members = {name: zin.read(name) for name in zin.namelist()}
+    path = tmp_path / "two.pt"
+    with zipfile.ZipFile(path, "w") as zout:
+        for name, data in members.items():
+            zout.writestr(name, data)
+            zout.writestr("other/" + name.split("/", 1)[1], data)
+    with pytest.raises(
+        MalformedModelError, match=r"^zip holds data\.pkl in several top folders \(archive, other\)$"
+    ):
+        read_torch_zip(path)

@@ -215,6 +215,23 @@ def _iter_preorder(root: ModuleNode) -> list[ModuleNode]:
     return out
 
 
+def _parametrized(node: ModuleNode, tensor_name: str) -> tuple[str, TensorRef] | None:
+    """The stored original of ``node.parametrizations.<tensor_name>`` (torch.nn.utils.parametrize):
+    ``original`` for a one-tensor parametrization, ``original1`` (the full-rank ``v``) for weight
+    norm (``original0`` is the magnitude ``g``).  Name relative to ``node``."""
+    holder = next((c for c in node.children if c.path.rsplit(".", 1)[-1] == "parametrizations"), None)
+    if holder is None:
+        return None
+    plist = next((c for c in holder.children if c.path.rsplit(".", 1)[-1] == tensor_name), None)
+    if plist is None:
+        return None
+    for name in ("original", "original1"):
+        tensor = plist.params.get(name)
+        if tensor is not None:
+            return f"parametrizations.{tensor_name}.{name}", tensor
+    return None
+
+
 def _conv_weight(node: ModuleNode) -> tuple[str, TensorRef] | None:
     if node.conv_weight is not None:
         return "weight", node.conv_weight
@@ -222,7 +239,7 @@ def _conv_weight(node: ModuleNode) -> tuple[str, TensorRef] | None:
         tensor = node.params.get(name)
         if tensor is not None:
             return name, tensor
-    return None
+    return _parametrized(node, "weight")
 
 
 def _is_conv(node: ModuleNode) -> tuple[str, TensorRef] | None:
@@ -349,15 +366,33 @@ def describe_module_tree(
             groups,
             _out_channels(weight.info.shape, transposed, groups),
         )
+        bias_name = "bias"
         bias = node.conv_bias if node.conv_weight is not None else node.params.get("bias")
+        if bias is None and node.conv_weight is None:
+            # A weight-normed bias is one conv bias of v's shape (g is its magnitude).
+            if node.params.get("bias_v") is not None and node.params.get("bias_g") is not None:
+                bias_name, bias = "bias_v", node.params["bias_v"]
+            else:
+                hit = _parametrized(node, "bias")
+                if hit is not None:
+                    bias_name, bias = hit
         if bias is not None:
             source = BiasSource.CONV if len(bias.info.shape) == 1 else BiasSource.ADD
-            item.terms.append(BiasTerm(_join(node.path, "bias"), bias.info.shape, source))
+            item.terms.append(BiasTerm(_join(node.path, bias_name), bias.info.shape, source))
+        spatial_rank = len(weight.info.shape) - 2
         for name, tensor in node.params.items():
-            if tensor is not None and name != "bias" and "bias" in name:
-                item.terms.append(BiasTerm(_join(node.path, name), tensor.info.shape, BiasSource.ADD))
+            # Case-insensitive like the state-dict reader: ``untiedBias`` is as much a bias.
+            if tensor is None or name == "bias" or "bias" not in name.lower():
+                continue
+            if bias_name == "bias_v" and name in ("bias_g", "bias_v"):
+                continue
+            shape = tensor.info.shape
+            aligned = _spatial_bias_fits(shape, item.c_out, spatial_rank)
+            item.terms.append(BiasTerm(_join(node.path, name), shape, BiasSource.ADD, aligned=aligned))
         if weight_name == "weight_v":
             item.notes.append("weight norm (weight_g/weight_v): weight shape taken from weight_v")
+        elif weight_name.startswith("parametrizations.weight."):
+            item.notes.append(f"parametrized weight: weight shape taken from {weight_name}")
         elif weight_name == "weight_orig":
             item.notes.append("spectral norm: weight shape taken from weight_orig")
         found[id(node)] = item
@@ -404,7 +439,7 @@ def _attach_parent_biases(order: list[ModuleNode], found: dict[int, _Found], war
         if not child_convs:
             continue
         for name, tensor in parent.params.items():
-            if tensor is None or "bias" not in name or id(parent) in found:
+            if tensor is None or "bias" not in name.lower() or id(parent) in found:
                 continue
             shape = tensor.info.shape
             fits = [
@@ -412,7 +447,13 @@ def _attach_parent_biases(order: list[ModuleNode], found: dict[int, _Found], war
             ]
             bare = [c for c in fits if not c.terms]
             pick = bare if bare else fits
-            if len(pick) == 1:
+            if not fits and len(child_convs) == 1:
+                # Bias-named but not [C_out, *spatial]: the shape is known, not how it meets the
+                # conv output -- an unaligned term (classified "other"), never dropped.
+                child_convs[0].terms.append(
+                    BiasTerm(_join(parent.path, name), shape, BiasSource.ADD, aligned=False)
+                )
+            elif len(pick) == 1:
                 pick[0].terms.append(BiasTerm(_join(parent.path, name), shape, BiasSource.ADD))
             elif len(pick) > 1:
                 warnings.append(
@@ -428,14 +469,17 @@ def _attach_followers(order: list[ModuleNode], found: dict[int, _Found]) -> None
         item = found.get(id(node))
         if item is None or item.terms:
             continue
-        for child in _iter_preorder(node)[1:]:
+        subtree_nodes = _iter_preorder(node)  # computed once per conv
+        for child in subtree_nodes[1:]:
             if _is_norm(child, item.c_out):
                 item.followed_by = child.leaf_class
                 break
         if item.followed_by is not None:
             continue
-        subtree = {id(n) for n in _iter_preorder(node)}
-        for nxt in leaves[index[id(node)] + 1 :]:
+        subtree = {id(n) for n in subtree_nodes}
+        # Walk indices, not a slice: copying the tail of ``leaves`` per conv is quadratic.
+        for i in range(index[id(node)] + 1, len(leaves)):
+            nxt = leaves[i]
             if id(nxt) in subtree:
                 continue
             if any(word in nxt.leaf_class for word in _TRANSPARENT):

@@ -28,7 +28,7 @@ import codecs
 import io
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from biasinspect import limits
@@ -54,6 +54,10 @@ __all__ = [
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 """The first pickled object of a legacy (non-zip) ``torch.save`` file."""
+
+NESTED_BLOB_NOT_INSPECTED = "<nested storage blob not inspected>"
+"""Reported as an unsafe callable when storage blobs nest deeper than :data:`MAX_NESTED_BLOBS`
+(torch.load would unpickle the blob; we did not look inside)."""
 
 MAX_NESTED_BLOBS = 2
 """Deepest nesting of ``torch.storage._load_from_bytes`` blobs followed (plain pickles of
@@ -119,13 +123,14 @@ class PDict(dict[object, object]):
 class StorageRef:
     """A torch storage named by a persistent id; its bytes are never read."""
 
-    __slots__ = ("dtype", "key", "location", "numel", "type_name", "view_offset")
+    __slots__ = ("dtype", "key", "numel", "type_name", "view_offset")
 
-    def __init__(self, type_name: str, dtype: str | None, key: str, location: str, numel: int | None) -> None:
+    # The persistent id's device location is deliberately not kept: it may be any pickled object
+    # graph, and turning one into text can take minutes (str() of a deep / shared structure).
+    def __init__(self, type_name: str, dtype: str | None, key: str, numel: int | None) -> None:
         self.type_name = type_name
         self.dtype = dtype
         self.key = key
-        self.location = location
         self.numel = numel
         self.view_offset = 0
 
@@ -365,6 +370,7 @@ _UNSAFE_LEAVES = frozenset(
         "_run_module_code",
         "import_module",
         "load_inline",
+        "load_library",
         "startfile",
         "__getattribute__",
         "__globals__",
@@ -381,6 +387,11 @@ _UNSAFE_LEAVES = frozenset(
     }
 )
 """Attribute names that denote code execution whatever module they are reached through."""
+
+_ROOT_MODULE_NAMES = frozenset(
+    {"torch", "numpy", "np", "builtins", "__builtin__", "torchvision", "collections"}
+)
+"""Top-level package names that never appear inside a safe global's dotted path."""
 
 _SAFE_EXACT = frozenset(
     {
@@ -599,28 +610,46 @@ def itemsize(dtype: str) -> int | None:
     return _ITEMSIZE.get(dtype)
 
 
-def classify_global(dotted: str) -> str:
+def classify_global(dotted: str, attribute: str | None = None) -> str:
     """Classify a global a pickle names: ``"safe"``, ``"unsafe"`` or ``"unknown"``.
 
     ``"unsafe"``: it would run code or touch the system under ``torch.load(weights_only=False)``
     (os/subprocess/builtins.exec/... families, see ``_UNSAFE_*``).  ``"safe"``: a known torch /
     numpy / collections rebuild helper or nn-module class.  Everything else is ``"unknown"``: it
     would be imported (running that module's import-time code) and maybe called.
+
+    ``attribute`` is the name part of the GLOBAL / STACK_GLOBAL opcode when the caller knows it
+    (``dotted`` then ends with it).  Protocol >= 4 resolves a dotted attribute through module
+    attributes (``torch.nn.modules.conv`` + ``torch.hub.load`` reaches ``torch.hub.load``), so a
+    dotted attribute part is never safe, whatever module it starts from.  The path's prefixes and
+    every run inside the attribute walk are checked against the unsafe module families; runs that
+    start inside the module part are not (``mypkg.code.Net`` imports the user's ``mypkg.code``, not
+    the standard library's ``code``: unknown, not unsafe).
     """
     module, _, name = dotted.rpartition(".")
     module = _PY2_MODULES.get(module, module)
     full = f"{module}.{name}"
     if full in _UNSAFE_EXACT:
         return "unsafe"
+    if full in _TS_PICKLE_HELPERS and (attribute is None or "." not in attribute):
+        # TorchScript's own list/type-tag rebuilders (torch.jit is otherwise an unsafe family).
+        return "safe"
     parts = full.split(".")
-    for i in range(1, len(parts)):
-        if ".".join(parts[:i]) in _UNSAFE_MODULES and not full.startswith("torch.jit._pickle."):
-            return "unsafe"
+    walk_start = len(parts) - attribute.count(".") - 1 if attribute and "." in attribute else len(parts)
+    for start in [0, *range(max(walk_start, 1), len(parts))]:
+        for end in range(start + 1, len(parts) + 1):
+            if ".".join(parts[start:end]) in _UNSAFE_MODULES or (
+                start > 0 and ".".join(parts[start:end]) in _UNSAFE_EXACT
+            ):
+                return "unsafe"
     if any(part in _UNSAFE_LEAVES for part in parts[1:]):
         return "unsafe"
-    if full.startswith("torch.jit._pickle."):
-        # TorchScript's own list/type-tag rebuilders (build_intlist, restore_type_tag, ...).
-        return "safe"
+    if attribute is not None and "." in attribute:
+        return "unknown"
+    if any(part in _ROOT_MODULE_NAMES for part in parts[1:]):
+        # Without the attribute part (a caller that has only the dotted name), a top-level package
+        # name deeper in the path means an attribute walk out of the safe family.
+        return "unknown"
     if full in _SAFE_EXACT or full.startswith(_SAFE_PREFIXES):
         return "safe"
     if module == "torch" and (name in _TORCH_DTYPES or name in _STORAGE_DTYPES or name in _TORCH_ENUMS):
@@ -756,16 +785,23 @@ class InertPickle:
     bytes_read: int
     storages: list[StorageRef]
     """Every storage persistent id met, in order (to check the archive has them)."""
+    attribute_paths: dict[str, str] = field(default_factory=dict)
+    """Dotted global name -> its attribute part, for globals whose attribute part holds a dot
+    (resolved through module attributes by protocol >= 4; never safe)."""
+
+    def classify(self, dotted: str) -> str:
+        """:func:`classify_global` of one recorded global, knowing its attribute part."""
+        return classify_global(dotted, self.attribute_paths.get(dotted))
 
     def unsafe_callables(self) -> list[str]:
         """Sorted dotted names classified ``"unsafe"`` plus dynamic-call producers."""
-        found = {name for name in self.globals if classify_global(name) == "unsafe"}
+        found = {name for name in self.globals if self.classify(name) == "unsafe"}
         found.update(self.dynamic_calls)
         return sorted(found)
 
     def unknown_globals(self) -> list[str]:
         """Sorted dotted names outside the allowlist that are not known-unsafe either."""
-        return sorted(name for name in self.globals if classify_global(name) == "unknown")
+        return sorted(name for name in self.globals if self.classify(name) == "unknown")
 
 
 _MARK = object()
@@ -774,10 +810,11 @@ _MARK = object()
 class _Budget:
     """Counts opcodes and created objects against ``limits.MAX_PICKLE_OBJECTS``."""
 
-    __slots__ = ("left",)
+    __slots__ = ("blobs", "left")
 
     def __init__(self, total: int) -> None:
         self.left = total
+        self.blobs = 0  # nested storage blobs met so far (their storages' key prefix)
 
 
 class InertUnpickler:
@@ -799,6 +836,7 @@ class InertUnpickler:
         self.globals: dict[str, int] = {}
         self.dynamic_calls: list[str] = []
         self.storages: list[StorageRef] = []
+        self.attribute_paths: dict[str, str] = {}
 
     @classmethod
     def from_bytes(cls, data: bytes, *, max_bytes: int = limits.MAX_PICKLE_BYTES) -> InertUnpickler:
@@ -820,7 +858,12 @@ class InertUnpickler:
     def result(self, root: object) -> InertPickle:
         """Package ``root`` with the globals seen so far."""
         return InertPickle(
-            root, dict(self.globals), list(self.dynamic_calls), self._src.consumed, list(self.storages)
+            root,
+            dict(self.globals),
+            list(self.dynamic_calls),
+            self._src.consumed,
+            list(self.storages),
+            dict(self.attribute_paths),
         )
 
     # -- helpers -------------------------------------------------------------------------------
@@ -830,6 +873,8 @@ class InertUnpickler:
         ref = GlobalRef(module, name)
         dotted = ref.dotted
         self.globals[dotted] = self.globals.get(dotted, 0) + 1
+        if "." in name:
+            self.attribute_paths[dotted] = name
         return ref
 
     def _spend(self, n: int = 1) -> None:
@@ -1151,10 +1196,18 @@ class InertUnpickler:
         else:
             self.dynamic_calls.append(f"<call of a {type(func).__name__}>")
 
+    def note_indirect_call(self, func: object) -> None:
+        """Record ``func`` as called by an allow-listed helper (``_rebuild_from_type_v2``'s func,
+        ``copyreg._reconstructor``'s base): a global outside the allowlist, or any non-global."""
+        if isinstance(func, GlobalRef):
+            self._note_called_global(func)
+        else:
+            self._note_dynamic(func)
+
     def _note_called_global(self, func: object) -> None:
         # Unlike NEWOBJ (cls.__new__), these opcodes call the named object itself: for a name
         # outside the allowlist that means importing its module and running it.
-        if isinstance(func, GlobalRef) and classify_global(func.dotted) == "unknown":
+        if isinstance(func, GlobalRef) and classify_global(func.dotted, func.name) == "unknown":
             self.dynamic_calls.append(func.dotted)
 
     def _reduce(self, func: object, args: object) -> object:
@@ -1169,6 +1222,17 @@ class InertUnpickler:
         self._note_called_global(func)
         if name in ("collections.OrderedDict", "builtins.dict") and not args:
             return PDict(name)
+        if name == "copyreg._reconstructor" and len(args) == 3:
+            # Protocols 0/1 pickle objects as _reconstructor(cls, base, state): base.__new__(cls,
+            # state) and, unless base is object, base.__init__(obj, state) -- base runs code.
+            cls, base, _state = args
+            if not (isinstance(base, GlobalRef) and base.dotted == "builtins.object"):
+                self.note_indirect_call(base)
+            return self._new(cls, (), None)
+        if name == "copyreg.__newobj__" and args:
+            return self._new(args[0], args[1:], None)
+        if name == "copyreg.__newobj_ex__" and len(args) == 3:
+            return self._new(args[0], args[1] if isinstance(args[1], tuple) else (), args[2])
         if name == "torch.Size" and len(args) == 1 and isinstance(args[0], (tuple, list)):
             return tuple(args[0])
         if name in _TS_LIST_BUILDERS and len(args) == 1 and isinstance(args[0], list):
@@ -1198,12 +1262,12 @@ class InertUnpickler:
     def _persistent(self, pid: object) -> object:
         self._spend()
         if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage":
-            stype, key, location, numel = pid[1], pid[2], pid[3], pid[4]
+            stype, key, numel = pid[1], pid[2], pid[4]
             type_name = stype.name if isinstance(stype, GlobalRef) else str(type(stype).__name__)
             if not isinstance(key, (str, int)) or not isinstance(numel, int) or numel < 0:
                 raise MalformedModelError("malformed pickle: bad storage persistent id")
             dtype = _STORAGE_DTYPES.get(type_name)
-            ref = StorageRef(type_name, dtype, str(key), str(location), numel)
+            ref = StorageRef(type_name, dtype, str(key), numel)
             # Legacy format: ('storage', type, root_key, location, size, view_metadata)
             if len(pid) >= 6 and isinstance(pid[5], tuple) and len(pid[5]) == 3:
                 _view_key, offset, view_size = pid[5]
@@ -1221,25 +1285,45 @@ class InertUnpickler:
     def _storage_from_bytes(self, blob: bytes) -> object:
         """``torch.storage._load_from_bytes``: a legacy torch.save stream of one storage."""
         if self._nested_depth >= MAX_NESTED_BLOBS:
+            # torch.load would unpickle this blob too (running whatever it names): never go quiet.
+            self.dynamic_calls.append(NESTED_BLOB_NOT_INSPECTED)
             return OpaqueRef("nested storage blob")
+        self._budget.blobs += 1
+        blob_number = self._budget.blobs
         nested = InertUnpickler(
             _bytes_source(blob, len(blob)), budget=self._budget, nested_depth=self._nested_depth + 1
         )
         try:
             magic = nested.load()
             if magic != LEGACY_MAGIC:
+                # torch.load would still unpickle it: whatever the first pickle named is merged below.
                 return OpaqueRef("storage blob")
             nested.load()  # protocol version
             nested.load()  # sys_info
             obj = nested.load()
+            nested.load()  # storage keys: torch.load unpickles this one too, so read its globals
         finally:
             for dotted, count in nested.globals.items():
                 self.globals[dotted] = self.globals.get(dotted, 0) + count
+            self.attribute_paths.update(nested.attribute_paths)
             self.dynamic_calls.extend(nested.dynamic_calls)
         if isinstance(obj, StorageRef):
-            obj.key = f"inline:{id(blob)}:{obj.key}"
+            obj.key = f"inline:{blob_number}:{obj.key}"
         return obj
 
+
+_TS_PICKLE_HELPERS = frozenset(
+    {
+        "torch.jit._pickle.build_intlist",
+        "torch.jit._pickle.build_doublelist",
+        "torch.jit._pickle.build_boollist",
+        "torch.jit._pickle.build_tensorlist",
+        "torch.jit._pickle.build_complexlist",
+        "torch.jit._pickle.build_tensor_from_id",
+        "torch.jit._pickle.restore_type_tag",
+    }
+)
+"""The only torch.jit names a TorchScript data.pkl needs (exact names, never a prefix)."""
 
 _TS_LIST_BUILDERS = frozenset(
     {
@@ -1377,6 +1461,9 @@ def _rb_from_type(u: InertUnpickler, args: tuple[object, ...]) -> object:
                     "torch.nn.parameter.UninitializedParameter",
                 )
                 return TensorRef(inner.info, inner.is_parameter or is_param, inner.storage)
+    # The helper calls func(*args): whatever func is, it runs under torch.load.
+    if args:
+        u.note_indirect_call(args[0])
     return Call(GlobalRef("torch._tensor", "_rebuild_from_type_v2"), args)
 
 
@@ -1467,7 +1554,7 @@ def _parse_string(raw: bytes) -> str:
 # Entry points
 
 
-def _guard(action: Callable[[], object]) -> object:
+def guard(action: Callable[[], object]) -> object:
     """Run an interpreter action mapping stray low-level errors to MalformedModelError."""
     try:
         return action()
@@ -1497,7 +1584,7 @@ def load_inert(data: bytes | BinaryIO, *, max_bytes: int = limits.MAX_PICKLE_BYT
         unpickler = InertUnpickler.from_bytes(bytes(data), max_bytes=max_bytes)
     else:
         unpickler = InertUnpickler.from_file(data, max_bytes=max_bytes, available=_available(data))
-    root = _guard(unpickler.load)
+    root = guard(unpickler.load)
     return unpickler.result(root)
 
 
@@ -1509,8 +1596,3 @@ def _available(stream: BinaryIO) -> int | None:
         return end - here
     except (OSError, ValueError):
         return None
-
-
-def guard(action: Callable[[], object]) -> object:
-    """Public form of the error mapping used around :meth:`InertUnpickler.load`."""
-    return _guard(action)

@@ -94,10 +94,6 @@ class SafeZip:
         """Declared uncompressed size of a member (KeyError if absent)."""
         return self._by_name[name].size
 
-    def entry(self, name: str) -> ZipEntry:
-        """The validated directory entry of a member (KeyError if absent)."""
-        return self._by_name[name]
-
     def read(self, name: str, limit: int) -> bytes:
         """Decompress one member (KeyError if absent), refusing past ``limit`` or the archive caps."""
         entry = self._by_name[name]

@@ -20,6 +20,7 @@ Where the weights are
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def read_torch_zip(path: Path) -> list[ModelDescription]:
         if kind == "torch-export":
             from biasinspect.readers.torch_export import read_torch_export
 
-            return read_torch_export(path, archive)
+            return _with_hidden_pickles(read_torch_export(path, archive), archive, names)
         pickle = _read_data_pickle(archive, prefix)
         if kind == "torchscript":
             return _describe_torchscript(archive, prefix, pickle, str(path))
@@ -134,6 +135,12 @@ def classify_zip(names: list[str]) -> tuple[str, str]:
             return "torch-export", parts[0] + "/"
         if len(parts) == 3 and parts[1] == "models" and parts[2].endswith(".json"):
             return "torch-export", parts[0] + "/"
+    folders = sorted(
+        {name.split("/")[0] for name in names if name.count("/") == 1 and name.endswith("/data.pkl")}
+    )
+    if len(folders) > 1:
+        # torch.load reads one record folder; which one is ambiguous, so refuse (torch does too).
+        raise MalformedModelError(f"zip holds data.pkl in several top folders ({', '.join(folders[:5])})")
     for name in names:
         parts = name.split("/")
         if len(parts) == 2 and parts[1] == "data.pkl":
@@ -144,6 +151,38 @@ def classify_zip(names: list[str]) -> tuple[str, str]:
     raise UnsupportedFormatError(
         "zip archive is not a PyTorch checkpoint, TorchScript or torch.export archive (no data.pkl)"
     )
+
+
+def _with_hidden_pickles(
+    descriptions: list[ModelDescription], archive: SafeZip, names: list[str]
+) -> list[ModelDescription]:
+    """Merge what any ``data.pkl`` of a torch.export archive references into its descriptions.
+
+    torch.export archives have no pickle, but ``torch.load`` on the same file would unpickle a
+    ``<prefix>/data.pkl`` planted in it (running whatever it names): read such members inertly
+    and report their unsafe / unknown globals on every description.
+    """
+    hidden = [
+        name for name in names if name == "data.pkl" or (name.count("/") == 1 and name.endswith("/data.pkl"))
+    ]
+    if not hidden:
+        return descriptions
+    warnings: list[str] = []
+    unsafe: set[str] = set()
+    for member in hidden:
+        pickle = load_inert(archive.read(member, limits.MAX_PICKLE_BYTES))
+        found_warnings, found_unsafe = _pickle_warnings(pickle)
+        warnings.append(f"torch.export archive also holds {member!r}, which torch.load would unpickle")
+        warnings.extend(found_warnings)
+        unsafe.update(found_unsafe)
+    return [
+        dataclasses.replace(
+            description,
+            warnings=(*description.warnings, *warnings),
+            unsafe_callables=tuple(sorted(unsafe.union(description.unsafe_callables))),
+        )
+        for description in descriptions
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,6 +239,9 @@ def _load_pickle_file(path: Path) -> tuple[InertPickle, bool]:
                 )
             guard(unpickler.load)  # sys_info: byte order and type sizes
             root = guard(unpickler.load)
+            # The storage-keys pickle: torch.load unpickles it too, so its globals count (it is a
+            # short list of strings in a real file).
+            guard(unpickler.load)
             return unpickler.result(root), True
         return unpickler.result(first), False
 
@@ -311,12 +353,13 @@ def _flatten_module(root: ModuleNode) -> dict[str, TensorInfo]:
     return out
 
 
-def _signature(obj: object) -> frozenset[object]:
-    """Identity of a weight set: the storages/regions its tensors occupy."""
+def _signature(obj: object, tree: ModuleNode | None = None) -> frozenset[object]:
+    """Identity of a weight set: the storages/regions its tensors occupy (``tree``: the module
+    tree of ``obj`` when it is a module object and the caller already built it)."""
     tensors: list[TensorRef] = []
     if is_module_object(obj):
         assert isinstance(obj, Call)
-        work = [module_from_pickle(obj)]
+        work = [tree if tree is not None else module_from_pickle(obj)]
         while work:
             node = work.pop()
             tensors.extend(
@@ -372,15 +415,15 @@ def describe_unpickled(pickle: InertPickle, *, path: str, format: str) -> list[M
     out: list[ModelDescription] = []
     seen: dict[frozenset[object], str | None] = {}
     for location, obj in sets:
-        signature = _signature(obj)
+        tree = module_from_pickle(obj) if isinstance(obj, Call) and is_module_object(obj) else None
+        signature = _signature(obj, tree)  # the tree is built once, for both uses
         if signature in seen:
             continue
         seen[signature] = location
-        if is_module_object(obj):
-            assert isinstance(obj, Call)
+        if tree is not None:
             out.append(
                 describe_module_tree(
-                    module_from_pickle(obj),
+                    tree,
                     path=path,
                     format=format,
                     location=location,
@@ -422,6 +465,16 @@ def _describe_torchscript(
 ) -> list[ModelDescription]:
     from biasinspect.readers.torchscript import module_from_torchscript, parse_code
 
+    constants_member = prefix + "constants.pkl"
+    if constants_member in archive.names():
+        # torch.jit.load unpickles constants.pkl too: merge its globals (its tensors are not needed).
+        constants = load_inert(archive.read(constants_member, limits.MAX_PICKLE_BYTES))
+        pickle = dataclasses.replace(
+            pickle,
+            globals={**constants.globals, **pickle.globals},
+            dynamic_calls=[*pickle.dynamic_calls, *constants.dynamic_calls],
+            attribute_paths={**constants.attribute_paths, **pickle.attribute_paths},
+        )
     warnings, unsafe = _pickle_warnings(pickle, ignore_prefixes=("__torch__.",))
     classes = parse_code(archive, prefix, warnings)
     root = pickle.root

@@ -13,6 +13,10 @@ compiled or executed -- to learn, per class:
 
 The object tree is then turned into :class:`~biasinspect.readers.module_tree.ModuleNode` and
 described by :func:`~biasinspect.readers.module_tree.describe_module_tree`.
+
+Code-size cap: :func:`parse_code` reads at most ``limits.MAX_ZIP_TOTAL_BYTES // 2`` bytes
+(256 MiB) of declared ``code/**.py`` text in total (ResourceLimitError past it), leaving the
+other half of the archive read budget for the pickles.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from dataclasses import dataclass, field
 from biasinspect import limits
 from biasinspect.errors import ResourceLimitError
 from biasinspect.readers.archive import Archive
-from biasinspect.readers.module_tree import ModuleNode
+from biasinspect.readers.module_tree import ModuleNode, _join
 from biasinspect.readers.pickle_inert import Call, tensor_of
 
 __all__ = ["ClassInfo", "module_from_torchscript", "parse_code", "plain_class_name"]
@@ -193,8 +197,7 @@ def module_from_torchscript(root: Call, classes: dict[str, ClassInfo], warnings:
                     raise ResourceLimitError(
                         f"module nesting deeper than {limits.MAX_CONTAINER_DEPTH} levels at {key!r}"
                     )
-                path = f"{node.path}.{key}" if node.path else key
-                child = ModuleNode(path, plain_class_name(value.func_name or "<dynamic>"))
+                child = ModuleNode(_join(node.path, key), plain_class_name(value.func_name or "<dynamic>"))
                 node.children.append(child)
                 pending.append((value, child, depth + 1))
                 continue
