@@ -1155,6 +1155,91 @@ def test_dynamo_exported_model_with_external_data(tmp_path: Path) -> None:
     assert [[term.shape for term in terms] for *_, terms in layers] == [[(32, 28, 28)], [(8,)], [(8,)]]
     assert list(kinds(desc).values()) == [BiasKind.UNTIED, BiasKind.TIED, BiasKind.TIED]
     assert desc.model_params == 2400 + 32 * 28 * 28 + 32 * 8 * 16 + 8 + 72 + 8
+    # Layers are named by their module path from the node metadata, not node_Conv_0.
+    assert [c.name for c in desc.convs] == ["conv", "up", "dw"]
+
+
+def test_dynamo_export_names_layers_by_module_path(tmp_path: Path) -> None:
+    # A conv+BN block whose BN the exporter folds into the conv (the node then carries the
+    # BatchNorm's scope), a container class whose name holds "Conv", and one conv module called
+    # twice (two nodes with one module path).
+    import torch
+    from torch import nn
+
+    class ConvNormAct(nn.Sequential):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+
+    class Net(nn.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = ConvNormAct()
+            self.shared = nn.Conv2d(8, 8, 1)
+
+        def forward(self, x: object) -> object:
+            return self.shared(self.shared(self.stem(x)))
+
+    path = tmp_path / "dynamo_names.onnx"
+    torch.onnx.export(Net().eval(), (torch.randn(1, 3, 16, 16),), str(path), dynamo=True, verbose=False)
+    desc = read_onnx(path)[0]
+    names = [c.name for c in desc.convs]
+    assert names[0] == "stem.0"
+    assert len(names) == 3
+    assert names[1].startswith("shared (node_") and names[2].startswith("shared (node_")
+    assert names[1] != names[2]
+
+
+def _node_with_torch_scopes(scopes: str, classes: str) -> onnx.NodeProto:
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="node_Conv_3")
+    for key, value in (("pkg.torch.onnx.name_scopes", scopes), ("pkg.torch.onnx.class_hierarchy", classes)):
+        entry = node.metadata_props.add()
+        entry.key, entry.value = key, value
+    return node
+
+
+@pytest.mark.parametrize(
+    ("scopes", "classes", "weight", "expected"),
+    [
+        (
+            "['', 'a', 'a.conv', 'conv2d']",
+            "['M', 'S', 'torch.nn.modules.conv.Conv2d', 'aten.conv2d']",
+            "w",
+            "a.conv",
+        ),
+        (
+            "['', 'up', 'conv_transpose2d']",
+            "['M', 'torch.nn.modules.conv.ConvTranspose2d', 'aten.x']",
+            "w",
+            "up",
+        ),
+        (
+            "['', 'b', 'b.1', 'bn']",
+            "['M', 'x.ConvBlock', 'torch.nn.BatchNorm2d', 'aten.bn']",
+            "b.0.weight",
+            "b.0",
+        ),
+        ("['', 'b', 'b.1', 'bn']", "['M', 'x.ConvBlock', 'torch.nn.BatchNorm2d', 'aten.bn']", "val_3", "b"),
+        # A conv module at the root has an empty scope: the node name stays.
+        ("['', 'conv2d']", "['torch.nn.modules.conv.Conv2d', 'aten.conv2d']", "w", None),
+        # Malformed or mismatched lists are ignored, never guessed from.
+        ("not a list", "['M']", "w", None),
+        ("['', 'a']", "['M']", "w", None),
+        ("['" + "x" * 70_000 + "']", "['torch.nn.Conv2d']", "w", None),
+    ],
+)
+def test_torch_module_path_from_node_metadata(
+    scopes: str, classes: str, weight: str, expected: str | None
+) -> None:
+    from biasinspect.readers.onnx_reader import _torch_module_path
+
+    assert _torch_module_path(_node_with_torch_scopes(scopes, classes), weight) == expected
+
+
+def test_nodes_without_torch_metadata_keep_their_names() -> None:
+    from biasinspect.readers.onnx_reader import _torch_module_path
+
+    node = helper.make_node("Conv", ["x", "features.0.weight"], ["y"], name="/features/features.0/Conv")
+    assert _torch_module_path(node, "features.0.weight") is None
 
 
 # --------------------------------------------------------------------------------------------

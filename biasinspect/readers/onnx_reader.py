@@ -10,7 +10,8 @@ Convolutions
     ``Scan`` bodies at any depth and in model-local functions (analysed once per call site, with
     the call's input shapes bound to the formal inputs; a function that is never called is
     analysed once with unknown inputs).  A layer is named by its node name, or ``<op>_<index>``
-    when unnamed; layers inside subgraphs are prefixed ``owner/attribute/`` and layers inside a
+    when unnamed, except that nodes written by PyTorch's torch.export-based exporter are named
+    by their module path from the node metadata (see :func:`_torch_module_path`); layers inside subgraphs are prefixed ``owner/attribute/`` and layers inside a
     function ``call_node/``.  ``NhwcConv`` weights are stored [M, k..., C/group] (ONNX Runtime's
     transformer transposes them so); they are reported in the [M, C/group, k...] layout.
 
@@ -1066,6 +1067,9 @@ class _Context:
     """Every input of the graph being walked has a fully known shape (so an unknown conv output
     size means shape inference lost track, which is worth a note)."""
     convs: list[ConvNode] = field(default_factory=list)
+    node_names: list[str] = field(default_factory=list)
+    """For each conv in ``convs``, its name from the node alone (to tell apart convs that share
+    one PyTorch module path)."""
     warnings: list[str] = field(default_factory=list)
     called: set[_FunctionKey] = field(default_factory=set)
     inference_cache: dict[tuple[Any, ...], Any] = field(default_factory=dict)
@@ -1158,6 +1162,7 @@ def _scope_steps(ctx: _Context, scope: _Scope, stack: tuple[_FunctionKey, ...]) 
                     ),
                 )
             ctx.convs.append(conv)
+            ctx.node_names.append(scope.prefix + scope.node_name(index))
         elif (
             node.op_type in ("Conv", "ConvTranspose")
             and not _is_default_domain(node)
@@ -1329,15 +1334,84 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
+_TORCH_NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+_TORCH_CLASS_HIERARCHY = "pkg.torch.onnx.class_hierarchy"
+_MAX_SCOPE_LIST_CHARS = 64 * 1024
+_TORCH_CONV_CLASS = re.compile(r"(Lazy)?Conv\w*[123]d$")
+_QUOTED_ITEM = re.compile(r"'((?:[^'\\]|\\.)*)'|\"((?:[^\"\\]|\\.)*)\"")
+
+
+def _quoted_list(text: str) -> list[str] | None:
+    """The items of a Python-literal list of strings such as ``"['', 'features', 'features.0']"``.
+
+    A regular expression rather than ``ast.literal_eval``: the text comes from the file, and all
+    that is wanted is the quoted items (module paths hold no quotes)."""
+    text = text.strip()
+    if len(text) > _MAX_SCOPE_LIST_CHARS or not (text.startswith("[") and text.endswith("]")):
+        return None
+    return [m.group(1) if m.group(1) is not None else m.group(2) for m in _QUOTED_ITEM.finditer(text)]
+
+
+def _torch_module_path(node: Any, weight_name: str) -> str | None:
+    """The PyTorch module path of a conv node written by the torch.export-based exporter.
+
+    That exporter (``torch.onnx.export(..., dynamo=True)``, the default since PyTorch 2.9) names
+    nodes ``node_Conv_17`` but records the module stack in the node's metadata: parallel lists
+    ``pkg.torch.onnx.name_scopes`` (``['', 'features', 'features.0', 'conv2d']``) and
+    ``pkg.torch.onnx.class_hierarchy``.  In order of preference the layer is named by:
+
+    * the innermost scope whose class is a torch conv module (``Conv2d``, ``ConvTranspose1d``,
+      ``LazyConv3d``, ``ConvReLU2d``...);
+    * the weight initializer's module (``features.0.weight`` -> ``features.0``), which also
+      covers a conv into which the exporter's optimiser folded a BatchNorm (the node then carries
+      the norm's scope) and user modules that call ``F.conv2d``;
+    * the innermost scope whose class name holds ``Conv``.
+
+    ``None`` for nodes without that metadata (other exporters' node names are kept)."""
+    props = {
+        str(p.key): str(p.value)
+        for p in node.metadata_props
+        if p.key in (_TORCH_NAME_SCOPES, _TORCH_CLASS_HIERARCHY)
+    }
+    if _TORCH_NAME_SCOPES not in props:
+        return None
+    scopes = _quoted_list(props[_TORCH_NAME_SCOPES]) or []
+    classes = _quoted_list(props.get(_TORCH_CLASS_HIERARCHY, "")) or []
+    pairs = list(zip(reversed(scopes), reversed(classes), strict=True)) if len(scopes) == len(classes) else []
+    for scope, class_name in pairs:
+        if scope and _TORCH_CONV_CLASS.match(class_name.rsplit(".", 1)[-1]):
+            return scope
+    if weight_name.endswith(".weight") and len(weight_name) > len(".weight"):
+        return weight_name[: -len(".weight")]
+    for scope, class_name in pairs:
+        if scope and "Conv" in class_name.rsplit(".", 1)[-1]:
+            return scope
+    return None
+
+
+def _unique_module_names(convs: Sequence[ConvNode], node_names: Sequence[str]) -> tuple[ConvNode, ...]:
+    """Convs named by module path, with the node name added where two share one path (a module
+    called twice is two conv nodes)."""
+    counts: dict[str, int] = {}
+    for conv in convs:
+        counts[conv.name] = counts.get(conv.name, 0) + 1
+    return tuple(
+        replace(conv, name=f"{conv.name} ({node_name})")
+        if counts[conv.name] > 1 and conv.name != node_name
+        else conv
+        for conv, node_name in zip(convs, node_names, strict=True)
+    )
+
+
 def _conv_node(scope: _Scope, index: int, spec: _ConvSpec) -> ConvNode:
     """The facts of one conv-like node."""
     node = scope.nodes[index]
     op = str(node.op_type)
-    name = scope.prefix + scope.node_name(index)
     inputs = [str(i) for i in node.input]
     notes: list[str] = []
 
     weight_name = inputs[spec.weight] if len(inputs) > spec.weight else ""
+    name = scope.prefix + (_torch_module_path(node, weight_name) or scope.node_name(index))
     weight_shape: MaybeShape = None
     if not weight_name:
         notes.append("has no weight input")
@@ -1585,7 +1659,7 @@ def read_onnx(path: Path) -> list[ModelDescription]:
         ModelDescription(
             path=str(path),
             format="onnx",
-            convs=tuple(ctx.convs),
+            convs=_unique_module_names(ctx.convs, ctx.node_names),
             model_params=model_params,
             warnings=tuple(ctx.warnings),
         )
