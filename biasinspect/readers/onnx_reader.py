@@ -21,11 +21,13 @@ Bias terms
     *parameter* (an initializer, a ``Constant``, a model-local function input bound to one, or
     anything computed only from those -- e.g. Reshape/Unsqueeze/Cast/DequantizeLinear/
     DynamicQuantizeLinear of an initializer), source ``add``.  On the way to the ``Add``,
-    single-consumer ``Cast``/``Identity``/``DequantizeLinear`` nodes are followed, and for
+    single-consumer ``Cast``/``Identity``/``QuantizeLinear``/``DequantizeLinear`` nodes are
+    followed (a QDQ-quantized graph puts a Q/DQ pair between the conv and its Add), and for
     ``ConvInteger`` (whose int32 output is rescaled first) also one ``Mul``/``Div`` by an operand
     that does not grow the tensor and is a scalar or computed at run time (the rescale; a stored
     per-channel scale is a folded norm's, handled by the ``Mul+Add`` rule below).  A graph input
-    operand (e.g. a residual connection) is not a parameter.  An NhwcConv's Add operand is reported in channels-first order.  A conv with
+    operand (e.g. a residual connection) is not a parameter.  onnxruntime's QOperator
+    ``com.microsoft`` ``QLinearAdd`` counts as an ``Add`` (its A or B operand).  An NhwcConv's Add operand is reported in channels-first order.  A conv with
     no bias term whose output feeds only a ``BatchNormalization`` gets ``followed_by=
     "BatchNormalization"``; one feeding only a ``Mul`` by a parameter whose output feeds only an
     ``Add`` of a parameter gets ``followed_by="Mul+Add"``.
@@ -144,6 +146,12 @@ _SHAPE_PRESERVING = frozenset(
     }
 )
 _BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow"})
+_MS_QLINEAR_BINARY = frozenset({"QLinearAdd", "QLinearMul"})
+"""com.microsoft (A, A_scale, A_zp, B, ...) ops whose output is A and B broadcast."""
+_MS_QLINEAR_UNARY = frozenset(
+    {"QLinearLeakyRelu", "QLinearSigmoid", "QLinearSoftmax", "QuantizeLinear", "DequantizeLinear"}
+)
+"""com.microsoft ops whose output has the shape of their input 0."""
 _MAX_EXPR_DEPTH = 64
 """How far back through producing nodes shape fallbacks and parameter checks look."""
 _MAX_FOLLOW = 16
@@ -553,10 +561,17 @@ class _Scope:
         spec = _conv_spec(node)
         if spec is not None:
             return self._conv_output_shape(node, spec, depth) if slot == 0 else None
-        if not _is_default_domain(node):
-            return None
         op = str(node.op_type)
         inputs = [str(name) for name in node.input]
+        if node.domain == _MS_DOMAIN and slot == 0 and inputs and inputs[0]:
+            # onnxruntime's quantized element-wise ops, which ONNX shape inference does not know.
+            if op in _MS_QLINEAR_BINARY and len(inputs) > 3 and inputs[3]:
+                return _broadcast([self.shape(inputs[0], depth), self.shape(inputs[3], depth)])
+            if op in _MS_QLINEAR_UNARY:
+                return self.shape(inputs[0], depth)
+            return None
+        if not _is_default_domain(node):
+            return None
         if op in _SHAPE_PRESERVING and inputs and inputs[0]:
             if op == "DynamicQuantizeLinear" and slot > 0:
                 return ()
@@ -623,16 +638,24 @@ class _Scope:
         return None
 
     def _conv_output_shape(self, node: Any, spec: _ConvSpec, depth: int) -> MaybeShape:
-        """Output shape [N, C_out, *spatial] of a channels-first conv-like node."""
+        """Output shape of a conv-like node: [N, C_out, *spatial], or [N, *spatial, C_out] for a
+        channels-last one (NhwcConv, QLinearConv with ``channels_last``)."""
         inputs = [str(name) for name in node.input]
-        if spec.channels_last or _attr_int(node, "channels_last", 0) or len(inputs) <= spec.weight:
+        if len(inputs) <= spec.weight:
             return None
+        channels_last = spec.channels_last or bool(_attr_int(node, "channels_last", 0))
         x_shape = self.shape(inputs[spec.x], depth) if inputs[spec.x] else None
         weight = self.shape(inputs[spec.weight], depth) if inputs[spec.weight] else None
         if x_shape is None or len(x_shape) < 3:
             return None
         kernel = _attr_ints(node, "kernel_shape")
-        if kernel is None and weight is not None and len(weight) > 2:
+        if (
+            kernel is None
+            and weight is not None
+            and len(weight) > 2
+            and not (channels_last and spec.channels_last)
+        ):
+            # (An NhwcConv weight may be stored [M, k..., C/group]: its kernel is not weight[2:].)
             kernel = tuple(d for d in weight[2:] if d is not None)
         channels: Dim = None
         groups = _attr_int(node, "group", 1)
@@ -640,8 +663,13 @@ class _Scope:
             channels = (
                 weight[0] if not spec.transposed else (None if weight[1] is None else weight[1] * groups)
             )
-        spatial = _conv_output_spatial(node, spec.transposed, tuple(x_shape[2:]), kernel)
-        return (x_shape[0], channels, *(spatial or ()))
+        in_spatial = tuple(x_shape[1:-1]) if channels_last else tuple(x_shape[2:])
+        spatial = _conv_output_spatial(node, spec.transposed, in_spatial, kernel)
+        if spatial is None:
+            return None if channels_last else (x_shape[0], channels)
+        if channels_last:
+            return (x_shape[0], *spatial, channels)
+        return (x_shape[0], channels, *spatial)
 
     def _resized_shape(self, node: Any, inputs: Sequence[str], depth: int) -> MaybeShape:
         """Output shape of Resize (X, roi, scales, sizes; opset 10: X, scales) or Upsample (X,
@@ -1467,8 +1495,13 @@ def _conv_node(scope: _Scope, index: int, spec: _ConvSpec) -> ConvNode:
         add_term, follower = _follow_output(scope, str(node.output[0]), op)
         if add_term is not None:
             shape = add_term.shape
-            if spec.channels_last and shape is not None and output_spatial is not None:
-                rank = 2 + len(output_spatial)
+            conv_rank = (
+                len(weight_shape)
+                if weight_shape is not None
+                else (2 + len(output_spatial) if output_spatial is not None else None)
+            )
+            if spec.channels_last and shape is not None and conv_rank is not None:
+                rank = conv_rank
                 if len(shape) <= rank:
                     padded = (1,) * (rank - len(shape)) + tuple(shape)
                     shape = (padded[0], padded[-1], *padded[1:-1])
@@ -1526,11 +1559,26 @@ def _follow_output(scope: _Scope, output: str, op: str) -> tuple[BiasTerm | None
     rescaled = op != "ConvInteger"  # at most one rescale, and only after an integer conv
     for _ in range(_MAX_FOLLOW):
         consumer = scope.single_consumer(current)
-        if consumer is None or not _is_default_domain(consumer):
+        if consumer is None:
             return None, None
         kind = str(consumer.op_type)
         inputs = [str(i) for i in consumer.input]
         nxt = str(consumer.output[0]) if consumer.output else ""
+        if consumer.domain == _MS_DOMAIN and kind == "QLinearAdd" and len(inputs) >= 6:
+            # onnxruntime's QOperator form of Add: (A, A_scale, A_zp, B, B_scale, B_zp, C_scale, C_zp).
+            if current not in (inputs[0], inputs[3]):
+                return None, None
+            other = inputs[3] if inputs[0] == current else inputs[0]
+            if other and scope.is_parameter(other):
+                return BiasTerm(other, scope.shape(other), BiasSource.ADD), None
+            return None, None
+        quantize_step = kind in ("QuantizeLinear", "DequantizeLinear") and consumer.domain in (
+            "",
+            "ai.onnx",
+            _MS_DOMAIN,
+        )
+        if not _is_default_domain(consumer) and not quantize_step:
+            return None, None
         if kind == "Add" and len(inputs) == 2:
             other = inputs[1] if inputs[0] == current else inputs[0]
             if other and scope.is_parameter(other):
@@ -1562,8 +1610,10 @@ def _follow_output(scope: _Scope, output: str, op: str) -> tuple[BiasTerm | None
                 return None, None
             current = nxt
             rescaled = True
-        elif (kind in ("Cast", "Identity") or (kind == "DequantizeLinear" and inputs[0] == current)) and nxt:
-            current = nxt  # element-count-preserving: the bias may be added after it
+        elif (kind in ("Cast", "Identity") or (quantize_step and inputs[0] == current)) and nxt:
+            # Element-count-preserving: the bias may be added after it (a QDQ graph puts a
+            # QuantizeLinear -> DequantizeLinear pair between the conv and its Add).
+            current = nxt
         else:
             return None, None
         if current in visited:
