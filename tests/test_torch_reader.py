@@ -377,6 +377,20 @@ def test_quantized_conv_module(tmp_path: Path) -> None:
     assert n_params(model) == 0
     assert desc.model_params == 108 + 4 + 8 + 4
 
+    # The same model as a state dict, scripted and traced: the same convs and count (a quantized
+    # conv's TorchScript state is its __getstate__ tuple; scale/zero_point are not parameters).
+    saved = {"sd": tmp_path / "q_sd.pt", "script": tmp_path / "q_script.pt", "trace": tmp_path / "q_trace.pt"}
+    torch.save(model.state_dict(), saved["sd"])
+    torch.jit.save(torch.jit.script(model), saved["script"])
+    torch.jit.save(torch.jit.trace(model, torch.randn(1, 3, 8, 8)), saved["trace"])
+    for kind, other in saved.items():
+        other_desc = only(other)
+        other_facts = [(c.name, c.weight_shape, [t.shape for t in c.bias_terms]) for c in other_desc.convs]
+        assert other_facts == [("conv", (4, 3, 3, 3), [(4,)]), ("conv2", (4, 2, 1, 1), [(4,)])], kind
+        assert other_desc.model_params == desc.model_params, kind
+        if kind != "sd":
+            assert [c.groups for c in other_desc.convs] == [1, 2], kind
+
 
 def test_lazy_conv_unmaterialised_is_reported(tmp_path: Path) -> None:
     path = tmp_path / "lazy.pt"
@@ -968,3 +982,24 @@ def test_zip_with_data_pkl_in_two_top_folders_is_refused(tmp_path: Path) -> None
         MalformedModelError, match=r"^zip holds data\.pkl in several top folders \(archive, other\)$"
     ):
         read_torch_zip(path)
+
+
+def test_torchscript_module_with_an_unknown_state_is_named() -> None:
+    from biasinspect.readers.pickle_inert import Call, GlobalRef
+    from biasinspect.readers.torchscript import ClassInfo, module_from_torchscript
+
+    root = Call(GlobalRef("__torch__", "Net"), ())
+    odd = Call(GlobalRef("__torch__", "Odd"), ())
+    odd.state = ["a", "list", "state"]  # neither a __dict__ nor a quantized __getstate__ tuple
+    root.state = {"training": False, "odd": odd}
+    classes = {
+        "__torch__.Net": ClassInfo("__torch__.Net", True),
+        "__torch__.Odd": ClassInfo("__torch__.Odd", True),
+    }
+    warnings: list[str] = []
+    tree = module_from_torchscript(root, classes, warnings)
+    assert [child.path for child in tree.children] == ["odd"]
+    assert warnings == [
+        "TorchScript modules whose saved state is not understood (their tensors were not counted, "
+        "any convs in them not found): __torch__.Odd"
+    ]

@@ -142,13 +142,7 @@ def module_from_pickle(root: Call, path: str = "") -> ModuleNode:
         if budget < 0:
             raise ResourceLimitError("module tree is larger than the node budget")
         state = obj.state
-        qstate = _quantized_conv_state(obj)
-        if qstate is not None:
-            _fill_quantized(node, qstate)
-            continue
-        if isinstance(state, tuple):
-            # Other packed modules (quantized Linear params...): count their tensors.
-            node.extra_params.extend(t for t in (tensor_of(v) for v in state) if t is not None)
+        if fill_packed_module(node, obj):
             continue
         if not isinstance(state, dict):
             continue
@@ -181,6 +175,22 @@ def module_from_pickle(root: Call, path: str = "") -> ModuleNode:
                 pending.append((child, child_node, depth + 1))
         work.extend(reversed(pending))
     return top
+
+
+def fill_packed_module(node: ModuleNode, obj: Call) -> bool:
+    """Fill ``node`` from a module whose ``__getstate__`` returns a tuple instead of a
+    ``__dict__`` (quantized modules, pickled and in TorchScript alike); False for other states.
+
+    A quantized conv's tuple gives its weight, bias, groups and channels; any other tuple
+    (quantized Linear's packed params...) has its tensors counted as parameters."""
+    qstate = _quantized_conv_state(obj)
+    if qstate is not None:
+        _fill_quantized(node, qstate)
+        return True
+    if isinstance(obj.state, tuple):
+        node.extra_params.extend(t for t in (tensor_of(v) for v in obj.state) if t is not None)
+        return True
+    return False
 
 
 def _fill_quantized(node: ModuleNode, state: tuple[object, ...]) -> None:

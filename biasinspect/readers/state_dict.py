@@ -86,7 +86,9 @@ model_params
     ``position_ids``; old spectral-norm ``X.weight_u``/``X.weight_v`` (when ``X.weight_orig``
     exists); new spectral-norm ``X.parametrizations.<p>.<i>._u``/``._v``.  Names that share
     one storage (same ``storage_key``, offset, shape and dtype) are counted once, as
-    ``model.parameters()`` does for tied weights.
+    ``model.parameters()`` does for tied weights.  The ``scale`` / ``zero_point`` of an
+    eager-mode quantized module (beside a quantized weight, or alone in a converted QuantStub)
+    are buffers too; the quantized weights and biases themselves count, as for pickled modules.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 from biasinspect.model import BiasSource, BiasTerm, ConvNode, ModelDescription
-from biasinspect.readers.tensors import TensorInfo
+from biasinspect.readers.tensors import QUANTIZED_DTYPES, TensorInfo
 
 BUFFER_LEAVES = frozenset({"running_mean", "running_var", "num_batches_tracked", "position_ids"})
 """Last name components that are buffers, never parameters (excluded from model_params)."""
@@ -272,9 +274,21 @@ def _buffer_names(sd: _StateDict) -> set[str]:
         module, leaf = _split(name)
         spectral_old = leaf in ("weight_u", "weight_v") and sd.get(module, "weight_orig") is not None
         spectral_new = leaf in ("_u", "_v") and ".parametrizations." in f".{name}"
-        if leaf in BUFFER_LEAVES or spectral_old or spectral_new:
+        if leaf in BUFFER_LEAVES or spectral_old or spectral_new or _is_quantization_param(sd, module, leaf):
             buffers.add(name)
     return buffers
+
+
+def _is_quantization_param(sd: _StateDict, module: str, leaf: str) -> bool:
+    """``X.scale`` / ``X.zero_point`` of an eager-mode quantized module (a quantized conv or
+    linear beside a quantized weight, or a converted QuantStub holding only those two): its
+    output quantization parameters, a buffer in PyTorch, not a parameter."""
+    if leaf not in ("scale", "zero_point"):
+        return False
+    leaves = sd.leaves.get(module, {})
+    if set(leaves) <= {"scale", "zero_point"}:
+        return "zero_point" in leaves
+    return any(sd.infos[name].dtype in QUANTIZED_DTYPES for name in leaves.values())
 
 
 def _model_params(sd: _StateDict) -> int:

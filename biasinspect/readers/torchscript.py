@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from biasinspect import limits
 from biasinspect.errors import ResourceLimitError
 from biasinspect.readers.archive import Archive
-from biasinspect.readers.module_tree import ModuleNode, _join
+from biasinspect.readers.module_tree import ModuleNode, _join, fill_packed_module
 from biasinspect.readers.pickle_inert import Call, tensor_of
 
 __all__ = ["ClassInfo", "module_from_torchscript", "parse_code", "plain_class_name"]
@@ -165,12 +165,17 @@ def module_from_torchscript(root: Call, classes: dict[str, ClassInfo], warnings:
     work: list[tuple[Call, ModuleNode, int]] = [(root, top, 0)]
     seen: set[int] = {id(root)}
     codeless: set[str] = set()
+    opaque: set[str] = set()
     while work:
         obj, node, depth = work.pop()
         qualname = obj.func_name or ""
         info = classes.get(qualname)
         state = obj.state
+        if fill_packed_module(node, obj):
+            continue  # a quantized module's __getstate__ tuple, as in a pickled module
         if not isinstance(state, dict):
+            if state is not None:
+                opaque.add(qualname)
             continue
         if info is None:
             codeless.add(qualname)
@@ -207,6 +212,11 @@ def module_from_torchscript(root: Call, classes: dict[str, ClassInfo], warnings:
                 node.attrs.setdefault(key, value)
             node.forward_conv = dict(info.conv_facts)
         work.extend(reversed(pending))
+    if opaque:
+        warnings.append(
+            "TorchScript modules whose saved state is not understood (their tensors were not "
+            f"counted, any convs in them not found): {', '.join(sorted(opaque)[:5])}"
+        )
     if codeless:
         warnings.append(
             "TorchScript classes without code in the archive (their tensors were counted as "
