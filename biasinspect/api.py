@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from biasinspect.analysis import analyze
@@ -56,23 +57,35 @@ def inspect_file(path: Path) -> list[ModelReport]:
     return [analyze(description) for description in read_file(path)]
 
 
-def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[tuple[str, str | None]]:
-    """Turn command-line paths into files to read, folders expanded; each with a problem or None."""
-    expanded: list[tuple[str, str | None]] = []
+@dataclass(frozen=True)
+class _Candidate:
+    path: str
+    problem: str | None
+    scanned: bool
+    """Found by a folder scan (not named by the caller)."""
+
+
+def _candidates(paths: Iterable[str | os.PathLike[str]]) -> list[_Candidate]:
+    expanded: list[_Candidate] = []
     for raw in paths:
         text = os.fspath(raw)
         if not text:
-            expanded.append((text, "empty path"))  # Path("") would silently mean "."
+            expanded.append(_Candidate(text, "empty path", False))  # Path("") would silently mean "."
             continue
         path = Path(text)
         if path.is_dir():
             found = list(scan_folder(path))
             if not found:
-                expanded.append((text, "no model files found in this folder"))
-            expanded.extend((str(item.path), item.problem) for item in found)
+                expanded.append(_Candidate(text, "no model files found in this folder", False))
+            expanded.extend(_Candidate(str(item.path), item.problem, True) for item in found)
         else:
-            expanded.append((text, None))
+            expanded.append(_Candidate(text, None, False))
     return expanded
+
+
+def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[tuple[str, str | None]]:
+    """Turn command-line paths into files to read, folders expanded; each with a problem or None."""
+    return [(candidate.path, candidate.problem) for candidate in _candidates(paths)]
 
 
 def inspect(*paths: str | os.PathLike[str]) -> Report:
@@ -92,21 +105,42 @@ def inspect_paths_for_cli(paths: Iterable[str | os.PathLike[str]]) -> Report:
 
 def _inspect_all(paths: Iterable[str | os.PathLike[str]], *, contain_bugs: bool) -> Report:
     models: list[ModelReport] = []
-    errors: list[InspectionFailure] = []
-    for path, problem in expand_paths(paths):
-        if problem is not None:
-            errors.append(InspectionFailure(path, problem))
+    errors: list[tuple[_Candidate, InspectionFailure]] = []
+    companions: set[str] = set()
+    for candidate in _candidates(paths):
+        path = candidate.path
+        if candidate.problem is not None:
+            errors.append((candidate, InspectionFailure(path, candidate.problem)))
             continue
         try:
-            models.extend(inspect_file(Path(path)))
+            descriptions = read_file(Path(path))
         except BiasInspectError as error:
-            errors.append(InspectionFailure(path, _one_line(error)))
+            errors.append((candidate, InspectionFailure(path, _one_line(error))))
+            continue
         except Exception as error:
             if not contain_bugs:
                 raise
             reason = f"internal error (please report): {type(error).__name__}: {error}"
-            errors.append(InspectionFailure(path, " ".join(reason.split())))
-    return Report(models=tuple(models), errors=tuple(errors))
+            errors.append((candidate, InspectionFailure(path, " ".join(reason.split()))))
+            continue
+        for description in descriptions:
+            companions.update(_real(name) for name in description.companion_files)
+            models.append(analyze(description))
+    # A folder holding model.onnx and its external data (weights.bin, model.onnx.data...) is one
+    # model: the data file the model names is not a bad model of its own.
+    kept = [
+        failure
+        for candidate, failure in errors
+        if not (candidate.scanned and candidate.problem is None and _real(candidate.path) in companions)
+    ]
+    return Report(models=tuple(models), errors=tuple(kept))
+
+
+def _real(path: str) -> str:
+    try:
+        return os.path.realpath(path)
+    except (OSError, ValueError):
+        return os.path.normpath(path)
 
 
 def _one_line(error: BiasInspectError) -> str:

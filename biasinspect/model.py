@@ -106,6 +106,9 @@ class ModelDescription:
     """Where in the file this weight set was found (e.g. ``state_dict`` or ``ema``)."""
     unsafe_callables: tuple[str, ...] = ()
     """Dotted names of callables a pickle would have run under ``torch.load``."""
+    companion_files: tuple[str, ...] = ()
+    """Files the model itself names as part of it (ONNX external data inside the model's
+    folder), normalised; never opened.  A folder scan does not report them as bad models."""
 
 
 @dataclass(frozen=True)

@@ -196,6 +196,31 @@ def test_folder_is_scanned_recursively(tmp_path):
     assert model["totals"]["untied"] == 1
 
 
+def test_folder_scan_skips_the_external_data_its_onnx_model_names(tmp_path):
+    import onnx
+
+    model = onnx.load(str(SAMPLES / "seed_untied.onnx"))
+    onnx.save(
+        model,
+        str(tmp_path / "model.onnx"),
+        save_as_external_data=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
+    assert (tmp_path / "weights.bin").stat().st_size > 0
+    (tmp_path / "stray.bin").write_bytes(b"\x00" * 64)  # named by no model: still an error
+    code, out, err = run(str(tmp_path), "-f", "json")
+    report = json.loads(out)
+    assert [m["path"] for m in report["models"]] == [str(tmp_path / "model.onnx")]
+    assert report["models"][0]["totals"]["untied"] == 1
+    assert [e["path"] for e in report["errors"]] == [str(tmp_path / "stray.bin")]
+    assert code == 2
+    assert err.count("\n") == 1 and "stray.bin" in err
+    # Named on the command line, the data file is still reported for what it is.
+    code, _, err = run(str(tmp_path / "weights.bin"))
+    assert code == 2 and "not a recognised model format" in err
+
+
 def test_csv_and_markdown_formats():
     code, out, _ = run(str(SAMPLES / "depthwise.onnx"), "--format", "csv")
     assert code == 0

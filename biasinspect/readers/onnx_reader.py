@@ -1106,6 +1106,8 @@ class _Context:
     sizes: dict[_FunctionKey, int] = field(default_factory=dict)
     visited_nodes: int = 0
     inferred_function_nodes: int = 0
+    external_files: set[str] = field(default_factory=set)
+    """External data files the model names inside its folder (never opened)."""
 
     def warn(self, message: str) -> None:
         """Add a warning once."""
@@ -1120,6 +1122,8 @@ class _Context:
         problem = _external_location_problem(location, self.model_dir)
         if problem is not None:
             self.warn(f"external data of tensor '{tensor.name}' {problem}; not opened")
+        else:
+            self.external_files.add(os.path.normpath(os.path.join(self.model_dir, location)))
 
     def reachable_from(self, key: _FunctionKey) -> list[_FunctionKey]:
         """``key`` and every function its body calls, directly or not."""
@@ -1712,6 +1716,7 @@ def read_onnx(path: Path) -> list[ModelDescription]:
             convs=_unique_module_names(ctx.convs, ctx.node_names),
             model_params=model_params,
             warnings=tuple(ctx.warnings),
+            companion_files=tuple(sorted(ctx.external_files)),
         )
     ]
 
