@@ -1317,6 +1317,32 @@ def test_conv_after_resize_keeps_its_output_size(tmp_path: Path, dtype: int, cus
     assert len(desc.warnings) == int(custom_op)
 
 
+def test_resize_scales_built_by_concat_of_constants(tmp_path: Path) -> None:
+    # torch's legacy exporter without constant folding (nn.Upsample): scales = Concat(Constant
+    # [1, 1], Constant [2, 2]); ONNX data propagation does not follow float Concats.
+    ones = helper.make_tensor("ones", FLOAT, [2], [1.0, 1.0])
+    twos = helper.make_tensor("twos", FLOAT, [2], [2.0, 2.0])
+    g = graph(
+        [
+            node("Constant", [], ["one"], value=ones),
+            node("Constant", [], ["two"], value=twos),
+            node("Concat", ["one", "two"], ["sc"], axis=0),
+            node("Identity", ["sc"], ["sc_id"]),
+            node("Conv", ["x", "w"], ["c"], name="c1"),
+            node("Resize", ["c", "", "sc_id"], ["r"], mode="nearest"),
+            node("Conv", ["r", "w2", "b2"], ["y"], name="c2"),
+        ],
+        [vi("x", [1, 3, 8, 8])],
+        ["y"],
+        [init("w", [4, 3, 3, 3]), init("w2", [4, 4, 3, 3]), init("b2", [4])],
+    )
+    desc = read(model(g), tmp_path)
+    assert [(c.name, c.output_spatial, c.notes) for c in desc.convs] == [
+        ("c1", (6, 6), ()),
+        ("c2", (10, 10), ()),
+    ]
+
+
 def test_upsample_scales_attribute_and_resize_sizes_without_inference(tmp_path: Path) -> None:
     g = graph(
         [

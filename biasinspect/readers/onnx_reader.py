@@ -154,6 +154,8 @@ _MS_QLINEAR_UNARY = frozenset(
 """com.microsoft ops whose output has the shape of their input 0."""
 _MAX_EXPR_DEPTH = 64
 """How far back through producing nodes shape fallbacks and parameter checks look."""
+_MAX_COMBINED_VALUES = 64
+"""Most values a Concat of constants may hold to be followed (shape vectors and scales are short)."""
 _MAX_FOLLOW = 16
 """How many pass-through nodes are followed from a conv output towards its bias Add."""
 _MAX_FUNCTION_DEPTH = 32
@@ -526,17 +528,21 @@ class _Scope:
         values = self.values(name, integer=True)
         return None if values is None else [int(v) for v in values]
 
-    def values(self, name: str, integer: bool = False) -> list[float] | None:
+    def values(self, name: str, integer: bool = False, depth: int = 0) -> list[float] | None:
         """Values of a small constant integer or floating tensor (shape vectors, scales), when
-        stored in the file; only integer tensors' with ``integer``."""
+        stored in the file; only integer tensors' with ``integer``.  A 1-D ``Concat`` or an
+        ``Identity`` of such tensors is followed (the legacy torch exporter builds Resize scales as
+        ``Concat(Constant [1, 1], Constant [2, 2])``)."""
         scope = self.owner(name)
         for _ in range(_MAX_EXPR_DEPTH):  # follows function inputs to their bound actuals
-            if scope is None:
+            if scope is None or depth > _MAX_EXPR_DEPTH:
                 return None
             if name in scope.initializers:
                 return _tensor_values(scope.initializers[name], integer)
             if name in scope.producer:
                 node = scope.nodes[scope.producer[name][0]]
+                if _is_default_domain(node) and node.op_type in ("Concat", "Identity"):
+                    return scope._combined_values(node, integer, depth + 1)
                 if node.op_type == "Constant" and _is_default_domain(node):
                     for attribute in node.attribute:
                         if attribute.name == "value" and attribute.HasField("t"):
@@ -555,6 +561,21 @@ class _Scope:
             caller, name = scope.bindings[name]
             scope = caller.owner(name)
         return None
+
+    def _combined_values(self, node: Any, integer: bool, depth: int) -> list[float] | None:
+        """Values of an ``Identity`` or a 1-D ``Concat`` of small constant tensors."""
+        inputs = [str(i) for i in node.input]
+        if node.op_type == "Concat" and _attr_int(node, "axis", 0) not in (0, -1):
+            return None
+        combined: list[float] = []
+        for part in inputs if node.op_type == "Concat" else inputs[:1]:
+            if not part:
+                return None
+            values = self.values(part, integer, depth)
+            if values is None or len(combined) + len(values) > _MAX_COMBINED_VALUES:
+                return None
+            combined.extend(values)
+        return combined
 
     def _fallback_shape(self, node: Any, slot: int, depth: int) -> MaybeShape:
         """Shape of a node output for the few ops that matter for biases and weights."""
