@@ -1602,3 +1602,86 @@ def test_quantized_int32_biases_count_in_any_domain(tmp_path: Path, domain: str)
     # DequantizeLinear input 5; the unused int32 tensor never counts.
     assert desc.model_params == 3 + 108 + 3 + 4 + 5
     assert desc.convs[0].bias_terms == (BiasTerm("b", (4,), CONV),)
+
+
+# --------------------------------------------------------------------------------------------
+# Bias Adds after Squeeze / Unsqueeze / Transpose (tf2onnx's Keras Conv1D, NHWC graphs)
+
+
+def _layout_model(
+    steps: list[onnx.NodeProto], last: str, bias_shape: list[int], extra: list[TensorProto]
+) -> onnx.ModelProto:
+    nodes = [node("Conv", ["x", "w"], ["c"], name="conv"), *steps, node("Add", [last, "b"], ["y"])]
+    inits = [init("w", [4, 3, 1, 3]), init("b", bias_shape), *extra]
+    return model(graph(nodes, [vi("x", [1, 3, 1, 10])], ["y"], inits))
+
+
+@pytest.mark.parametrize(
+    ("steps", "last", "bias_shape", "extra", "expected_shape", "kind"),
+    [
+        # Keras Conv1D through tf2onnx: [1, 4, 1, 8] -> Squeeze(2) -> [1, 4, 8] + [1, 4, 1].
+        (
+            [node("Squeeze", ["c", "ax"], ["s"])],
+            "s",
+            [1, 4, 1],
+            [ints("ax", [2])],
+            (1, 4, 1, 1),
+            BiasKind.TIED,
+        ),
+        # Squeeze without axes drops every extent-1 axis (batch and H): [4, 8] + [4, 1].
+        ([node("Squeeze", ["c"], ["s"])], "s", [4, 1], [], (1, 4, 1, 1), BiasKind.TIED),
+        # Back to NHWC before the Add: [C] broadcasts along the last axis, the channels.
+        ([node("Transpose", ["c"], ["t"], perm=[0, 2, 3, 1])], "t", [4], [], (1, 4, 1, 1), BiasKind.TIED),
+        # An untied bias in NHWC: [H, W, C].
+        (
+            [node("Transpose", ["c"], ["t"], perm=[0, 2, 3, 1])],
+            "t",
+            [1, 8, 4],
+            [],
+            (1, 4, 1, 8),
+            BiasKind.UNTIED,
+        ),
+        # Squeeze, then Transpose to [N, W, C] (Keras' Conv1D layout) and an untied [W, C] bias.
+        (
+            [node("Squeeze", ["c", "ax"], ["s"]), node("Transpose", ["s"], ["t"], perm=[0, 2, 1])],
+            "t",
+            [8, 4],
+            [ints("ax", [2])],
+            (1, 4, 1, 8),
+            BiasKind.UNTIED,
+        ),
+        (
+            [node("Unsqueeze", ["c", "ax"], ["u"])],
+            "u",
+            [1, 1, 4, 1, 1],
+            [ints("ax", [0])],
+            (1, 4, 1, 1),
+            BiasKind.TIED,
+        ),
+    ],
+)
+def test_bias_add_after_layout_steps(
+    tmp_path: Path,
+    steps: list[onnx.NodeProto],
+    last: str,
+    bias_shape: list[int],
+    extra: list[TensorProto],
+    expected_shape: tuple[int, ...],
+    kind: BiasKind,
+) -> None:
+    desc = read(_layout_model(steps, last, bias_shape, extra), tmp_path)
+    (conv,) = desc.convs
+    assert conv.output_spatial == (1, 8)
+    assert conv.bias_terms == (BiasTerm("b", expected_shape, ADD),)
+    assert kinds(desc) == {"conv": kind}
+    assert conv.notes[0].startswith("bias added after ")
+
+
+def test_bias_add_that_does_not_map_back_is_other(tmp_path: Path) -> None:
+    # It varies along the axis the Unsqueeze added: not a bias of the conv output.
+    steps = [node("Unsqueeze", ["c", "ax"], ["u"])]
+    desc = read(_layout_model(steps, "u", [2, 1, 4, 1, 1], [ints("ax", [0])]), tmp_path)
+    (conv,) = desc.convs
+    assert conv.bias_terms == (BiasTerm("b", (2, 1, 4, 1, 1), ADD, aligned=False),)
+    assert kinds(desc) == {"conv": BiasKind.OTHER}
+    assert conv.notes == ("bias 'b' is added after Unsqueeze and does not map onto the conv output",)

@@ -22,7 +22,9 @@ Bias terms
     anything computed only from those -- e.g. Reshape/Unsqueeze/Cast/DequantizeLinear/
     DynamicQuantizeLinear of an initializer), source ``add``.  On the way to the ``Add``,
     single-consumer ``Cast``/``Identity``/``QuantizeLinear``/``DequantizeLinear`` nodes are
-    followed (a QDQ-quantized graph puts a Q/DQ pair between the conv and its Add), and for
+    followed (a QDQ-quantized graph puts a Q/DQ pair between the conv and its Add), so are
+    ``Squeeze``/``Unsqueeze``/``Transpose`` (undone on the operand's shape, so that the term is
+    in the conv output's layout: tf2onnx's Keras Conv1D, NHWC graphs), and for
     ``ConvInteger`` (whose int32 output is rescaled first) also one ``Mul``/``Div`` by an operand
     that does not grow the tensor and is a scalar or computed at run time (the rescale; a stored
     per-channel scale is a folded norm's, handled by the ``Mul+Add`` rule below).  A graph input
@@ -1517,14 +1519,18 @@ def _conv_node(scope: _Scope, index: int, spec: _ConvSpec) -> ConvNode:
 
     followed_by: str | None = None
     if node.output and node.output[0]:
-        add_term, follower = _follow_output(scope, str(node.output[0]), op)
-        if add_term is not None:
+        conv_rank = (
+            len(weight_shape)
+            if weight_shape is not None
+            else (2 + len(output_spatial) if output_spatial is not None else None)
+        )
+        add_term, follower, layout_note = _follow_output(scope, str(node.output[0]), op, conv_rank)
+        if layout_note is not None:
+            notes.append(layout_note)
+        if add_term is not None and not add_term.aligned:
+            terms.append(add_term)
+        elif add_term is not None:
             shape = add_term.shape
-            conv_rank = (
-                len(weight_shape)
-                if weight_shape is not None
-                else (2 + len(output_spatial) if output_spatial is not None else None)
-            )
             if spec.channels_last and shape is not None and conv_rank is not None:
                 rank = conv_rank
                 if len(shape) <= rank:
@@ -1577,46 +1583,119 @@ def _is_rescale(scope: _Scope, operand: str, value_shape: MaybeShape) -> bool:
     return (shape is not None and all(dim == 1 for dim in shape)) or not scope.is_parameter(operand)
 
 
-def _follow_output(scope: _Scope, output: str, op: str) -> tuple[BiasTerm | None, str | None]:
-    """Find an Add of a parameter after a conv output, or the norm that follows it."""
+_LayoutStep = tuple[str, tuple[int, ...]]
+"""A shape change between a conv output and its bias Add: ("squeeze" | "unsqueeze", axes) or
+("transpose", perm)."""
+
+
+def _layout_step(
+    scope: _Scope, consumer: Any, current: str, rank: int | None
+) -> tuple[_LayoutStep, int] | None:
+    """The layout step a Squeeze / Unsqueeze / Transpose of ``current`` makes, with the new rank;
+    None when it cannot be pinned down (rank or axes unknown, or the channel axis moves away
+    under a Squeeze)."""
+    kind = str(consumer.op_type)
+    if rank is None or not consumer.input or str(consumer.input[0]) != current:
+        return None
+    if kind == "Transpose":
+        perm = _attr_ints(consumer, "perm") or tuple(reversed(range(rank)))
+        if sorted(perm) != list(range(rank)):
+            return None
+        return ("transpose", perm), rank
+    axes = _attr_ints(consumer, "axes")
+    if axes is None and len(consumer.input) > 1 and consumer.input[1]:
+        values = scope.int_values(str(consumer.input[1]))
+        axes = tuple(values) if values is not None else None
+    if kind == "Squeeze":
+        if axes is None:  # every axis of extent 1
+            shape = scope.shape(current)
+            if shape is None or len(shape) != rank or None in shape:
+                return None
+            axes = tuple(axis for axis, dim in enumerate(shape) if dim == 1)
+        norm = tuple(sorted({a + rank if a < 0 else a for a in axes}))
+        if not norm or any(not 0 <= a < rank for a in norm) or len(norm) != len(axes):
+            return None
+        return ("squeeze", norm), rank - len(norm)
+    if kind == "Unsqueeze" and axes:
+        new_rank = rank + len(axes)
+        norm = tuple(sorted({a + new_rank if a < 0 else a for a in axes}))
+        if any(not 0 <= a < new_rank for a in norm) or len(norm) != len(axes):
+            return None
+        return ("unsqueeze", norm), new_rank
+    return None
+
+
+def _undo_layout(shape: tuple[Dim, ...], rank: int, steps: Sequence[_LayoutStep]) -> tuple[Dim, ...] | None:
+    """Map an operand shape seen after ``steps`` back to the conv output's layout (broadcasting
+    first pads it to ``rank``); None when it does not map (it varies along an axis the conv
+    output does not have)."""
+    if len(shape) > rank:
+        return None
+    mapped = [1] * (rank - len(shape)) + list(shape)
+    for step, axes in reversed(steps):
+        if step == "squeeze":
+            for axis in axes:
+                mapped.insert(axis, 1)
+        elif step == "unsqueeze":
+            if any(mapped[axis] != 1 for axis in axes):
+                return None
+            mapped = [dim for axis, dim in enumerate(mapped) if axis not in axes]
+        else:
+            inverse: list[Dim] = [None] * len(axes)
+            for position, source in enumerate(axes):
+                inverse[source] = mapped[position]
+            mapped = inverse
+    return tuple(mapped)
+
+
+def _follow_output(
+    scope: _Scope, output: str, op: str, conv_rank: int | None
+) -> tuple[BiasTerm | None, str | None, str | None]:
+    """Find an Add of a parameter after a conv output, or the norm that follows it.
+
+    Returns (bias term, follower, note).  Squeeze / Unsqueeze / Transpose steps on the way (a
+    Keras Conv1D exported by tf2onnx runs as a 2-D Conv, then Squeeze, then the bias Add) are
+    undone on the operand's shape, so that the term is reported in the conv output's layout; the
+    note says so.  An operand that cannot be mapped back is an unaligned term."""
     current = output
     visited = {current}
     rescaled = op != "ConvInteger"  # at most one rescale, and only after an integer conv
+    steps: list[_LayoutStep] = []
+    rank = conv_rank
     for _ in range(_MAX_FOLLOW):
         consumer = scope.single_consumer(current)
         if consumer is None:
-            return None, None
+            return None, None, None
         kind = str(consumer.op_type)
         inputs = [str(i) for i in consumer.input]
         nxt = str(consumer.output[0]) if consumer.output else ""
+        other = ""
         if consumer.domain == _MS_DOMAIN and kind == "QLinearAdd" and len(inputs) >= 6:
             # onnxruntime's QOperator form of Add: (A, A_scale, A_zp, B, B_scale, B_zp, C_scale, C_zp).
             if current not in (inputs[0], inputs[3]):
-                return None, None
+                return None, None, None
             other = inputs[3] if inputs[0] == current else inputs[0]
-            if other and scope.is_parameter(other):
-                return BiasTerm(other, scope.shape(other), BiasSource.ADD), None
-            return None, None
+        elif _is_default_domain(consumer) and kind == "Add" and len(inputs) == 2:
+            other = inputs[1] if inputs[0] == current else inputs[0]
+        if other or kind in ("Add", "QLinearAdd"):
+            if not (other and scope.is_parameter(other)):
+                return None, None, None
+            return _added_term(scope, other, steps, rank)
         quantize_step = kind in ("QuantizeLinear", "DequantizeLinear") and consumer.domain in (
             "",
             "ai.onnx",
             _MS_DOMAIN,
         )
         if not _is_default_domain(consumer) and not quantize_step:
-            return None, None
-        if kind == "Add" and len(inputs) == 2:
-            other = inputs[1] if inputs[0] == current else inputs[0]
-            if other and scope.is_parameter(other):
-                return BiasTerm(other, scope.shape(other), BiasSource.ADD), None
-            return None, None
-        if kind == "BatchNormalization" and inputs and inputs[0] == current:
-            return None, "BatchNormalization"
+            return None, None, None
+        if kind == "BatchNormalization" and inputs and inputs[0] == current and not steps:
+            return None, "BatchNormalization", None
         if kind == "Mul" and len(inputs) == 2:
             other = inputs[1] if inputs[0] == current else inputs[0]
             if not rescaled and nxt and _is_rescale(scope, other, scope.shape(current)):
                 current = nxt  # the int32 -> float rescale of a quantized conv
                 rescaled = True
-            elif other and scope.is_parameter(other) and nxt:
+            elif other and scope.is_parameter(other) and nxt and not steps:
                 after = scope.single_consumer(nxt)
                 if (
                     after is not None
@@ -1626,25 +1705,51 @@ def _follow_output(scope: _Scope, output: str, op: str) -> tuple[BiasTerm | None
                 ):
                     add_other = str(after.input[1] if after.input[0] == nxt else after.input[0])
                     if add_other and scope.is_parameter(add_other):
-                        return None, "Mul+Add"
-                return None, None
+                        return None, "Mul+Add", None
+                return None, None, None
             else:
-                return None, None
+                return None, None, None
         elif kind == "Div" and len(inputs) == 2 and inputs[0] == current and not rescaled:
             if not (nxt and _is_rescale(scope, inputs[1], scope.shape(current))):
-                return None, None
+                return None, None, None
             current = nxt
             rescaled = True
         elif (kind in ("Cast", "Identity") or (quantize_step and inputs[0] == current)) and nxt:
             # Element-count-preserving: the bias may be added after it (a QDQ graph puts a
             # QuantizeLinear -> DequantizeLinear pair between the conv and its Add).
             current = nxt
+        elif kind in ("Squeeze", "Unsqueeze", "Transpose") and nxt:
+            step = _layout_step(scope, consumer, current, rank)
+            if step is None:
+                return None, None, None
+            steps.append(step[0])
+            rank = step[1]
+            current = nxt
         else:
-            return None, None
+            return None, None, None
         if current in visited:
-            return None, None
+            return None, None, None
         visited.add(current)
-    return None, None
+    return None, None, None
+
+
+def _added_term(
+    scope: _Scope, name: str, steps: Sequence[_LayoutStep], rank: int | None
+) -> tuple[BiasTerm | None, str | None, str | None]:
+    """The Add operand ``name`` as a term in the conv output's layout (see :func:`_follow_output`)."""
+    shape = scope.shape(name)
+    if not steps:
+        return BiasTerm(name, shape, BiasSource.ADD), None, None
+    if shape is None or rank is None:
+        return BiasTerm(name, shape, BiasSource.ADD, aligned=False), None, None
+    mapped = _undo_layout(tuple(shape), rank, steps)
+    path = " -> ".join(step.capitalize() for step, _ in steps)
+    if mapped is None:
+        note = f"bias '{name}' is added after {path} and does not map onto the conv output"
+        return BiasTerm(name, shape, BiasSource.ADD, aligned=False), None, note
+    # Without names or shapes, so that many such layers share one grouped warning.
+    note = f"bias added after {path}: its shape is reported in the conv output's layout"
+    return BiasTerm(name, mapped, BiasSource.ADD), None, note
 
 
 # ------------------------------------------------------------------------------------------------
