@@ -112,13 +112,18 @@ def run_in_subprocess(argv: list[str], cwd: Path) -> dict[str, Any]:
     ``cwd``; return its exit code, output, whether ``evilmod`` got imported, and peak RSS."""
     script = textwrap.dedent(
         """
-        import io, json, resource, sys
+        import io, json, sys
+        from pathlib import Path
         from biasinspect.cli import main
         out, err = io.StringIO(), io.StringIO()
         code = main(sys.argv[2:], stdout=out, stderr=err)
+        # VmHWM, not getrusage's ru_maxrss: that one keeps the forking pytest process's peak
+        # across exec, so it would measure pytest (with torch loaded), not this run.
+        status = Path("/proc/self/status").read_text().splitlines()
+        peak_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
         result = {"code": code, "out": out.getvalue(), "err": err.getvalue(),
                   "evilmod": "evilmod" in sys.modules,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                  "peak_rss_mib": peak_kib / 1024}
         with open(sys.argv[1], "w") as handle:
             json.dump(result, handle)
         """
