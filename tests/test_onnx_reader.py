@@ -1685,3 +1685,20 @@ def test_bias_add_that_does_not_map_back_is_other(tmp_path: Path) -> None:
     assert conv.bias_terms == (BiasTerm("b", (2, 1, 4, 1, 1), ADD, aligned=False),)
     assert kinds(desc) == {"conv": BiasKind.OTHER}
     assert conv.notes == ("bias 'b' is added after Unsqueeze and does not map onto the conv output",)
+
+
+def test_shape_reads_of_the_conv_output_do_not_hide_its_bias_add(tmp_path: Path) -> None:
+    g = graph(
+        [
+            node("Conv", ["x", "w"], ["c"], name="conv"),
+            node("Shape", ["c"], ["c_shape"]),
+            node("Size", ["c"], ["c_size"]),
+            node("Add", ["c", "b"], ["y"]),
+        ],
+        [vi("x", [1, 3, 8, 8])],
+        ["y", "c_shape", "c_size"],
+        [init("w", [4, 3, 3, 3]), init("b", [4, 6, 6])],
+    )
+    desc = read(model(g), tmp_path)
+    assert desc.convs[0].bias_terms == (BiasTerm("b", (4, 6, 6), ADD),)
+    assert kinds(desc) == {"conv": BiasKind.UNTIED}

@@ -747,10 +747,17 @@ class _Scope:
         return result
 
     def single_consumer(self, name: str) -> Any | None:
-        """The only node consuming ``name`` in this graph, or None (zero, several, or an output)."""
+        """The only node consuming ``name`` in this graph, or None (zero, several, or an output).
+
+        ``Shape`` and ``Size`` consumers read only the extent, not the values (exporters of
+        dynamic-shape models add them), so they do not count."""
         if name in self.outputs:
             return None
-        users = self.consumers.get(name, [])
+        users = [
+            index
+            for index in self.consumers.get(name, [])
+            if not (self.nodes[index].op_type in ("Shape", "Size") and _is_default_domain(self.nodes[index]))
+        ]
         if len(users) != 1:
             return None
         node = self.nodes[users[0]]
