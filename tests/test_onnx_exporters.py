@@ -146,3 +146,30 @@ def test_nchwc_convs_are_named_not_guessed(files: dict[str, Path]) -> None:
     skipped = [w for w in report.warnings if "com.microsoft.nchwc" in w]
     assert len(skipped) == 3
     assert all("not a standard convolution and was not analysed" in w for w in skipped)
+
+
+class _BnNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, bias=False)
+        self.b2 = nn.Parameter(torch.randn(8, 12, 12))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(torch.relu(self.bn(self.conv(x)))) + self.b2
+
+
+def test_unoptimised_dynamo_export_has_no_phantom_biases(tmp_path: Path) -> None:
+    # Without the optimiser, the torch.export-based exporter feeds every bias-free conv a bias
+    # input of zeros made at run time; none is stored, so none is counted.
+    path = tmp_path / "unoptimised.onnx"
+    torch.onnx.export(_BnNet().eval(), (torch.zeros(1, 3, 16, 16),), str(path), dynamo=True, optimize=False)
+    report = _report(path)
+    assert [
+        (layer.name, layer.bias.kind, layer.bias.params, layer.followed_by) for layer in report.layers
+    ] == [
+        ("conv", BiasKind.ABSENT, 0, "BatchNormalization"),
+        ("c2", BiasKind.UNTIED, 8 * 12 * 12, None),
+    ]
+    assert any("zero tensor made at run time" in warning for warning in report.warnings)

@@ -1702,3 +1702,40 @@ def test_shape_reads_of_the_conv_output_do_not_hide_its_bias_add(tmp_path: Path)
     desc = read(model(g), tmp_path)
     assert desc.convs[0].bias_terms == (BiasTerm("b", (4, 6, 6), ADD),)
     assert kinds(desc) == {"conv": BiasKind.UNTIED}
+
+
+def _runtime_zero_bias_model(weight_at_run_time: bool, zero: float = 0.0) -> onnx.ModelProto:
+    # torch's unoptimised dynamo export of a bias-free conv: bias = Expand(CastLike(0.0, x),
+    # Shape(weight)[:1]).
+    zero_t = helper.make_tensor("z", FLOAT, [], [zero])
+    nodes = [
+        node("Shape", ["w"], ["w_shape"], end=1),
+        node("Constant", [], ["zero"], value=zero_t),
+        node("CastLike", ["zero", "x"], ["zero_like"]),
+        node("Expand", ["zero_like", "w_shape"], ["b"]),
+        node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+        node("BatchNormalization", ["c", "s", "o", "m", "v"], ["y"]),
+    ]
+    inits = [init(n, [4]) for n in "somv"]
+    if weight_at_run_time:
+        nodes.insert(0, node("ConstantOfShape", ["w_dims"], ["w"]))
+        inits.append(ints("w_dims", [4, 3, 3, 3]))
+    else:
+        inits.append(init("w", [4, 3, 3, 3]))
+    return model(graph(nodes, [vi("x", [1, 3, 8, 8])], ["y"], inits))
+
+
+def test_bias_input_of_run_time_zeros_is_no_stored_bias(tmp_path: Path) -> None:
+    desc = read(_runtime_zero_bias_model(weight_at_run_time=False), tmp_path)
+    (conv,) = desc.convs
+    assert conv.bias_terms == ()
+    assert conv.followed_by == "BatchNormalization"
+    assert conv.notes == ("the bias input is a zero tensor made at run time: no stored bias",)
+    assert kinds(desc) == {"conv": BiasKind.ABSENT}
+
+
+def test_run_time_bias_that_is_not_zero_or_beside_run_time_weights_is_kept(tmp_path: Path) -> None:
+    for m in (_runtime_zero_bias_model(False, zero=0.5), _runtime_zero_bias_model(True)):
+        (conv,) = read(m, tmp_path).convs
+        assert [(t.name, t.source) for t in conv.bias_terms] == [("b", CONV)]
+        assert conv.notes == ()

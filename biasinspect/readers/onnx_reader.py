@@ -1396,6 +1396,39 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
+_ZERO_PASS_THROUGH = frozenset({"Expand", "Cast", "CastLike", "Identity", "Reshape", "Unsqueeze", "Squeeze"})
+
+
+def _runtime_zeros(scope: _Scope, name: str, any_value: bool = False) -> bool:
+    """True when ``name`` is made at run time from a constant zero (``Expand``/``ConstantOfShape``
+    of a stored 0, through casts and reshapes); with ``any_value``, from any constant value."""
+    for _ in range(_MAX_FOLLOW):
+        owner = scope.owner(name)
+        if owner is None or name not in owner.producer:
+            return False
+        node = owner.nodes[owner.producer[name][0]]
+        if not _is_default_domain(node):
+            return False
+        op = str(node.op_type)
+        if op == "ConstantOfShape":
+            value = _attr(node, "value")
+            if value is None or any_value:
+                return True  # the default value is a float 0
+            values = _tensor_values(value.t, False)
+            return values is not None and all(v == 0 for v in values)
+        if op == "Expand" and any_value:
+            return True
+        if op == "Constant":
+            if any_value:
+                return False  # a stored constant of full size is not made at run time
+            values = owner.values(name)
+            return values is not None and all(v == 0 for v in values)
+        if op not in _ZERO_PASS_THROUGH or not node.input or not node.input[0]:
+            return False
+        name, scope = str(node.input[0]), owner
+    return False
+
+
 _TORCH_NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 _TORCH_CLASS_HIERARCHY = "pkg.torch.onnx.class_hierarchy"
 _MAX_SCOPE_LIST_CHARS = 64 * 1024
@@ -1518,7 +1551,18 @@ def _conv_node(scope: _Scope, index: int, spec: _ConvSpec) -> ConvNode:
     output_spatial = _merge_shapes(from_inference, computed)
 
     terms: list[BiasTerm] = []
-    if spec.bias is not None and len(inputs) > spec.bias and inputs[spec.bias]:
+    if (
+        spec.bias is not None
+        and len(inputs) > spec.bias
+        and inputs[spec.bias]
+        and _runtime_zeros(scope, inputs[spec.bias])
+        and not (weight_name and _runtime_zeros(scope, weight_name, any_value=True))
+    ):
+        # torch's unoptimised dynamo export gives every bias-free conv a bias input of zeros made
+        # at run time (Expand of a constant 0 to C_out): no bias is stored, so none is counted.
+        # (A model whose weights are made at run time too is a structure-only file: left alone.)
+        notes.append("the bias input is a zero tensor made at run time: no stored bias")
+    elif spec.bias is not None and len(inputs) > spec.bias and inputs[spec.bias]:
         bias_name = inputs[spec.bias]
         if scope.owner(bias_name) is None:
             notes.append(f"bias '{bias_name}' has no producer (not an initializer, input or node output)")
