@@ -436,6 +436,52 @@ def test_parent_bias_that_settles_a_conv_frees_its_other_width() -> None:
     assert description.warnings == ()
 
 
+def test_parent_bias_waits_for_a_later_tensor_that_settles_a_conv() -> None:
+    # The same question the other way round (the order of model.state_dict() for
+    # conv_a, conv_b, bias_a, bias_b): bias_a [8, 14, 14] first fits conv_a [8, 3] and, as a
+    # ConvTranspose, conv_b [4, 8]; bias_b [4, 12, 12] then makes conv_b a Conv, so bias_a is
+    # conv_a's.  Decided in key order only, conv_a was reported absent (the module says untied).
+    model = nn.Module()
+    model.conv_a = nn.Conv2d(3, 8, 3, bias=False)
+    model.conv_b = nn.Conv2d(8, 4, 3, bias=False)
+    model.bias_a = nn.Parameter(torch.zeros(8, 14, 14))
+    model.bias_b = nn.Parameter(torch.zeros(4, 12, 12))
+    description = describe(model)
+    convs = by_name(description)
+    assert convs["conv_a"].bias_terms == (BiasTerm("bias_a", (8, 14, 14), ADD),)
+    assert convs["conv_a"].transposed is False
+    assert convs["conv_b"].bias_terms == (BiasTerm("bias_b", (4, 12, 12), ADD),)
+    assert convs["conv_b"].transposed is False
+    assert description.warnings == ()
+    report = analyze(description)
+    assert [layer.bias.kind for layer in report.layers] == [BiasKind.UNTIED, BiasKind.UNTIED]
+    assert report.totals.conv_bias_params == 8 * 14 * 14 + 4 * 12 * 12
+    assert description.model_params == n_params(model)
+
+
+def test_parent_biases_settle_a_chain_of_convs_backwards() -> None:
+    # c1 [8, 3], c2 [4, 8], c3 [2, 4]: bias8 fits c1 and (transposed) c2, bias4 fits c2 and c3, bias2
+    # fits only c3.  Settling c3 frees bias4 for c2, which frees bias8 for c1; bias5 fits no conv of
+    # the three (it could be none of theirs) and stays unattached without a warning.
+    state = {
+        "p.c1.weight": TensorInfo((8, 3, 3, 3), "float32"),
+        "p.c2.weight": TensorInfo((4, 8, 3, 3), "float32"),
+        "p.c3.weight": TensorInfo((2, 4, 3, 3), "float32"),
+        "p.bias8": TensorInfo((8, 6, 6), "float32"),
+        "p.bias4": TensorInfo((4, 4, 4), "float32"),
+        "p.bias5": TensorInfo((5, 4, 4), "float32"),
+        "p.bias2": TensorInfo((1, 2, 2, 2), "float32"),
+    }
+    description = describe_state_dict(state, path="m", format="pytorch")
+    assert [(conv.name, conv.bias_terms, conv.transposed) for conv in description.convs] == [
+        ("p.c1", (BiasTerm("p.bias8", (8, 6, 6), ADD),), False),
+        ("p.c2", (BiasTerm("p.bias4", (4, 4, 4), ADD),), False),
+        ("p.c3", (BiasTerm("p.bias2", (1, 2, 2, 2), ADD),), False),
+    ]
+    assert description.warnings == ()
+    assert [conv.notes for conv in description.convs] == [(), (), ()]
+
+
 @pytest.mark.timeout(30)
 def test_many_same_width_convs_and_parent_biases_stay_linear() -> None:
     # 20,000 bias-less convs of one width in one parent, and as many bias-named parent tensors
@@ -613,6 +659,42 @@ def test_preact_pairing_does_not_claim_an_input_norm() -> None:
     assert convs["conv1"].transposed is None  # the input norm's width must not imply ConvTranspose
 
 
+class DenseLayer(nn.Module):
+    """torchvision's _DenseLayer: BN-ReLU-Conv pre-activation, the norm BEFORE each conv."""
+
+    def __init__(self, cin: int, growth: int, bn_size: int) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(cin)
+        self.relu1 = nn.ReLU()
+        self.conv1 = nn.Conv2d(cin, bn_size * growth, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth)
+        self.relu2 = nn.ReLU()
+        self.conv2 = nn.Conv2d(bn_size * growth, growth, 3, padding=1, bias=False)
+
+
+def test_densenet_next_layers_input_norm_does_not_make_a_conv_transposed() -> None:
+    # DenseNet-121's first block (64 input channels, growth 32, bn_size 4): denselayer2.conv2
+    # [32, 128, 3, 3] is followed in registration order by denselayer3.norm1, which normalises
+    # the 64 + 2 x 32 = 128 concatenated channels.  Width 128 = weight dim1 once made the conv
+    # a "ConvTranspose2d" with in and out swapped; a norm from another module settles nothing.
+    block = nn.Module()
+    for index in range(4):
+        block.add_module(f"denselayer{index + 1}", DenseLayer(64 + 32 * index, 32, 4))
+    description = describe(block)
+    convs = by_name(description)
+    assert len(description.convs) == 8
+    assert not any(conv.transposed for conv in description.convs)
+    conv2 = convs["denselayer2.conv2"]
+    assert (conv2.op, conv2.transposed, conv2.followed_by) == ("Conv2d?", None, None)
+    assert conv2.notes == ("undetermined: no bias to tell Conv from ConvTranspose",)
+    # A sibling norm still settles the question: conv1 [128, C_in] -> norm2 (128).
+    assert [convs[f"denselayer{i}.conv1"].followed_by for i in (1, 2, 3, 4)] == ["BatchNorm"] * 4
+    assert [convs[f"denselayer{i}.conv1"].transposed for i in (1, 2, 4)] == [False] * 3
+    report = analyze(description)
+    assert [layer.out_channels for layer in report.layers] == [128, 32] * 4
+    assert description.model_params == n_params(block)
+
+
 def test_batchnorm_needs_running_stats_of_the_conv_width() -> None:
     model = nn.Module()
     model.conv = nn.Conv2d(3, 8, 3, bias=False)
@@ -635,6 +717,57 @@ def test_tied_weights_sharing_storage_count_once() -> None:
     description = describe_state_dict(infos(state, storage=True), path="m", format="pytorch")
     assert description.model_params == n_params(model) == 40
     assert describe_state_dict(infos(state), path="m", format="pytorch").model_params == 80
+
+
+class QatNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = torch.ao.quantization.QuantStub()
+        self.conv = nn.Conv2d(3, 8, 3, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 4, 3)
+        self.dequant = torch.ao.quantization.DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.conv2(self.relu(self.bn(self.conv(self.quant(x))))))
+
+
+@pytest.mark.filterwarnings("ignore")  # torch.ao.quantization deprecation notices
+def test_qat_checkpoint_observers_are_buffers_and_the_convbn_child_follows() -> None:
+    # A QAT training checkpoint (eager prepare_qat, fused conv+bn+relu): observer and
+    # fake-quantize state (scale, zero_point, min_val, max_val, eps) is all buffers, and
+    # ConvBnReLU2d keeps its BatchNorm as the conv's child ``conv.bn``.  Both were missed:
+    # model_params 574 instead of 524, and conv reported with nothing following.
+    import torch.ao.quantization as tq
+
+    model = QatNet().train()
+    model.qconfig = tq.get_default_qat_qconfig("fbgemm")
+    model = tq.prepare_qat(tq.fuse_modules_qat(model, [["conv", "bn", "relu"]]))
+    model(torch.randn(2, 3, 8, 8))
+    state = model.state_dict()
+    assert (
+        "conv.weight_fake_quant.activation_post_process.min_val" in state and "conv.bn.running_mean" in state
+    )
+    description = describe(state)
+    conv, conv2 = description.convs
+    assert (conv.name, conv.bias_terms, conv.followed_by, conv.transposed) == ("conv", (), "BatchNorm", False)
+    assert conv.notes == ()
+    assert (conv2.name, conv2.followed_by) == ("conv2", None)
+    assert description.model_params == n_params(model) == 216 + 8 + 8 + 288 + 4
+
+    # A learnable fake-quantize (LSQ) trains its scale and zero_point: parameters, counted.
+    from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
+
+    lsq = nn.Module()
+    lsq.conv = nn.Conv2d(3, 8, 3)
+    lsq.conv.weight_fake_quant = _LearnableFakeQuantize(
+        tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=255
+    )
+    assert [name for name, _ in lsq.named_parameters()] == [
+        "conv.weight", "conv.bias", "conv.weight_fake_quant.scale", "conv.weight_fake_quant.zero_point",
+    ]  # fmt: skip
+    assert describe(lsq).model_params == n_params(lsq) == 216 + 8 + 1 + 1
 
 
 def test_buffers_and_integer_tensors_are_not_parameters() -> None:

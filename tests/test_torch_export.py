@@ -330,6 +330,56 @@ def test_functional_convs(tmp_path: Path) -> None:
     assert description.model_params == n_params(model) == 108 + 4 + 4 + 4 + 16 + 16
 
 
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision.ops.FrozenBatchNorm2d: all four tensors are buffers, and the affine scale
+    and shift are computed from them in the graph (conv -> mul -> add)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.ones(n))
+        self.register_buffer("bias", torch.zeros(n))
+        self.register_buffer("running_mean", torch.zeros(n))
+        self.register_buffer("running_var", torch.ones(n))
+
+    def forward(self, x: Any) -> Any:
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + 1e-5).rsqrt()
+        bias = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
+        return x * scale + bias
+
+
+def test_frozen_batchnorm_and_computed_affine_follow_a_biasless_conv(tmp_path: Path) -> None:
+    # Detection backbones (torchvision Faster R-CNN, detectron2) freeze their BatchNorms: the
+    # pickled module says FrozenBatchNorm2d, the state dict BatchNorm, ONNX Mul+Add; the
+    # exported graph's scale and shift are computed from buffers, once missed (None).
+    class Backbone(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3, bias=False)
+            self.bn1 = FrozenBatchNorm2d(8)
+            self.conv2 = nn.Conv2d(8, 8, 3, bias=False)
+            self.g = nn.Parameter(torch.zeros(1, 8, 1, 1))
+            self.s = nn.Parameter(torch.zeros(8))
+            self.conv3 = nn.Conv2d(8, 8, 1, bias=False)
+            self.conv4 = nn.Conv2d(8, 4, 1, bias=False)
+
+        def forward(self, x: Any) -> Any:
+            x = torch.relu(self.bn1(self.conv1(x)))
+            x = self.conv2(x) * self.g.exp() + self.s.view(1, -1, 1, 1) * 2.0  # computed from parameters
+            y = self.conv3(x)
+            y = y * x.mean() + self.s.view(1, -1, 1, 1)  # a scale from the input: not a norm
+            return self.conv4(y)
+
+    model = Backbone().eval()
+    description = read_one(export(model, tmp_path / "frozen.pt2", torch.randn(1, 3, 12, 12)))
+    assert [(conv.name, conv.bias_terms, conv.followed_by) for conv in description.convs] == [
+        ("conv1", (), "FrozenBatchNorm2d"),
+        ("conv2", (), "Mul+Add"),
+        ("conv3", (), None),
+        ("conv4", (), None),
+    ]
+    assert description.model_params == n_params(model) == 216 + 576 + 8 + 8 + 64 + 32
+
+
 def test_constant_added_bias_counts_buffer_does_not(tmp_path: Path) -> None:
     class Constants(nn.Module):
         def __init__(self) -> None:

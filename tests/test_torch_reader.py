@@ -22,6 +22,8 @@ import pytest
 import torch
 from torch import nn
 from torch_builders import (
+    KeywordWrapper,
+    ReducedWrapper,
     deep_list_pickle,
     deflate_bomb_member,
     deflated_zip,
@@ -266,6 +268,29 @@ def test_module_objects_inside_a_dict(tmp_path: Path) -> None:
     assert [d.location for d in found] == ["model", "ema"]
     assert all(d.model_params == n_params(model) for d in found)
     assert found[0].convs[2].followed_by == "BatchNorm2d"
+
+
+def test_module_passed_as_a_reduce_argument(tmp_path: Path, models: dict[str, nn.Module]) -> None:
+    # torch.save(torch.compile(model)) pickles OptimizedModule(model, dynamo_ctx) through
+    # __reduce__: the model is an argument of the REDUCE, not BUILD state.  It was once not
+    # searched ("no weights found" for a complete model).
+    model = models["untied"]
+    path = tmp_path / "compiled.pt"
+    torch.save(ReducedWrapper(model, {"backend": "inductor"}), path)
+    desc = only(path)
+    assert desc.location is None
+    assert [(conv.name, conv.bias_terms) for conv in desc.convs] == [
+        ("conv", (add_term("bias", (32, 28, 28)),))
+    ]
+    assert desc.model_params == n_params(model) == 2400 + 25088
+    assert "no weights (state dict or module) found in the pickle" not in desc.warnings
+    # Keyword arguments (NEWOBJ_EX) are searched too, named by their key.
+    path = tmp_path / "kwargs.pt"
+    torch.save({"outer": KeywordWrapper(wrapped=model.state_dict())}, path, pickle_protocol=4)
+    assert b"\x92" in zipfile.ZipFile(path).read("kwargs/data.pkl")  # the NEWOBJ_EX opcode
+    (desc,) = read(path)
+    assert desc.location == "outer.wrapped"
+    assert desc.model_params == n_params(model)
 
 
 def test_list_of_state_dicts_locations(tmp_path: Path, models: dict[str, nn.Module]) -> None:

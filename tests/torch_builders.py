@@ -103,6 +103,35 @@ class MixedNet(nn.Module):
         return self.up(self.grouped(self.pw(self.dw(x))))
 
 
+class ReducedWrapper:
+    """Pickles like ``torch.compile``'s ``OptimizedModule``: ``__reduce__`` returns the class and
+    ``(model, context)``, so the wrapped model is only an argument of a REDUCE in the pickle."""
+
+    def __init__(self, model: nn.Module, context: dict[str, Any]) -> None:
+        self.model = model
+        self.context = context
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ReducedWrapper, (self.model, self.context))
+
+
+class KeywordWrapper:
+    """Pickled (protocol 4) as NEWOBJ_EX with the wrapped object as a keyword argument only."""
+
+    __slots__ = ("_wrapped",)
+
+    def __new__(cls, *, wrapped: object) -> KeywordWrapper:
+        self = super().__new__(cls)
+        self._wrapped = wrapped
+        return self
+
+    def __getnewargs_ex__(self) -> tuple[tuple[()], dict[str, object]]:
+        return (), {"wrapped": self._wrapped}
+
+    def __getstate__(self) -> None:
+        return None
+
+
 def make_models() -> dict[str, nn.Module]:
     """Small torchvision-style architectures, deterministic (seeded), in eval mode."""
     torch.manual_seed(0)

@@ -39,9 +39,12 @@ Conv vs ConvTranspose
     stays undetermined when dim1 divides dim0 (a grouped ConvTranspose has that shape too).
     Without an own bias, the width of an untied bias in the conv's own or parent module, or of
     the norm that directly follows (by registration order or as the next item of a
-    ``Sequential``), settles the question (width dim1 != dim0 -> ConvTranspose, groups 1); the
-    name-based and unique-width norm pairings below never do (a pre-activation norm of width
-    C_in must not make a Conv look transposed).  Inferring Conv adds no note (it is the reading
+    ``Sequential``) as a sibling in the same parent module, settles the question (width dim1 !=
+    dim0 -> ConvTranspose, groups 1); the name-based and unique-width norm pairings below, and
+    a norm that follows in registration order from another module, never do (a pre-activation
+    norm of width C_in must not make a Conv look transposed: in DenseNet-121,
+    ``denselayer2.conv2`` [32, 128, 3, 3] is followed by ``denselayer3.norm1``, whose 128
+    channels are the concatenated block input).  Inferring Conv adds no note (it is the reading
     the analysis takes anyway); inferring ConvTranspose does.  Otherwise ``groups`` is ``None``
     (state dicts do not record it).
 
@@ -60,7 +63,10 @@ Bias terms
     * a tensor in the parent module ``P`` (``X = P.child``) whose last component contains
       ``bias`` and whose shape is [C_out, *spatial] or [1, C_out, *spatial] -> ADD on that
       conv.  If several convs of ``P`` fit, convs without their own bias are preferred; if
-      still ambiguous, the tensor is attached to none (with a warning).  A parent tensor of
+      still ambiguous, the tensor is attached to none (with a warning).  A tensor that fits
+      several convs is decided again after the others settled what they could, so the key
+      order does not matter (``bias_a`` fits ``conv_b`` [4, 8, *k] as a ConvTranspose until a
+      later ``bias_b`` [4, *spatial] makes ``conv_b`` a Conv).  A parent tensor of
       any other shape -> ADD with ``aligned=False`` on the conv when it is ``P``'s only child
       conv, else attached to none (nothing says which conv it would belong to).  This is the
       rule :mod:`biasinspect.readers.module_tree` applies to pickled modules.
@@ -71,6 +77,7 @@ followed_by (only for convs with no bias term at all)
     ``weight`` and ``bias`` of that width (GroupNorm, LayerNorm, affine InstanceNorm...).
     Which module "follows":
 
+    * always: the conv's own child ``X.bn`` (QAT ConvBn{1,2,3}d keeps its BatchNorm there);
     * when the key order is the registration order (torch state dicts, unless the keys are in
       sorted order): the first module after the conv's keys;
     * always: a sibling named like the conv with the conv word replaced by a norm word
@@ -89,12 +96,16 @@ model_params
     ``model.parameters()`` does for tied weights.  The ``scale`` / ``zero_point`` of an
     eager-mode quantized module (beside a quantized weight, or alone in a converted QuantStub)
     are buffers too; the quantized weights and biases themselves count, as for pickled modules.
+    So are the tensors of torch.ao.quantization observers and fake-quantize modules (modules
+    named ``activation_post_process*`` or ``weight_fake_quant`` by ``prepare``/``prepare_qat``:
+    ``scale``, ``zero_point``, ``min_val``, ``max_val``, ``eps``...), except the ``scale`` and
+    ``zero_point`` of a learnable fake-quantize (it has ``learning_enabled``): parameters.
 """
 
 from __future__ import annotations
 
 import re
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -274,9 +285,28 @@ def _buffer_names(sd: _StateDict) -> set[str]:
         module, leaf = _split(name)
         spectral_old = leaf in ("weight_u", "weight_v") and sd.get(module, "weight_orig") is not None
         spectral_new = leaf in ("_u", "_v") and ".parametrizations." in f".{name}"
-        if leaf in BUFFER_LEAVES or spectral_old or spectral_new or _is_quantization_param(sd, module, leaf):
+        if (
+            leaf in BUFFER_LEAVES
+            or spectral_old
+            or spectral_new
+            or _is_quantization_param(sd, module, leaf)
+            or _is_observer_state(sd, module, leaf)
+        ):
             buffers.add(name)
     return buffers
+
+
+def _is_observer_state(sd: _StateDict, module: str, leaf: str) -> bool:
+    """A tensor of a torch.ao.quantization observer or fake-quantize module, which hold only
+    buffers (a QAT or calibrated checkpoint: ``conv.weight_fake_quant.scale``,
+    ``conv.activation_post_process.activation_post_process.min_val``; FX mode names them
+    ``activation_post_process_3``).  ``prepare``/``prepare_qat`` fix these module names.  The
+    exception is the learnable fake-quantize (LSQ, it has a ``learning_enabled`` flag), whose
+    ``scale`` and ``zero_point`` are parameters."""
+    owner = _split(module)[1]
+    if owner != "weight_fake_quant" and not owner.startswith("activation_post_process"):
+        return False
+    return not (leaf in ("scale", "zero_point") and "learning_enabled" in sd.leaves.get(module, {}))
 
 
 def _is_quantization_param(sd: _StateDict, module: str, leaf: str) -> bool:
@@ -477,13 +507,17 @@ class _WidthSlot:
     with_own: dict[str, _Conv] = field(default_factory=dict)
 
 
+_SlotKey = tuple[str, int, int]
+"""(parent module, spatial rank, possible C_out): the key of a :class:`_WidthSlot`."""
+
+
 def _parent_biases(sd: _StateDict, convs: dict[str, _Conv], warnings: list[str]) -> None:
     """Attach bias-named parameters of a conv's parent module shaped [C_out, *spatial]."""
     # (parent, spatial rank, possible C_out) -> candidate convs, split by whether they have an
     # own bias.  Each bias-named tensor then decides 0 / 1 / several candidates from the slot
     # sizes alone, so the pass is linear in names + convs even when thousands of convs of one
     # width share a parent.  A conv settled by a tensor leaves the slots of widths it lost.
-    slots: dict[tuple[str, int, int], _WidthSlot] = {}
+    slots: dict[_SlotKey, _WidthSlot] = {}
     # parent -> its child convs (insertion-ordered: deterministic attachment order)
     parents: dict[str, list[_Conv]] = {}
     for conv in convs.values():
@@ -493,47 +527,69 @@ def _parent_biases(sd: _StateDict, convs: dict[str, _Conv], warnings: list[str])
             for width in conv.widths():
                 slot = slots.setdefault((parent, len(conv.shape) - 2, width), _WidthSlot())
                 (slot.with_own if conv.own_bias else slot.without_own)[conv.module] = conv
-    for parent, children in parents.items():
+    queue: deque[tuple[str, str, bool]] = deque()  # (parent, tensor name, first look)
+    for parent in parents:
         if parent in convs:
             continue  # a conv's own bias-named tensors were attached by _own_bias
         for leaf, name in sd.leaves.get(parent, {}).items():
-            if "bias" not in leaf.lower():
+            if "bias" in leaf.lower():
+                queue.append((parent, name, True))
+    # A tensor that fits several convs waits on its slots: a conv settled by a LATER tensor
+    # may leave them, after which it fits one conv (``bias_a`` [8, *s] fitting conv_a [8, 3]
+    # and, as a ConvTranspose, conv_b [4, 8] until ``bias_b`` [4, *s] makes conv_b a Conv).
+    # It is decided again only when a slot's group falls to one conv or none, which happens
+    # at most twice per group, so the pass stays linear.  Its warning keeps its first place.
+    waiting: dict[_SlotKey, list[str]] = {}
+    ambiguous: dict[str, str] = {}  # tensor name -> its warning, while undecided
+    while queue:
+        parent, name, first = queue.popleft()
+        if not first and name not in ambiguous:
+            continue  # decided since it was queued again (it waited on two slots)
+        shape = sd.infos[name].shape
+        # [C_out, *spatial] and [1, C_out, *spatial] imply different spatial ranks, so a
+        # conv can sit in at most one of the two slots.
+        found: list[tuple[_SlotKey, _WidthSlot, int]] = []
+        for channel_dim in (0, 1):
+            if len(shape) < 2 + channel_dim or (channel_dim and shape[0] != 1):
                 continue
-            shape = sd.infos[name].shape
-            # [C_out, *spatial] and [1, C_out, *spatial] imply different spatial ranks, so a
-            # conv can sit in at most one of the two slots.
-            found: list[tuple[_WidthSlot, int]] = []
-            for channel_dim in (0, 1):
-                if len(shape) < 2 + channel_dim or (channel_dim and shape[0] != 1):
-                    continue
-                width = shape[channel_dim]
-                match = slots.get((parent, len(shape) - 1 - channel_dim, width))
-                if match is not None and (match.without_own or match.with_own):
-                    found.append((match, width))
-            if not found:
-                if len(children) == 1:
-                    # Bias-named but not [(1,) C_out, *spatial]: with one conv in the module it
-                    # can only be that conv's, but how it meets the output is unknown -> other.
-                    children[0].terms.append(BiasTerm(name, shape, BiasSource.ADD, aligned=False))
+            width = shape[channel_dim]
+            key = (parent, len(shape) - 1 - channel_dim, width)
+            match = slots.get(key)
+            if match is not None and (match.without_own or match.with_own):
+                found.append((key, match, width))
+        if not found:
+            children = parents[parent]
+            if first and len(children) == 1:
+                # Bias-named but not [(1,) C_out, *spatial]: with one conv in the module it
+                # can only be that conv's, but how it meets the output is unknown -> other.
+                children[0].terms.append(BiasTerm(name, shape, BiasSource.ADD, aligned=False))
+            continue
+        preferred = [(slot.without_own, width) for _, slot, width in found if slot.without_own]
+        if not preferred:
+            preferred = [(slot.with_own, width) for _, slot, width in found]
+        count = sum(len(candidates) for candidates, _ in preferred)
+        if count > 1:
+            shown = [module for candidates, _ in preferred for module in islice(candidates, 5)][:5]
+            names = ", ".join(shown) + (", ..." if count > 5 else "")
+            ambiguous[name] = f"{name}: shape {list(shape)} fits several convs ({names}); not attached"
+            for key, _, _ in found:
+                waiting.setdefault(key, []).append(name)
+            continue
+        ambiguous.pop(name, None)
+        candidates, width = preferred[0]
+        conv = next(iter(candidates.values()))
+        conv.terms.append(BiasTerm(name, shape, BiasSource.ADD))
+        before = set(conv.widths())
+        conv.settle_by_width(width, name)
+        for old in before - set(conv.widths()):
+            old_key = (parent, len(conv.shape) - 2, old)
+            old_slot = slots.get(old_key)
+            if old_slot is None:
                 continue
-            preferred = [(slot.without_own, width) for slot, width in found if slot.without_own]
-            if not preferred:
-                preferred = [(slot.with_own, width) for slot, width in found]
-            count = sum(len(candidates) for candidates, _ in preferred)
-            if count > 1:
-                shown = [module for candidates, _ in preferred for module in islice(candidates, 5)][:5]
-                names = ", ".join(shown) + (", ..." if count > 5 else "")
-                warnings.append(f"{name}: shape {list(shape)} fits several convs ({names}); not attached")
-                continue
-            candidates, width = preferred[0]
-            conv = next(iter(candidates.values()))
-            conv.terms.append(BiasTerm(name, shape, BiasSource.ADD))
-            before = set(conv.widths())
-            conv.settle_by_width(width, name)
-            for old in before - set(conv.widths()):
-                old_slot = slots.get((parent, len(conv.shape) - 2, old))
-                if old_slot is not None:
-                    (old_slot.with_own if conv.own_bias else old_slot.without_own).pop(conv.module, None)
+            group = old_slot.with_own if conv.own_bias else old_slot.without_own
+            if group.pop(conv.module, None) is not None and len(group) <= 1:
+                queue.extend((parent, waiter, False) for waiter in waiting.pop(old_key, ()))
+    warnings.extend(ambiguous.values())
 
 
 def _paired_name(leaf: str) -> list[str]:
@@ -591,9 +647,22 @@ def _followed_by(sd: _StateDict, convs: dict[str, _Conv], registration_order: bo
             conv.settle_by_width(width, f"the {kind} that follows ({evidence})")
         return True
 
+    for conv in absent:
+        # QAT ConvBn1d/2d/3d (torch.ao.nn.intrinsic.qat) keeps its BatchNorm as the conv's own
+        # child ``X.bn`` and applies it to the conv's output.
+        take(conv, _join(conv.module, "bn"), True, "its bn submodule")
     if registration_order:
         for conv in absent:
-            take(conv, _next_registered(sd, conv), True, "registration order")
+            if conv.followed_by is not None:
+                continue
+            follower = _next_registered(sd, conv)
+            # Only a sibling says what the conv's output width is: the first norm of the next
+            # block (DenseNet's ``denselayer3.norm1`` after ``denselayer2.conv2``) normalises
+            # that block's input, a concatenation wider than the conv's output, and its width
+            # may equal the conv's C_in.  From another module it may still be the follower of
+            # the width the analysis takes, but it must not make the conv a ConvTranspose.
+            sibling = follower is not None and _split(follower)[0] == _split(conv.module)[0]
+            take(conv, follower, sibling, "registration order")
     for conv in absent:
         if conv.followed_by is not None:
             continue

@@ -51,6 +51,11 @@ independent of that)."""
 MAX_ALIAS_HOPS = 64
 """Most view/dtype/dequantize nodes followed when tracing a tensor back to its placeholder."""
 
+MAX_AFFINE_OPERAND_NODES = 64
+"""Most graph nodes walked back to check that the scale or shift of a Mul+Add after a bias-free
+conv is computed from stored tensors alone (torchvision's ``FrozenBatchNorm2d`` computes its
+scale as ``weight * (running_var + eps).rsqrt()`` in the graph: about 5 nodes)."""
+
 MAX_MODULE_PATH_CHARS = 1024
 """Longest ``nn_module_stack`` module path that is cleaned up into a dotted name; a longer one
 (no real model nests that deep) is ignored and the layer named otherwise."""
@@ -637,7 +642,7 @@ def _followed_by(scope: _Scope, output: str, placeholders: dict[str, _Placeholde
                 _, class_name = _module(user)
                 return class_name if "Norm" in class_name else user.packet.removeprefix("aten.")
         if user.packet == "aten.mul" and scope.use_count(output) == 1 and user.outputs:
-            if _stored_operand(scope, user, output, placeholders) is None:
+            if not _from_stored_only(scope, _other_operand(user, output), placeholders):
                 continue
             product = user.outputs[0]
             adds = scope.users.get(product, [])
@@ -645,10 +650,61 @@ def _followed_by(scope: _Scope, output: str, placeholders: dict[str, _Placeholde
                 scope.use_count(product) == 1
                 and len(adds) == 1
                 and adds[0].packet == "aten.add"
-                and _stored_operand(scope, adds[0], product, placeholders) is not None
+                and _from_stored_only(scope, _other_operand(adds[0], product), placeholders)
             ):
+                # Both inside one norm module (FrozenBatchNorm2d): named like a pickled module's.
+                path, class_name = _module(user)
+                if "Norm" in class_name and _module(adds[0]) == (path, class_name):
+                    return class_name
                 return "Mul+Add"
     return None
+
+
+def _other_operand(node: _Node, side: str) -> str | None:
+    """The tensor operand of binary op ``node`` that is not ``side`` (None for a scalar)."""
+    left = _arg_tensor(node.args.get("self"))
+    right = _arg_tensor(node.args.get("other"))
+    if left == side and right is not None and right != side:
+        return right
+    if right == side and left is not None and left != side:
+        return left
+    return None
+
+
+def _from_stored_only(scope: _Scope, tensor: str | None, placeholders: dict[str, _Placeholder]) -> bool:
+    """True when ``tensor`` is a lifted parameter, buffer or constant, or is computed from
+    those alone (no user input on the way), within :data:`MAX_AFFINE_OPERAND_NODES` nodes.
+
+    This is how a norm whose scale and shift are computed at run time looks (a frozen
+    BatchNorm: ``x * (w * (running_var + eps).rsqrt()) + (b - running_mean * scale)``), the
+    same rule the ONNX reader applies to a Mul+Add pair."""
+    if tensor is None:
+        return False
+    stack: list[tuple[_Scope, str]] = [(scope, tensor)]
+    seen: set[tuple[int, str]] = set()
+    walked = 0
+    while stack:
+        current_scope, current = stack.pop()
+        if (id(current_scope), current) in seen:
+            continue
+        seen.add((id(current_scope), current))
+        if current_scope.parent is None and current in placeholders:
+            continue
+        if current_scope.parent is not None and current in current_scope.aliases:
+            stack.append((current_scope.parent, current_scope.aliases[current]))
+            continue
+        node = current_scope.producer.get(current)
+        walked += 1
+        if node is None or node.subgraphs or node.packet in _CONV_OPS or walked > MAX_AFFINE_OPERAND_NODES:
+            return False  # a user input, a control-flow result, another layer, or too far
+        for position, argument in enumerate(node.positional):
+            stack.extend(
+                (current_scope, source)
+                for source in _tensor_refs(
+                    argument, f"{current_scope.where} node '{node.name}' input {position}"
+                )
+            )
+    return True
 
 
 def _stored_operand(
@@ -656,13 +712,8 @@ def _stored_operand(
 ) -> tuple[_Placeholder, str] | None:
     """For a binary op with ``conv_side`` as one operand: the other one, when it is a stored
     parameter/constant (seen through numel-preserving views); with the operand's tensor name."""
-    left = _arg_tensor(node.args.get("self"))
-    right = _arg_tensor(node.args.get("other"))
-    if left == conv_side and right is not None and right != conv_side:
-        other = right
-    elif right == conv_side and left is not None and left != conv_side:
-        other = left
-    else:
+    other = _other_operand(node, conv_side)
+    if other is None:
         return None
     placeholder = _resolve(scope, other, placeholders, strict=True)
     if placeholder is None or placeholder.kind not in _STORED_KINDS:

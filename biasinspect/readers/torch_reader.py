@@ -314,9 +314,19 @@ def find_weight_sets(root: object) -> tuple[list[tuple[str | None, object]], lis
         elif isinstance(obj, (list, tuple)):
             children.extend((value, _child_location(location, i)) for i, value in enumerate(obj))
         elif isinstance(obj, Call):
-            # Custom containers: look at what BUILD / SETITEM gave them.
+            # Custom containers: look at what BUILD / SETITEM gave them, and at the arguments
+            # they are rebuilt from: torch.save(torch.compile(model)) pickles the compiled
+            # wrapper as OptimizedModule(model, dynamo_ctx) through __reduce__, so the model
+            # itself is only an argument.
             if isinstance(obj.state, (dict, list, tuple)):
                 children.append((obj.state, location))
+            children.extend((value, location) for value in obj.args)
+            if isinstance(obj.kwargs, dict):
+                children.extend(
+                    (value, _child_location(location, key))
+                    for key, value in obj.kwargs.items()
+                    if not _is_optimizer_key(key)
+                )
             if obj.items:
                 children.extend(
                     (value, _child_location(location, key))
