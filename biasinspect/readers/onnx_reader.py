@@ -11,8 +11,8 @@ Convolutions
     the call's input shapes bound to the formal inputs; a function that is never called is
     analysed once with unknown inputs).  A layer is named by its node name, or ``<op>_<index>``
     when unnamed, except that nodes written by PyTorch's torch.export-based exporter are named
-    by their module path from the node metadata (see :func:`_torch_module_path`); layers inside subgraphs are prefixed ``owner/attribute/`` and layers inside a
-    function ``call_node/``.  ``NhwcConv`` weights are stored [M, k..., C/group] (ONNX Runtime's
+    by their module path from the node metadata (see :func:`_torch_module_path`); layers inside
+    subgraphs are prefixed ``owner/attribute/`` and layers inside a function ``call_node/``.  ``NhwcConv`` weights are stored [M, k..., C/group] (ONNX Runtime's
     transformer transposes them so); they are reported in the [M, C/group, k...] layout.
 
 Bias terms
@@ -29,8 +29,8 @@ Bias terms
     that does not grow the tensor and is a scalar or computed at run time (the rescale; a stored
     per-channel scale is a folded norm's, handled by the ``Mul+Add`` rule below).  A graph input
     operand (e.g. a residual connection) is not a parameter.  onnxruntime's QOperator
-    ``com.microsoft`` ``QLinearAdd`` counts as an ``Add`` (its A or B operand).  An NhwcConv's Add operand is reported in channels-first order.  A conv with
-    no bias term whose output feeds only a ``BatchNormalization`` gets ``followed_by=
+    ``com.microsoft`` ``QLinearAdd`` counts as an ``Add`` (its A or B operand).  An NhwcConv's
+    Add operand is reported in channels-first order.  A conv with no bias term whose output feeds only a ``BatchNormalization`` gets ``followed_by=
     "BatchNormalization"``; one feeding only a ``Mul`` by a parameter whose output feeds only an
     ``Add`` of a parameter gets ``followed_by="Mul+Add"``.
 
@@ -672,12 +672,7 @@ class _Scope:
         if x_shape is None or len(x_shape) < 3:
             return None
         kernel = _attr_ints(node, "kernel_shape")
-        if (
-            kernel is None
-            and weight is not None
-            and len(weight) > 2
-            and not (channels_last and spec.channels_last)
-        ):
+        if kernel is None and weight is not None and len(weight) > 2 and not spec.channels_last:
             # (An NhwcConv weight may be stored [M, k..., C/group]: its kernel is not weight[2:].)
             kernel = tuple(d for d in weight[2:] if d is not None)
         channels: Dim = None
@@ -1582,11 +1577,12 @@ def _conv_node(scope: _Scope, index: int, spec: _ConvSpec) -> ConvNode:
             terms.append(add_term)
         elif add_term is not None:
             shape = add_term.shape
-            if spec.channels_last and shape is not None and conv_rank is not None:
-                rank = conv_rank
-                if len(shape) <= rank:
-                    padded = (1,) * (rank - len(shape)) + tuple(shape)
-                    shape = (padded[0], padded[-1], *padded[1:-1])
+            if spec.channels_last and shape is not None and conv_rank is not None and conv_rank >= 2:
+                # The output is [N, *spatial, C]: undo that layout as a Transpose would be undone.
+                to_channels_last = (0, *range(2, conv_rank), 1)
+                channels_first = _undo_layout(tuple(shape), conv_rank, [("transpose", to_channels_last)])
+                if channels_first is not None:
+                    shape = channels_first
                     notes.append(
                         f"bias '{add_term.name}' is added in channels-last layout; reported as {list(shape)}"
                     )
@@ -1732,10 +1728,8 @@ def _follow_output(
             if not (other and scope.is_parameter(other)):
                 return None, None, None
             return _added_term(scope, other, steps, rank)
-        quantize_step = kind in ("QuantizeLinear", "DequantizeLinear") and consumer.domain in (
-            "",
-            "ai.onnx",
-            _MS_DOMAIN,
+        quantize_step = kind in ("QuantizeLinear", "DequantizeLinear") and (
+            _is_default_domain(consumer) or consumer.domain == _MS_DOMAIN
         )
         if not _is_default_domain(consumer) and not quantize_step:
             return None, None, None
