@@ -1312,19 +1312,6 @@ class InertUnpickler:
         return obj
 
 
-_TS_PICKLE_HELPERS = frozenset(
-    {
-        "torch.jit._pickle.build_intlist",
-        "torch.jit._pickle.build_doublelist",
-        "torch.jit._pickle.build_boollist",
-        "torch.jit._pickle.build_tensorlist",
-        "torch.jit._pickle.build_complexlist",
-        "torch.jit._pickle.build_tensor_from_id",
-        "torch.jit._pickle.restore_type_tag",
-    }
-)
-"""The only torch.jit names a TorchScript data.pkl needs (exact names, never a prefix)."""
-
 _TS_LIST_BUILDERS = frozenset(
     {
         "torch.jit._pickle.build_intlist",
@@ -1335,6 +1322,12 @@ _TS_LIST_BUILDERS = frozenset(
     }
 )
 """TorchScript pickles wrap typed lists in these; the list itself is what they rebuild."""
+
+_TS_PICKLE_HELPERS = _TS_LIST_BUILDERS | {
+    "torch.jit._pickle.build_tensor_from_id",
+    "torch.jit._pickle.restore_type_tag",
+}
+"""The only torch.jit names a TorchScript data.pkl needs (exact names, never a prefix)."""
 
 _NUMPY_RECONSTRUCT = frozenset({"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"})
 

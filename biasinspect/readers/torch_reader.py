@@ -135,22 +135,23 @@ def classify_zip(names: list[str]) -> tuple[str, str]:
             return "torch-export", parts[0] + "/"
         if len(parts) == 3 and parts[1] == "models" and parts[2].endswith(".json"):
             return "torch-export", parts[0] + "/"
-    folders = sorted(
-        {name.split("/")[0] for name in names if name.count("/") == 1 and name.endswith("/data.pkl")}
-    )
+    folders = sorted({name.split("/")[0] for name in names if _is_record_pickle(name)})
     if len(folders) > 1:
         # torch.load reads one record folder; which one is ambiguous, so refuse (torch does too).
         raise MalformedModelError(f"zip holds data.pkl in several top folders ({', '.join(folders[:5])})")
-    for name in names:
-        parts = name.split("/")
-        if len(parts) == 2 and parts[1] == "data.pkl":
-            prefix = parts[0] + "/"
-            if prefix + "constants.pkl" in name_set or any(n.startswith(prefix + "code/") for n in names):
-                return "torchscript", prefix
-            return "pytorch", prefix
+    if folders:
+        prefix = folders[0] + "/"
+        if prefix + "constants.pkl" in name_set or any(n.startswith(prefix + "code/") for n in names):
+            return "torchscript", prefix
+        return "pytorch", prefix
     raise UnsupportedFormatError(
         "zip archive is not a PyTorch checkpoint, TorchScript or torch.export archive (no data.pkl)"
     )
+
+
+def _is_record_pickle(name: str) -> bool:
+    """``<folder>/data.pkl``: the pickle of a torch.save record folder, which torch.load reads."""
+    return name.count("/") == 1 and name.endswith("/data.pkl")
 
 
 def _with_hidden_pickles(
@@ -162,9 +163,7 @@ def _with_hidden_pickles(
     ``<prefix>/data.pkl`` planted in it (running whatever it names): read such members inertly
     and report their unsafe / unknown globals on every description.
     """
-    hidden = [
-        name for name in names if name == "data.pkl" or (name.count("/") == 1 and name.endswith("/data.pkl"))
-    ]
+    hidden = [name for name in names if name == "data.pkl" or _is_record_pickle(name)]
     if not hidden:
         return descriptions
     warnings: list[str] = []
