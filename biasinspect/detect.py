@@ -46,7 +46,10 @@ MODEL_SUFFIXES = frozenset(
 )
 """Suffixes a folder scan picks up (a file named explicitly is read whatever its name)."""
 
-INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json", ".pt.index.json", ".pth.index.json")
+SAFETENSORS_INDEX_SUFFIX = ".safetensors.index.json"
+INDEX_SUFFIXES = (SAFETENSORS_INDEX_SUFFIX, ".bin.index.json", ".pt.index.json", ".pth.index.json")
+"""Shard index names: a folder scan picks them up, and :mod:`biasinspect.readers.sharded` reads
+exactly these (the index name tells safetensors from PyTorch shards)."""
 
 _PICKLE_SUFFIXES = frozenset(
     {".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".ptl", ".jit", ".torchscript"}

@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import cast
 
 from biasinspect import limits
+from biasinspect.detect import INDEX_SUFFIXES, SAFETENSORS_INDEX_SUFFIX
 from biasinspect.errors import (
     BiasInspectError,
     MalformedModelError,
@@ -39,10 +40,6 @@ from biasinspect.readers.files import open_regular_file, parse_json_object, quot
 from biasinspect.readers.safetensors_reader import tensors_from_safetensors
 from biasinspect.readers.state_dict import describe_state_dict, natural_sort_key
 from biasinspect.readers.tensors import TensorInfo
-
-SAFETENSORS_INDEX_SUFFIX = ".safetensors.index.json"
-INDEX_SUFFIXES = (SAFETENSORS_INDEX_SUFFIX, ".bin.index.json", ".pt.index.json", ".pth.index.json")
-"""Index file names this module reads; the same list as ``biasinspect.detect.INDEX_SUFFIXES``."""
 
 TensorReader = Callable[[Path], dict[str, TensorInfo]]
 
