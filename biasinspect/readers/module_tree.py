@@ -38,6 +38,7 @@ from biasinspect import limits
 from biasinspect.errors import ResourceLimitError
 from biasinspect.model import BiasSource, BiasTerm, ConvNode, ModelDescription
 from biasinspect.readers.pickle_inert import Call, TensorRef, tensor_of
+from biasinspect.readers.tensors import untied_width
 
 __all__ = ["ModuleNode", "describe_module_tree", "is_module_object", "module_from_pickle"]
 
@@ -315,13 +316,8 @@ def _is_norm(node: ModuleNode, width: int | None) -> bool:
 
 
 def _spatial_bias_fits(shape: tuple[int, ...], c_out: int | None, spatial_rank: int) -> bool:
-    if c_out is None:
-        return False
-    if len(shape) == spatial_rank + 1:
-        return shape[0] == c_out
-    if len(shape) == spatial_rank + 2:
-        return shape[0] == 1 and shape[1] == c_out
-    return False
+    """``shape`` is an untied bias of a conv with ``c_out`` channels (the state-dict rule)."""
+    return c_out is not None and untied_width(shape, spatial_rank) == c_out
 
 
 @dataclass

@@ -111,7 +111,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 from biasinspect.model import BiasSource, BiasTerm, ConvNode, ModelDescription
-from biasinspect.readers.tensors import QUANTIZED_DTYPES, TensorInfo
+from biasinspect.readers.tensors import QUANTIZED_DTYPES, TensorInfo, untied_width
 
 BUFFER_LEAVES = frozenset({"running_mean", "running_var", "num_batches_tracked", "position_ids"})
 """Last name components that are buffers, never parameters (excluded from model_params)."""
@@ -402,15 +402,6 @@ def _own_bias_names(sd: _StateDict, module: str) -> tuple[str | None, str | None
     return None, None
 
 
-def _untied_width(shape: tuple[int, ...], spatial_rank: int) -> int | None:
-    """C_out of a tensor shaped [C_out, *spatial] or [1, C_out, *spatial]; None otherwise."""
-    if len(shape) == spatial_rank + 1:
-        return shape[0]
-    if len(shape) == spatial_rank + 2 and shape[0] == 1:
-        return shape[1]
-    return None
-
-
 def _own_bias(sd: _StateDict, conv: _Conv) -> None:
     """Attach the conv's own bias (and bias-named extras) and settle Conv vs ConvTranspose."""
     bias_name, magnitude_name = _own_bias_names(sd, conv.module)
@@ -429,7 +420,7 @@ def _own_bias(sd: _StateDict, conv: _Conv) -> None:
         if "bias" not in leaf.lower() or name in (bias_name, magnitude_name):
             continue
         shape = sd.infos[name].shape
-        width = _untied_width(shape, spatial_rank)
+        width = untied_width(shape, spatial_rank)
         if width is not None and width in conv.widths():
             conv.terms.append(BiasTerm(name, shape, BiasSource.ADD))
             conv.settle_by_width(width, name)

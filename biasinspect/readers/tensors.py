@@ -50,3 +50,13 @@ class TensorInfo:
     def is_parameter_dtype(self) -> bool:
         """True for floating-point and quantized dtypes: the ones model_params counts."""
         return self.dtype in FLOATING_DTYPES or self.dtype in QUANTIZED_DTYPES
+
+
+def untied_width(shape: tuple[int, ...], spatial_rank: int) -> int | None:
+    """C_out of a tensor shaped [C_out, *spatial] or [1, C_out, *spatial] (how an untied bias of
+    a conv with ``spatial_rank`` spatial axes is stored); None for any other rank."""
+    if len(shape) == spatial_rank + 1:
+        return shape[0]
+    if len(shape) == spatial_rank + 2 and shape[0] == 1:
+        return shape[1]
+    return None
