@@ -38,7 +38,7 @@ from biasinspect import limits
 from biasinspect.errors import ResourceLimitError
 from biasinspect.model import BiasSource, BiasTerm, ConvNode, ModelDescription
 from biasinspect.readers.pickle_inert import Call, TensorRef, tensor_of
-from biasinspect.readers.tensors import untied_width
+from biasinspect.readers.tensors import join_name, untied_width
 
 __all__ = ["ModuleNode", "describe_module_tree", "is_module_object", "module_from_pickle"]
 
@@ -88,10 +88,6 @@ class ModuleNode:
     def leaf_class(self) -> str:
         """The class name without its module path."""
         return self.cls.rsplit(".", 1)[-1]
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
 
 
 def is_module_object(obj: object) -> bool:
@@ -169,9 +165,9 @@ def module_from_pickle(root: Call, path: str = "") -> ModuleNode:
                 if depth + 1 > limits.MAX_CONTAINER_DEPTH:
                     raise ResourceLimitError(
                         f"module nesting deeper than {limits.MAX_CONTAINER_DEPTH} levels at "
-                        f"{_join(node.path, name)!r}"
+                        f"{join_name(node.path, name)!r}"
                     )
-                child_node = ModuleNode(_join(node.path, name), child.func_name or "<dynamic>")
+                child_node = ModuleNode(join_name(node.path, name), child.func_name or "<dynamic>")
                 node.children.append(child_node)
                 pending.append((child, child_node, depth + 1))
         work.extend(reversed(pending))
@@ -384,7 +380,7 @@ def describe_module_tree(
                     bias_name, bias = hit
         if bias is not None:
             source = BiasSource.CONV if len(bias.info.shape) == 1 else BiasSource.ADD
-            item.terms.append(BiasTerm(_join(node.path, bias_name), bias.info.shape, source))
+            item.terms.append(BiasTerm(join_name(node.path, bias_name), bias.info.shape, source))
         spatial_rank = len(weight.info.shape) - 2
         for name, tensor in node.params.items():
             # Case-insensitive like the state-dict reader: ``untiedBias`` is as much a bias.
@@ -394,7 +390,7 @@ def describe_module_tree(
                 continue
             shape = tensor.info.shape
             aligned = _spatial_bias_fits(shape, item.c_out, spatial_rank)
-            item.terms.append(BiasTerm(_join(node.path, name), shape, BiasSource.ADD, aligned=aligned))
+            item.terms.append(BiasTerm(join_name(node.path, name), shape, BiasSource.ADD, aligned=aligned))
         if weight_name == "weight_v":
             item.notes.append("weight norm (weight_g/weight_v): weight shape taken from weight_v")
         elif weight_name.startswith("parametrizations.weight."):
@@ -416,7 +412,7 @@ def describe_module_tree(
             ConvNode(
                 name=node.path or "<root>",
                 op=_op_name(len(shape), conv.transposed),
-                weight_name=_join(node.path, conv.weight_name),
+                weight_name=join_name(node.path, conv.weight_name),
                 weight_shape=shape,
                 transposed=conv.transposed,
                 groups=conv.groups,
@@ -457,13 +453,13 @@ def _attach_parent_biases(order: list[ModuleNode], found: dict[int, _Found], war
                 # Bias-named but not [C_out, *spatial]: the shape is known, not how it meets the
                 # conv output -- an unaligned term (classified "other"), never dropped.
                 child_convs[0].terms.append(
-                    BiasTerm(_join(parent.path, name), shape, BiasSource.ADD, aligned=False)
+                    BiasTerm(join_name(parent.path, name), shape, BiasSource.ADD, aligned=False)
                 )
             elif len(pick) == 1:
-                pick[0].terms.append(BiasTerm(_join(parent.path, name), shape, BiasSource.ADD))
+                pick[0].terms.append(BiasTerm(join_name(parent.path, name), shape, BiasSource.ADD))
             elif len(pick) > 1:
                 warnings.append(
-                    f"bias parameter {_join(parent.path, name)!r} fits several convs "
+                    f"bias parameter {join_name(parent.path, name)!r} fits several convs "
                     f"({', '.join(c.node.path for c in pick)}); attached to none"
                 )
 

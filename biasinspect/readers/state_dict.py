@@ -111,7 +111,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 from biasinspect.model import BiasSource, BiasTerm, ConvNode, ModelDescription
-from biasinspect.readers.tensors import QUANTIZED_DTYPES, TensorInfo, untied_width
+from biasinspect.readers.tensors import QUANTIZED_DTYPES, TensorInfo, join_name, untied_width
 
 BUFFER_LEAVES = frozenset({"running_mean", "running_var", "num_batches_tracked", "position_ids"})
 """Last name components that are buffers, never parameters (excluded from model_params)."""
@@ -157,10 +157,6 @@ def _split(name: str) -> tuple[str, str]:
     """``"a.b.c"`` -> ``("a.b", "c")``; a name without a dot lives in the root module ``""``."""
     module, _, leaf = name.rpartition(".")
     return module, leaf
-
-
-def _join(module: str, leaf: str) -> str:
-    return f"{module}.{leaf}" if module else leaf
 
 
 def _owner_module(name: str) -> str:
@@ -394,7 +390,7 @@ def _own_bias_names(sd: _StateDict, module: str) -> tuple[str | None, str | None
         return own["bias"], None
     if "bias_v" in own and "bias_g" in own:
         return own["bias_v"], own["bias_g"]
-    parametrized = sd.leaves.get(_join(module, "parametrizations.bias"), {})
+    parametrized = sd.leaves.get(join_name(module, "parametrizations.bias"), {})
     if "original" in parametrized:
         return parametrized["original"], None
     if "original1" in parametrized and "original0" in parametrized:
@@ -598,7 +594,7 @@ def _paired_name(leaf: str) -> list[str]:
 def _next_in_sequential(module: str) -> str | None:
     parent, leaf = _split(module)
     if leaf.isascii() and leaf.isdecimal() and len(leaf) <= _MAX_INDEX_DIGITS:
-        return _join(parent, str(int(leaf) + 1))
+        return join_name(parent, str(int(leaf) + 1))
     return None
 
 
@@ -641,7 +637,7 @@ def _followed_by(sd: _StateDict, convs: dict[str, _Conv], registration_order: bo
     for conv in absent:
         # QAT ConvBn1d/2d/3d (torch.ao.nn.intrinsic.qat) keeps its BatchNorm as the conv's own
         # child ``X.bn`` and applies it to the conv's output.
-        take(conv, _join(conv.module, "bn"), True, "its bn submodule")
+        take(conv, join_name(conv.module, "bn"), True, "its bn submodule")
     if registration_order:
         for conv in absent:
             if conv.followed_by is not None:
@@ -661,7 +657,7 @@ def _followed_by(sd: _StateDict, convs: dict[str, _Conv], registration_order: bo
             continue
         parent, leaf = _split(conv.module)
         for candidate in _paired_name(leaf):
-            if take(conv, _join(parent, candidate), False, "name"):
+            if take(conv, join_name(parent, candidate), False, "name"):
                 break
     if registration_order:
         return

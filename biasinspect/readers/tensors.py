@@ -60,3 +60,8 @@ def untied_width(shape: tuple[int, ...], spatial_rank: int) -> int | None:
     if len(shape) == spatial_rank + 2 and shape[0] == 1:
         return shape[1]
     return None
+
+
+def join_name(prefix: str, name: str) -> str:
+    """``prefix.name``, or ``name`` alone at the root (dotted module and tensor names)."""
+    return f"{prefix}.{name}" if prefix else name

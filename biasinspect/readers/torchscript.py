@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from biasinspect import limits
 from biasinspect.errors import ResourceLimitError
 from biasinspect.readers.archive import Archive
-from biasinspect.readers.module_tree import ModuleNode, _join, fill_packed_module
+from biasinspect.readers.module_tree import ModuleNode, fill_packed_module
 from biasinspect.readers.pickle_inert import Call, tensor_of
+from biasinspect.readers.tensors import join_name
 
 __all__ = ["ClassInfo", "module_from_torchscript", "parse_code", "plain_class_name"]
 
@@ -202,7 +203,9 @@ def module_from_torchscript(root: Call, classes: dict[str, ClassInfo], warnings:
                     raise ResourceLimitError(
                         f"module nesting deeper than {limits.MAX_CONTAINER_DEPTH} levels at {key!r}"
                     )
-                child = ModuleNode(_join(node.path, key), plain_class_name(value.func_name or "<dynamic>"))
+                child = ModuleNode(
+                    join_name(node.path, key), plain_class_name(value.func_name or "<dynamic>")
+                )
                 node.children.append(child)
                 pending.append((value, child, depth + 1))
                 continue
