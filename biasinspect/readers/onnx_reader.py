@@ -20,7 +20,9 @@ Bias terms
     operand of an ``Add`` that is the only consumer of the conv output, when that operand is a
     *parameter* (an initializer, a ``Constant``, a model-local function input bound to one, or
     anything computed only from those -- e.g. Reshape/Unsqueeze/Cast/DequantizeLinear/
-    DynamicQuantizeLinear of an initializer), source ``add``.  On the way to the ``Add``,
+    DynamicQuantizeLinear of an initializer) or takes its data from one through element-wise
+    ops, with only scale-like operands computed at run time (onnxruntime's old dynamic
+    quantization: the rule is in :mod:`biasinspect.readers.onnx_lineage`), source ``add``.  On the way to the ``Add``,
     single-consumer ``Cast``/``Identity``/``QuantizeLinear``/``DequantizeLinear`` nodes are
     followed (a QDQ-quantized graph puts a Q/DQ pair between the conv and its Add), so are
     ``Squeeze``/``Unsqueeze``/``Transpose`` (undone on the operand's shape, so that the term is
@@ -78,6 +80,7 @@ from biasinspect.errors import (
 )
 from biasinspect.model import BiasSource, BiasTerm, ConvNode, Dim, MaybeShape, ModelDescription
 from biasinspect.readers.files import open_regular_file
+from biasinspect.readers.onnx_lineage import derived_from_parameter
 from biasinspect.readers.protowire import decode_varint, strip_model_proto
 
 _INT64_MAX = (1 << 63) - 1
@@ -1725,7 +1728,7 @@ def _follow_output(
         elif _is_default_domain(consumer) and kind == "Add" and len(inputs) == 2:
             other = inputs[1] if inputs[0] == current else inputs[0]
         if other or kind in ("Add", "QLinearAdd"):
-            if not (other and scope.is_parameter(other)):
+            if not (other and derived_from_parameter(scope, other)):
                 return None, None, None
             return _added_term(scope, other, steps, rank)
         quantize_step = kind in ("QuantizeLinear", "DequantizeLinear") and (
