@@ -36,6 +36,10 @@ def _reader_for(file_format: FileFormat) -> Callable[[Path], list[ModelDescripti
         from biasinspect.readers.safetensors_reader import read_safetensors
 
         return read_safetensors
+    if file_format is FileFormat.NUMPY:
+        from biasinspect.readers.numpy_reader import read_numpy
+
+        return read_numpy
     from biasinspect.readers.sharded import read_sharded_index
 
     return read_sharded_index

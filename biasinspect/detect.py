@@ -26,6 +26,7 @@ class FileFormat(str, enum.Enum):
     PICKLE = "pickle"
     SAFETENSORS = "safetensors"
     SHARD_INDEX = "shard-index"
+    NUMPY = "numpy"
 
 
 MODEL_SUFFIXES = frozenset(
@@ -42,6 +43,8 @@ MODEL_SUFFIXES = frozenset(
         ".ptl",
         ".torchscript",
         ".jit",
+        ".npz",
+        ".npy",
     }
 )
 """Suffixes a folder scan picks up (a file named explicitly is read whatever its name)."""
@@ -67,7 +70,6 @@ _OTHER_MAGIC = (
     (b"\x7fELF", "an ELF executable"),
     (b"BZh", "a bzip2 file"),
     (b"\xfd7zXZ", "an xz file"),
-    (b"\x93NUMPY", "a NumPy .npy array"),
     (b"\x89HDF", "an HDF5 file (Keras?)"),
 )
 
@@ -116,6 +118,14 @@ def _safetensors_header_plausible(head: bytes, file_size: int) -> bool:
     return bool(0 < header_length <= max(file_size, 4 * MAX_SAFETENSORS_HEADER_BYTES))
 
 
+def _first_zip_member(head: bytes) -> str:
+    """The name in a zip's first local header, when ``head`` holds it (else "")."""
+    if not head.startswith(b"PK\x03\x04") or len(head) < 30:
+        return ""
+    (name_length,) = struct.unpack_from("<H", head, 26)
+    return head[30 : 30 + name_length].decode("cp437")
+
+
 def sniff(path: Path) -> FileFormat:
     """Decide a file's container format from its content; the name breaks ties only."""
     name = path.name.lower()
@@ -126,6 +136,8 @@ def sniff(path: Path) -> FileFormat:
     head = read_head(path)
     if not head:
         raise UnsupportedFormatError("empty file (0 bytes)")
+    if head.startswith(b"\x93NUMPY") or _first_zip_member(head).endswith(".npy"):
+        return FileFormat.NUMPY  # np.save / np.savez (a zip of .npy arrays)
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return FileFormat.ZIP
     # safetensors first: a header length of 640, 896, 1152 or 1408 (mod 65536) starts with the
@@ -152,7 +164,8 @@ def sniff(path: Path) -> FileFormat:
     if suffix == ".onnx":
         return FileFormat.ONNX
     raise UnsupportedFormatError(
-        "not a recognised model format (ONNX, PyTorch zip/legacy/pickle, TorchScript, torch.export, safetensors)"
+        "not a recognised model format (ONNX, PyTorch zip/legacy/pickle, TorchScript, torch.export, "
+        "safetensors, NumPy .npy/.npz)"
     )
 
 

@@ -460,6 +460,9 @@ _SAFE_EXACT = frozenset(
         "numpy._core.multiarray._reconstruct",
         "numpy.core.multiarray.scalar",
         "numpy._core.multiarray.scalar",
+        # ndarray.__reduce_ex__(5): frombuffer(buf, dtype).reshape(shape, order), nothing else.
+        "numpy.core.numeric._frombuffer",
+        "numpy._core.numeric._frombuffer",
         "numpy.ndarray",
         "numpy.dtype",
     }
@@ -1475,7 +1478,27 @@ _REBUILDERS: dict[str, _Rebuilder] = {
     "torch._utils._rebuild_meta_tensor_no_storage": _rb_meta,
     "torch._tensor._rebuild_from_type_v2": _rb_from_type,
     "torch._tensor._rebuild_from_type": _rb_from_type,
+    "numpy.core.numeric._frombuffer": lambda u, args: _numpy_from_buffer("numpy.core.numeric", args),
+    "numpy._core.numeric._frombuffer": lambda u, args: _numpy_from_buffer("numpy._core.numeric", args),
 }
+
+
+def _numpy_dtype_name(dtype_obj: object) -> str:
+    if isinstance(dtype_obj, Call) and dtype_obj.args and isinstance(dtype_obj.args[0], str):
+        return _NUMPY_DTYPES.get(dtype_obj.args[0], "unknown")
+    return "unknown"
+
+
+def _numpy_from_buffer(module: str, args: tuple[object, ...]) -> Call:
+    """numpy's protocol-5 array pickle, ``_frombuffer(buffer, dtype, shape, order)``: an array stub."""
+    stub = Call(GlobalRef(module, "_frombuffer"), args)
+    if len(args) == 4:
+        try:
+            shape = _shape(args[2], "shape")
+        except MalformedModelError:
+            return stub
+        stub.tensor = TensorRef(TensorInfo(shape, _numpy_dtype_name(args[1])), False, None)
+    return stub
 
 
 def _numpy_tensor(state: object) -> TensorRef | None:
@@ -1487,10 +1510,7 @@ def _numpy_tensor(state: object) -> TensorRef | None:
         shape = _shape(shape_obj, "shape")
     except MalformedModelError:
         return None
-    dtype = "unknown"
-    if isinstance(dtype_obj, Call) and dtype_obj.args and isinstance(dtype_obj.args[0], str):
-        dtype = _NUMPY_DTYPES.get(dtype_obj.args[0], "unknown")
-    return TensorRef(TensorInfo(shape, dtype), False, None)
+    return TensorRef(TensorInfo(shape, _numpy_dtype_name(dtype_obj)), False, None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,6 +49,9 @@ _LOCAL_SIG = 0x04034B50
 _STORED = 0
 _DEFLATED = 8
 _CHUNK = 1 << 20
+_PREFIX_CHUNK = 1 << 16
+_PREFIX_SLACK = 1 << 20
+"""Compressed bytes read for a member's prefix beyond the prefix's own length."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,8 @@ class ZipEntry:
 
 
 class SafeZip:
-    """Read-only view of a zip file: ``names()``, ``size(name)``, ``read(name, limit)``.
+    """Read-only view of a zip file: ``names()``, ``size(name)``, ``read(name, limit)``,
+    ``read_prefix(name, count)``.
 
     Use as a context manager (or call :meth:`close`).  Construction parses and validates the
     whole directory structure but decompresses nothing.
@@ -124,6 +128,57 @@ class SafeZip:
             raise MalformedModelError(f"zip member {name!r}: CRC-32 mismatch (corrupt data)")
         self._total_read += len(data)
         return data
+
+    def read_prefix(self, name: str, count: int) -> bytes:
+        """The first ``count`` bytes of a member (all of it when shorter), decompressing only
+        what they need (KeyError if absent).  For headers of members whose data is never read
+        (a ``.npy`` array's header): the CRC covers the whole member, so it cannot be checked."""
+        entry = self._by_name[name]
+        if entry.flags & 0x1:
+            raise UnsupportedFormatError(f"zip member {name!r} is encrypted")
+        want = max(0, min(count, entry.size, limits.MAX_ZIP_MEMBER_BYTES))
+        if entry.method == _STORED:
+            if entry.compressed_size != entry.size:
+                raise MalformedModelError(f"zip member {name!r}: stored sizes disagree")
+            return self._read_at(entry.data_offset, want, name)
+        if entry.method != _DEFLATED:
+            raise UnsupportedFormatError(
+                f"zip member {name!r} uses compression method {entry.method} (only stored/deflate)"
+            )
+        # No ratio check: at most ``want`` bytes are inflated (arrays of zeros compress far past
+        # any ratio cap).  A real deflate stream needs little more input than the output it
+        # gives; a stream that stalls (empty blocks) is refused past this budget.
+        budget = min(entry.compressed_size, want + _PREFIX_SLACK)
+        if entry.data_offset + budget > self._size:
+            raise MalformedModelError(f"truncated zip: member {name!r} extends past the end of the file")
+        out = bytearray()
+        inflater = zlib.decompressobj(-15)
+        pending = b""
+        try:
+            self._file.seek(entry.data_offset)
+            while len(out) < want and not inflater.eof:
+                if not pending:
+                    if budget <= 0:
+                        raise MalformedModelError(
+                            f"zip member {name!r}: its first {want:,} bytes do not inflate from the "
+                            f"first {min(entry.compressed_size, want + _PREFIX_SLACK):,} compressed bytes"
+                        )
+                    pending = self._file.read(min(_PREFIX_CHUNK, budget))
+                    if not pending:
+                        raise MalformedModelError(
+                            f"truncated zip: member {name!r} extends past the end of the file"
+                        )
+                    budget -= len(pending)
+                out += inflater.decompress(pending, want - len(out))
+                pending = inflater.unconsumed_tail
+        except zlib.error as e:
+            raise MalformedModelError(f"zip member {name!r}: corrupt deflate data ({e})") from e
+        except OSError as e:
+            raise UnreadableFileError(f"read error: {e.strerror or e}") from e
+        if len(out) < want:
+            raise MalformedModelError(f"zip member {name!r}: deflate stream ends early (truncated)")
+        self._total_read += len(out)
+        return bytes(out)
 
     # -- lifecycle ----------------------------------------------------------------------------
 

@@ -416,6 +416,7 @@ def _name_list(names: list[str]) -> str:
 def describe_unpickled(pickle: InertPickle, *, path: str, format: str) -> list[ModelDescription]:
     """Describe every distinct weight set of an unpickled checkpoint (at least one description:
     a pickle without weights yields one empty description carrying the warnings)."""
+    from biasinspect.readers.numpy_reader import describe_parameter_list, parameter_list_of
     from biasinspect.readers.state_dict import describe_state_dict
 
     warnings, unsafe = _pickle_warnings(pickle)
@@ -451,6 +452,18 @@ def describe_unpickled(pickle: InertPickle, *, path: str, format: str) -> list[M
                     unsafe_callables=unsafe,
                 )
             )
+    if not out and (found := parameter_list_of(pickle.root)) is not None:
+        arrays, location = found
+        out.append(
+            describe_parameter_list(
+                arrays,
+                path=path,
+                format=format,
+                location=location,
+                warnings=warnings,
+                unsafe_callables=unsafe,
+            )
+        )
     if not out:
         out.append(
             ModelDescription(
