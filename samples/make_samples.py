@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -312,6 +313,31 @@ def make_small_cnn(out_dir: Path) -> Path:
     return path
 
 
+def make_lasagne_untied(out_dir: Path) -> Path:
+    """``lasagne_untied.npz``: a Lasagne net as ``np.savez(f, *get_all_param_values(net))`` saves it.
+
+    Input 3x8x8; ``Conv2DLayer(4 filters of 3x3, untie_biases=True)`` (W [4, 3, 3, 3], b [4, 6, 6]),
+    then ``Conv2DLayer(2 filters of 3x3)`` (W [2, 4, 3, 3], b [2]): members ``arr_0.npy`` to
+    ``arr_3.npy``, stored, in parameter order.  Written member by member exactly as ``np.savez``
+    writes them (``np.lib.format.write_array`` into a zip64-forced stored member) but with a fixed
+    timestamp, so the bytes do not change from run to run.
+    """
+    rng = np.random.default_rng(SEED)
+    params = [
+        rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        rng.standard_normal((4, 6, 6)).astype(np.float32),
+        rng.standard_normal((2, 4, 3, 3)).astype(np.float32),
+        rng.standard_normal((2,)).astype(np.float32),
+    ]
+    path = out_dir / "lasagne_untied.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for index, array in enumerate(params):
+            info = zipfile.ZipInfo(f"arr_{index}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
+    return path
+
+
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "seed_tied.onnx": make_seed_tied,
     "seed_untied.onnx": make_seed_untied,
@@ -321,6 +347,7 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "quantized_conv.onnx": make_quantized_conv,
     "seed_tied.safetensors": make_seed_tied_safetensors,
     "small_cnn.pt": make_small_cnn,
+    "lasagne_untied.npz": make_lasagne_untied,
 }
 """Sample file name -> builder that writes it into a folder and returns its path."""
 

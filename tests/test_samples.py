@@ -32,7 +32,7 @@ ONNX_NAMES = [
     "depthwise.onnx",
     "quantized_conv.onnx",
 ]
-ALL_NAMES = [*ONNX_NAMES, "seed_tied.safetensors", "small_cnn.pt"]
+ALL_NAMES = [*ONNX_NAMES, "seed_tied.safetensors", "small_cnn.pt", "lasagne_untied.npz"]
 
 F32, I8, U8, I32 = TensorProto.FLOAT, TensorProto.INT8, TensorProto.UINT8, TensorProto.INT32
 
@@ -107,6 +107,12 @@ EXPECTED_TENSORS: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {
         "fc.weight": ((10, 16), "float32"),
         "fc.bias": ((10,), "float32"),
     },
+    "lasagne_untied.npz": {
+        "arr_0": ((4, 3, 3, 3), "float32"),
+        "arr_1": ((4, 6, 6), "float32"),
+        "arr_2": ((2, 4, 3, 3), "float32"),
+        "arr_3": ((2,), "float32"),
+    },
 }
 
 
@@ -159,6 +165,9 @@ def _tensor_signature(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
                 tensor_slice = handle.get_slice(key)
                 signature[key] = (tuple(tensor_slice.get_shape()), _st_dtype(tensor_slice))
         return signature
+    if path.suffix == ".npz":
+        with np.load(path) as arrays:
+            return {key: (arrays[key].shape, str(arrays[key].dtype)) for key in arrays.files}
     state = torch.load(path, weights_only=True, map_location="cpu")
     return {key: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for key, t in state.items()}
 
@@ -185,7 +194,7 @@ def test_generated_onnx_has_expected_structure(generated: dict[str, Path], name:
     assert [d.dim_value for d in output.type.tensor_type.shape.dim] == output_shape
 
 
-@pytest.mark.parametrize("name", ["seed_tied.safetensors", "small_cnn.pt"])
+@pytest.mark.parametrize("name", ["seed_tied.safetensors", "small_cnn.pt", "lasagne_untied.npz"])
 def test_generated_tensor_files_have_expected_tensors(generated: dict[str, Path], name: str) -> None:
     assert _tensor_signature(generated[name]) == EXPECTED_TENSORS[name]
 
@@ -344,6 +353,21 @@ def test_report_small_cnn_state_dict(inspect_sample: Any) -> None:
     conv1, conv2 = inspect_sample("small_cnn.pt").layers
     assert (conv1.out_channels, str(conv1.bias.kind), conv1.bias.params) == (8, "tied", 8)
     assert (conv2.out_channels, str(conv2.bias.kind)) == (16, "absent")
+
+
+def test_report_lasagne_untied(inspect_sample: Any) -> None:
+    model = inspect_sample("lasagne_untied.npz")
+    untied, tied = model.layers
+    assert model.format == "numpy"
+    assert (untied.name, str(untied.bias.kind), untied.bias.params, untied.output_spatial) == (
+        "arr_0",
+        "untied",
+        144,
+        (6, 6),
+    )
+    assert untied.formula == "3x3x3 x 4 + 4x6x6 = 252"
+    assert (tied.name, str(tied.bias.kind), tied.formula) == ("arr_2", "tied", "(4x3x3 + 1) x 2 = 74")
+    assert model.totals.model_params == 108 + 144 + 72 + 2
 
 
 def test_cli_prints_the_readme_formulas(capsys: pytest.CaptureFixture[str]) -> None:
