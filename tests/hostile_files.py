@@ -913,10 +913,54 @@ FUZZ_FORMATS: dict[str, str] = {
     "torch-zip-pickle": ".pt",
     "legacy-pickle": ".pt",
     "safetensors": ".safetensors",
+    "numpy": ".npz",
+    "npz-member": ".npz",
 }
 """Fuzzed formats and the file suffix their mutants get.  ``torch-zip-pickle`` mutates the
 data.pkl member of a torch zip and re-zips it (valid zip, CRCs included), so mutations reach the
-pickle reader instead of stopping at the zip layer."""
+pickle reader instead of stopping at the zip layer; ``npz-member`` does the same with an .npy
+member of a Lasagne-style .npz."""
+
+
+def _numpy_params() -> list[object]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    shapes = [(4, 3, 3, 3), (4, 6, 6), (2, 4, 3, 3), (2,)]
+    return [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
+
+
+def _npz(arrays: Sequence[object], compression: int) -> bytes:
+    """An .npz as np.savez / np.savez_compressed writes it, with a fixed timestamp."""
+    import numpy as np
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression) as archive:
+        for index, array in enumerate(arrays):
+            info = zipfile.ZipInfo(f"arr_{index}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = compression
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
+    return out.getvalue()
+
+
+@functools.cache
+def seed_numpy_files() -> tuple[bytes, ...]:
+    """A Lasagne-style .npz (stored and deflated), a lone .npy, and Theano-era pickles."""
+    import pickle
+
+    import numpy as np
+
+    arrays = _numpy_params()
+    npy = io.BytesIO()
+    np.save(npy, arrays[0])
+    return (
+        _npz(arrays, zipfile.ZIP_STORED),
+        _npz(arrays, zipfile.ZIP_DEFLATED),
+        npy.getvalue(),
+        pickle.dumps({"param_values": arrays}, protocol=2),
+        pickle.dumps(arrays, protocol=5),
+    )
 
 
 @functools.cache
@@ -935,6 +979,10 @@ def fuzz_seeds(fmt: str) -> tuple[bytes, ...]:
         return (seed_torch_legacy(), seed_plain_pickle(2), seed_plain_pickle(4))
     if fmt == "safetensors":
         return (seed_safetensors(),)
+    if fmt == "numpy":
+        return seed_numpy_files()
+    if fmt == "npz-member":
+        return tuple(zipfile.ZipFile(io.BytesIO(seed_numpy_files()[0])).read(f"arr_{i}.npy") for i in (0, 1))
     raise ValueError(fmt)
 
 
@@ -942,6 +990,8 @@ def finish_fuzz_case(fmt: str, mutated: bytes) -> bytes:
     """Turn mutated seed bytes into the file to inspect (re-zips a mutated data.pkl)."""
     if fmt == "torch-zip-pickle":
         return replace_zip_member(seed_torch_zip(), "/data.pkl", lambda _old: mutated)
+    if fmt == "npz-member":
+        return replace_zip_member(seed_numpy_files()[0], "arr_1.npy", lambda _old: mutated)
     return mutated
 
 
