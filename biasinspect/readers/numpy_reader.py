@@ -112,49 +112,49 @@ def preamble_length(head: bytes, what: str) -> int:
     reader needs, from the file's first 12 bytes."""
     if len(head) < 10 or not head.startswith(NPY_MAGIC):
         raise MalformedModelError(
-            f"{what}: truncated .npy header"
+            f"{_at(what)}truncated .npy header"
             if head.startswith(NPY_MAGIC[: len(head)])
-            else f"{what}: not a .npy array (bad magic)"
+            else f"{_at(what)}not a .npy array (bad magic)"
         )
     major, minor = head[6], head[7]
     layout = _PREAMBLE.get(major)
     if layout is None or minor != 0:
         raise UnsupportedFormatError(
-            f"{what}: .npy format version {major}.{minor} is not supported (1.0, 2.0, 3.0)"
+            f"{_at(what)}.npy format version {major}.{minor} is not supported (1.0, 2.0, 3.0)"
         )
     if len(head) < 8 + layout.size:
-        raise MalformedModelError(f"{what}: truncated .npy header")
+        raise MalformedModelError(f"{_at(what)}truncated .npy header")
     (length,) = layout.unpack_from(head, 8)
     if length > MAX_NPY_HEADER_BYTES:
         raise ResourceLimitError(
-            f"{what}: .npy header is {length:,} bytes, over the {MAX_NPY_HEADER_BYTES:,}-byte limit"
+            f"{_at(what)}.npy header is {length:,} bytes, over the {MAX_NPY_HEADER_BYTES:,}-byte limit"
         )
     return 8 + layout.size + int(length)
 
 
 def parse_npy_header(data: bytes, what: str) -> NpyHeader:
     """Parse a ``.npy`` header from the first bytes of an array file (at least
-    :func:`preamble_length` of them).  ``what`` names the file or member in messages."""
+    :func:`preamble_length` of them).  ``what`` names the npz member in messages ("" for a file)."""
     end = preamble_length(data[:12], what)
     if len(data) < end:
-        raise MalformedModelError(f"{what}: truncated .npy header")
+        raise MalformedModelError(f"{_at(what)}truncated .npy header")
     start = 8 + _PREAMBLE[data[6]].size
     raw = data[start:end]
     try:
         text = raw.decode("utf-8" if data[6] == 3 else "latin-1")
     except UnicodeDecodeError as e:
-        raise MalformedModelError(f"{what}: .npy header is not valid UTF-8") from e
+        raise MalformedModelError(f"{_at(what)}.npy header is not valid UTF-8") from e
     try:
         fields = ast.literal_eval(text.strip())
     except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError) as e:
-        raise MalformedModelError(f"{what}: .npy header is not a Python literal") from e
+        raise MalformedModelError(f"{_at(what)}.npy header is not a Python literal") from e
     if not isinstance(fields, dict) or set(fields) != {"descr", "fortran_order", "shape"}:
         raise MalformedModelError(
-            f"{what}: .npy header is not a dict of exactly 'descr', 'fortran_order' and 'shape'"
+            f"{_at(what)}.npy header is not a dict of exactly 'descr', 'fortran_order' and 'shape'"
         )
     fortran = fields["fortran_order"]
     if not isinstance(fortran, bool):
-        raise MalformedModelError(f"{what}: .npy header's fortran_order is not True or False")
+        raise MalformedModelError(f"{_at(what)}.npy header's fortran_order is not True or False")
     shape = _checked_shape(fields["shape"], what)
     dtype, itemsize = _dtype_of_descr(fields["descr"], what)
     return NpyHeader(shape, dtype, itemsize, fortran, end)
@@ -162,15 +162,22 @@ def parse_npy_header(data: bytes, what: str) -> NpyHeader:
 
 def _checked_shape(value: object, what: str) -> tuple[int, ...]:
     if not isinstance(value, tuple):
-        raise MalformedModelError(f"{what}: .npy header's shape is not a tuple")
+        raise MalformedModelError(f"{_at(what)}.npy header's shape is not a tuple")
     count = 1
     for dim in value:
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
-            raise MalformedModelError(f"{what}: .npy shape {_short(value)} holds a value that is not a size")
+            raise MalformedModelError(
+                f"{_at(what)}.npy shape {_short(value)} holds a value that is not a size"
+            )
         count *= dim
         if count >= 1 << 63:
-            raise MalformedModelError(f"{what}: .npy shape {_short(value)} has more than 2**63 elements")
+            raise MalformedModelError(f"{_at(what)}.npy shape {_short(value)} has more than 2**63 elements")
     return value
+
+
+def _at(what: str) -> str:
+    """Message prefix naming the npz member (nothing for a lone .npy: the path says it)."""
+    return f"{what}: " if what else ""
 
 
 def _short(value: object) -> str:
@@ -182,7 +189,7 @@ def _dtype_of_descr(descr: object, what: str) -> tuple[str, int | None]:
     if isinstance(descr, list):
         return "structured", None  # a record dtype: not a parameter, size left unchecked
     if not isinstance(descr, str):
-        raise MalformedModelError(f"{what}: .npy header's descr is not a dtype string")
+        raise MalformedModelError(f"{_at(what)}.npy header's descr is not a dtype string")
     match = _DESCR.match(descr)
     if match is None:
         return descr[:40], None  # datetime units and the like: never a parameter
@@ -222,9 +229,9 @@ def read_numpy(path: Path) -> list[ModelDescription]:
 def _read_npy(path: Path) -> ModelDescription:
     with open_regular_file(path) as handle:
         first = handle.read(12)
-        need = preamble_length(first, "array")
+        need = preamble_length(first, "")
         data = first + handle.read(max(0, need - len(first)))
-        header = parse_npy_header(data, "array")
+        header = parse_npy_header(data, "")
         handle.seek(0, 2)
         size = handle.tell()
     _check_data_size(header, size, "the file")
