@@ -15,8 +15,8 @@ The rule (:func:`derived_from_parameter`):
   ``_Scope.is_parameter``) is a parameter;
 * a value made by an element-wise or layout op is a parameter when its *data* input is:
   ``Cast``/``Identity``/``Floor``/``Ceil``/``Round``/``Neg``/``Abs`` (input 0);
-  ``Reshape``/``Expand``/``Unsqueeze``/``Squeeze``/``Flatten``/``Transpose``/``CastLike``
-  (input 0; the shape, axes or type operand may be anything, it carries no data);
+  ``Reshape``/``Unsqueeze``/``Squeeze``/``Flatten``/``Transpose``/``CastLike`` (input 0; the
+  shape, axes or type operand may be anything, it carries no data and keeps the element count);
   ``Clip``/``QuantizeLinear``/``DequantizeLinear`` (input 0; bounds, scales and zero points
   must be *scale-like*); ``Div`` (the numerator; the divisor must be scale-like); ``Mul`` (either
   operand, the other scale-like);
@@ -45,8 +45,10 @@ _MAX_LINEAGE_DEPTH = 64
 
 _VALUE_OPS = frozenset({"Cast", "Identity", "Floor", "Ceil", "Round", "Neg", "Abs"})
 """One input, the data."""
-_LAYOUT_OPS = frozenset({"Reshape", "Expand", "Unsqueeze", "Squeeze", "Flatten", "Transpose", "CastLike"})
-"""Input 0 is the data; the other inputs say how to lay it out (or which type to take)."""
+_LAYOUT_OPS = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose", "CastLike"})
+"""Input 0 is the data; the other inputs say how to lay it out (or which type to take).  Not
+``Expand``/``Tile`` with a run-time shape: they would give a [C] bias the output's full extent,
+which reads as untied."""
 _SCALED_OPS = frozenset({"Clip", "QuantizeLinear", "DequantizeLinear"})
 """Input 0 is the data; the others are bounds, scales or zero points."""
 _SCALE_OPS = frozenset({"Mul", "Div", "Cast", "Identity"})
