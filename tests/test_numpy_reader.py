@@ -168,6 +168,37 @@ def test_pairing_patterns(tmp_path: Path) -> None:
     assert any("read as a batch norm's beta, gamma, mean and inv_std" in w for w in model.warnings)
 
 
+def test_transposed_conv_recognised_only_by_its_bias_width(tmp_path: Path) -> None:
+    # Lasagne's TransposedConv2DLayer: W [C_in=8, C_out=4, 4, 4], then b [4] or untied b [4, 16, 16].
+    arrays = [_f32(8, 4, 4, 4), _f32(4), _f32(8, 4, 4, 4), _f32(4, 16, 16), _f32(6, 6, 3, 3), _f32(6)]
+    path = tmp_path / "deconv.npz"
+    np.savez(path, *arrays)
+    model = one_model(path)
+    got = [
+        (
+            layer.op,
+            layer.in_channels,
+            layer.out_channels,
+            layer.bias.kind,
+            layer.bias.params,
+            layer.output_spatial,
+        )
+        for layer in model.layers
+    ]
+    assert got == [
+        ("ConvTranspose2d", 8, 4, BiasKind.TIED, 4, None),
+        ("ConvTranspose2d", 8, 4, BiasKind.UNTIED, 1024, (16, 16)),
+        # C_in == C_out: the bias width says nothing, so it is read as a conv.
+        ("Conv2d", None, 6, BiasKind.TIED, 6, None),
+    ]
+    assert model.layers[0].formula == "(8x4x4 + 1) x 4 = 516"
+    assert any(
+        "ConvTranspose inferred from the length of the array after the weight (4 = weight dim 1" in w
+        for w in model.warnings
+    )
+    assert TRANSPOSED_WARNING in model.warnings
+
+
 def test_arrays_are_taken_in_numeric_order(tmp_path: Path) -> None:
     # arr_10 sorts before arr_2 as text; np.savez numbers them in argument order.
     arrays = [_f32(2)] * 9 + [_f32(4, 2, 3, 3), _f32(4, 5, 5)]

@@ -24,8 +24,10 @@ Pairing (from order and shape; every report says so in a warning)
     its dim 0 is ``C_out``: ``[C_out]`` is tied, ``[C_out, *spatial]`` (one axis per kernel axis)
     is untied and gives the conv's output size.  When exactly four ``[C_out]`` vectors follow
     ``W``, they are read as a Lasagne ``BatchNormLayer`` (beta, gamma, mean, inv_std) after a
-    bias-free conv.  A transposed conv cannot be told from a conv here (Lasagne stores its
-    weight as ``[C_in, C_out, *kernel]``, which looks like a conv's); a warning says so.
+    bias-free conv.  A transposed conv mostly cannot be told from a conv here: Lasagne stores its
+    weight as ``[C_in, C_out, *kernel]``, which looks like a conv's.  Only when the array after
+    the weight has dim 0 equal to the weight's dim 1 and not its dim 0 is the layer read as a
+    transposed conv (groups 1), with a note; a warning says the rest are read as convs.
 
 model_params
     The number of elements of all floating-point arrays (Lasagne's ``get_all_param_values``
@@ -80,7 +82,8 @@ PAIRING_WARNING = (
     "its dim 0 is C_out, as its bias ([C_out] tied, [C_out, *spatial] untied)"
 )
 TRANSPOSED_WARNING = (
-    "a transposed conv cannot be told from a conv in a parameter list: every weight is read as a conv's"
+    "a transposed conv cannot be told from a conv in a parameter list unless the array after its "
+    "weight has the weight's dim 1, not dim 0, as its length: any other weight is read as a conv's"
 )
 
 
@@ -381,6 +384,7 @@ def _conv_at(arrays: Sequence[tuple[str, TensorInfo]], index: int, taken: set[in
     output_spatial: tuple[int, ...] | None = None
     followed_by: str | None = None
     notes: list[str] = []
+    transposed, groups = False, None
     if vectors == _BATCH_NORM_VECTORS:
         followed_by = "BatchNorm"
         notes.append(
@@ -391,7 +395,15 @@ def _conv_at(arrays: Sequence[tuple[str, TensorInfo]], index: int, taken: set[in
     elif following:
         bias_name, bias = following[0]
         bias_rank = len(bias.shape)
-        if _is_floating(bias) and bias_rank in (1, spatial_rank + 1) and bias.shape[0] == c_out:
+        fits = _is_floating(bias) and bias_rank in (1, spatial_rank + 1)
+        if fits and bias.shape[0] != c_out and bias.shape[0] == info.shape[1]:
+            # Lasagne's TransposedConv2DLayer keeps W as [C_in, C_out, *kernel] and b as [C_out].
+            transposed, groups = True, 1
+            notes.append(
+                f"ConvTranspose inferred from the length of the array after the weight "
+                f"({bias.shape[0]} = weight dim 1, not dim 0)"
+            )
+        if fits and bias.shape[0] == (info.shape[1] if transposed else c_out):
             # An untied bias is an ``add`` term: a conv's own (``conv``) bias is always tied.
             source = BiasSource.CONV if bias_rank == 1 else BiasSource.ADD
             terms = (BiasTerm(bias_name, bias.shape, source),)
@@ -400,11 +412,11 @@ def _conv_at(arrays: Sequence[tuple[str, TensorInfo]], index: int, taken: set[in
             taken.add(index + 1)
     return ConvNode(
         name=name,
-        op=f"Conv{spatial_rank}d",
+        op=f"ConvTranspose{spatial_rank}d" if transposed else f"Conv{spatial_rank}d",
         weight_name=name,
         weight_shape=info.shape,
-        transposed=False,
-        groups=None,
+        transposed=transposed,
+        groups=groups,
         kernel_shape=info.shape[2:],
         output_spatial=output_spatial,
         bias_terms=terms,
