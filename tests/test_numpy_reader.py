@@ -17,7 +17,7 @@ import pytest
 import biasinspect
 from biasinspect.cli import main
 from biasinspect.model import BiasKind, BiasSource, ModelReport
-from biasinspect.readers.numpy_reader import PAIRING_WARNING, TRANSPOSED_WARNING
+from biasinspect.readers.numpy_reader import NAMED_PAIRING_WARNING, PAIRING_WARNING, TRANSPOSED_WARNING
 
 
 def run(*argv: str) -> tuple[int, str, str]:
@@ -193,10 +193,38 @@ def test_transposed_conv_recognised_only_by_its_bias_width(tmp_path: Path) -> No
     ]
     assert model.layers[0].formula == "(8x4x4 + 1) x 4 = 516"
     assert any(
-        "ConvTranspose inferred from the length of the array after the weight (4 = weight dim 1" in w
-        for w in model.warnings
+        "ConvTranspose inferred from the length of its bias (4 = weight dim 1" in w for w in model.warnings
     )
     assert TRANSPOSED_WARNING in model.warnings
+
+
+def test_named_arrays_pair_by_scope(tmp_path: Path) -> None:
+    # Chainer's save_npz order is not parameter order: a bias may come before its weight.
+    named = {
+        "predictor/conv1/b": _f32(8, 6, 6),  # untied, before its weight (and 3-D: not a conv weight)
+        "predictor/conv1/W": _f32(8, 3, 3, 3),
+        "predictor/conv2/W": _f32(4, 8, 3, 3),  # nobias=True, then a batch norm: no bias
+        "predictor/bn2/gamma": _f32(4),
+        "predictor/bn2/beta": _f32(4),
+        "predictor/bn2/avg_mean": _f32(4),
+        "predictor/bn2/avg_var": _f32(4),
+        "conv3.bias": _f32(5),  # a state dict, bias first
+        "conv3.weight": _f32(5, 4, 1, 1),
+        "odd/W": _f32(2, 5, 1, 1),
+        "odd/b": _f32(3),  # named as the bias, shaped like nothing: other
+    }
+    path = tmp_path / "chainer.npz"
+    np.savez(path, **named)
+    model = one_model(path)
+    got = [(layer.name, layer.bias.kind, layer.bias.params, layer.output_spatial) for layer in model.layers]
+    assert got == [
+        ("predictor/conv1/W", BiasKind.UNTIED, 288, (6, 6)),
+        ("predictor/conv2/W", BiasKind.ABSENT, 0, None),
+        ("conv3.weight", BiasKind.TIED, 5, None),
+        ("odd/W", BiasKind.OTHER, 3, None),
+    ]
+    assert PAIRING_WARNING not in model.warnings
+    assert NAMED_PAIRING_WARNING in model.warnings
 
 
 def test_arrays_are_taken_in_numeric_order(tmp_path: Path) -> None:

@@ -18,15 +18,19 @@ Reading
     unpickle its payload: that payload is not read, and the array is reported among the
     model's ``unsafe_callables``.
 
-Pairing (from order and shape; every report says so in a warning)
+Pairing (from order and shape, or from names; every report says which in a warning)
     Each 3-, 4- or 5-D floating-point array ``W`` is read as a conv weight ``[C_out, C_in/groups,
     *kernel]``, and the array right after it as its bias when that array is floating point and
     its dim 0 is ``C_out``: ``[C_out]`` is tied, ``[C_out, *spatial]`` (one axis per kernel axis)
     is untied and gives the conv's output size.  When exactly four ``[C_out]`` vectors follow
     ``W``, they are read as a Lasagne ``BatchNormLayer`` (beta, gamma, mean, inv_std) after a
-    bias-free conv.  A transposed conv mostly cannot be told from a conv here: Lasagne stores its
-    weight as ``[C_in, C_out, *kernel]``, which looks like a conv's.  Only when the array after
-    the weight has dim 0 equal to the weight's dim 1 and not its dim 0 is the layer read as a
+    bias-free conv.  Lists with names (an ``.npz`` saved with keywords, e.g. Chainer's
+    ``save_npz`` or a state dict) pair by name instead when the weight's name is scoped and ends
+    in ``W``/``weight``: ``conv1/W`` takes ``conv1/b`` (``conv1.weight`` takes ``conv1.bias``)
+    wherever it is in the list, or no bias; a scoped bias of another shape is a term of kind
+    other.  A transposed conv mostly cannot be told from a conv here: Lasagne stores its
+    weight as ``[C_in, C_out, *kernel]``, which looks like a conv's.  Only when the bias found
+    for the weight has dim 0 equal to the weight's dim 1 and not its dim 0 is the layer read as a
     transposed conv (groups 1), with a note; a warning says the rest are read as convs.
 
 model_params
@@ -72,6 +76,9 @@ _FLOAT_NAMES = {
 _INT_NAMES = {"i": "int", "u": "uint"}
 _OBJECT = "object"
 _ARR_NAME = re.compile(r"^arr_(\d+)\.npy$")
+_BIAS_LEAVES = ("b", "bias", "biases")
+"""Leaf names of a bias next to a scoped weight name (Chainer ``/b``, PyTorch ``.bias``)."""
+_WEIGHT_LEAVES = ("W", "w", "weight", "weights")
 _BATCH_NORM_VECTORS = 4
 """Lasagne's BatchNormLayer keeps beta, gamma, mean and inv_std: four [C] vectors."""
 _MAX_BATCH_NORM_RUN = _BATCH_NORM_VECTORS + 1
@@ -80,6 +87,10 @@ PAIRING_WARNING = (
     "layers are paired from the order and shapes of an unnamed parameter list: each 3-5-D floating "
     "array is read as a conv weight [C_out, C_in/groups, *kernel] and the array right after it, when "
     "its dim 0 is C_out, as its bias ([C_out] tied, [C_out, *spatial] untied)"
+)
+NAMED_PAIRING_WARNING = (
+    "conv weights with a scoped name (conv1/W, conv1.weight) are paired with the bias of the same "
+    "scope (conv1/b, conv1.bias), wherever it is in the list; a weight without one has no bias"
 )
 TRANSPOSED_WARNING = (
     "a transposed conv cannot be told from a conv in a parameter list unless the array after its "
@@ -347,17 +358,25 @@ def describe_parameter_list(
     warnings: Sequence[str] = (),
     unsafe_callables: Sequence[str] = (),
 ) -> ModelDescription:
-    """Describe the convolutions of an ordered, unnamed list of arrays (module docstring)."""
+    """Describe the convolutions of an ordered list of arrays (module docstring)."""
     convs: list[ConvNode] = []
     taken: set[int] = set()
-    for index, (_name, info) in enumerate(arrays):
+    positions = {name: index for index, (name, _info) in enumerate(arrays)}
+    by_order = by_name = False
+    for index, (name, info) in enumerate(arrays):
         rank = len(info.shape)
-        if index in taken or not 3 <= rank <= 5 or not _is_floating(info):
+        if index in taken or not 3 <= rank <= 5 or not _is_floating(info) or _is_bias_name(name):
             continue
-        convs.append(_conv_at(arrays, index, taken))
+        conv, named = _conv_at(arrays, index, taken, positions)
+        convs.append(conv)
+        by_name, by_order = by_name or named, by_order or not named
     own = list(warnings)
+    if by_order:
+        own.append(PAIRING_WARNING)
+    if by_name:
+        own.append(NAMED_PAIRING_WARNING)
     if convs:
-        own += [PAIRING_WARNING, TRANSPOSED_WARNING]
+        own.append(TRANSPOSED_WARNING)
     else:
         own.append("no conv-like array (3-D to 5-D, floating point) in the parameter list")
     return ModelDescription(
@@ -371,15 +390,46 @@ def describe_parameter_list(
     )
 
 
-def _conv_at(arrays: Sequence[tuple[str, TensorInfo]], index: int, taken: set[int]) -> ConvNode:
+def _scope_and_leaf(name: str) -> tuple[str, str] | None:
+    """``("conv1/", "W")`` for ``conv1/W`` (``("conv1.", "W")`` for ``conv1.W``); None for a name
+    without a scope."""
+    cut = max(name.rfind("/"), name.rfind("."))
+    return (name[: cut + 1], name[cut + 1 :]) if cut > 0 else None
+
+
+def _is_bias_name(name: str) -> bool:
+    scoped = _scope_and_leaf(name)
+    return scoped is not None and scoped[1] in _BIAS_LEAVES
+
+
+def _bias_index(
+    arrays: Sequence[tuple[str, TensorInfo]], index: int, positions: dict[str, int]
+) -> tuple[bool, int | None]:
+    """``(by_name, index of the bias candidate or None)``: a scoped weight name (``conv1/W``,
+    ``conv1.weight``) takes the bias of its own scope wherever it is, or none; any other name
+    takes the next array, unless four [C_out] vectors follow (a batch norm, see the caller)."""
+    scoped = _scope_and_leaf(arrays[index][0])
+    if scoped is not None and scoped[1] in _WEIGHT_LEAVES:
+        for leaf in _BIAS_LEAVES:
+            found = positions.get(scoped[0] + leaf)
+            if found is not None and found != index:
+                return True, found
+        return True, None
+    return False, index + 1 if index + 1 < len(arrays) else None
+
+
+def _conv_at(
+    arrays: Sequence[tuple[str, TensorInfo]], index: int, taken: set[int], positions: dict[str, int]
+) -> tuple[ConvNode, bool]:
     name, info = arrays[index]
     c_out, spatial_rank = info.shape[0], len(info.shape) - 2
-    following = arrays[index + 1 : index + 1 + _MAX_BATCH_NORM_RUN]
+    by_name, candidate = _bias_index(arrays, index, positions)
     vectors = 0
-    for _, candidate in following:
-        if candidate.shape != (c_out,) or not _is_floating(candidate):
-            break
-        vectors += 1
+    if not by_name:
+        for _, following in arrays[index + 1 : index + 1 + _MAX_BATCH_NORM_RUN]:
+            if following.shape != (c_out,) or not _is_floating(following):
+                break
+            vectors += 1
     terms: tuple[BiasTerm, ...] = ()
     output_spatial: tuple[int, ...] | None = None
     followed_by: str | None = None
@@ -392,16 +442,15 @@ def _conv_at(arrays: Sequence[tuple[str, TensorInfo]], index: int, taken: set[in
             "and inv_std after a bias-free conv (from order and shape)"
         )
         taken.update(range(index + 1, index + 1 + _BATCH_NORM_VECTORS))
-    elif following:
-        bias_name, bias = following[0]
+    elif candidate is not None:
+        bias_name, bias = arrays[candidate]
         bias_rank = len(bias.shape)
         fits = _is_floating(bias) and bias_rank in (1, spatial_rank + 1)
         if fits and bias.shape[0] != c_out and bias.shape[0] == info.shape[1]:
             # Lasagne's TransposedConv2DLayer keeps W as [C_in, C_out, *kernel] and b as [C_out].
             transposed, groups = True, 1
             notes.append(
-                f"ConvTranspose inferred from the length of the array after the weight "
-                f"({bias.shape[0]} = weight dim 1, not dim 0)"
+                f"ConvTranspose inferred from the length of its bias ({bias.shape[0]} = weight dim 1, not dim 0)"
             )
         if fits and bias.shape[0] == (info.shape[1] if transposed else c_out):
             # An untied bias is an ``add`` term: a conv's own (``conv``) bias is always tied.
@@ -409,7 +458,11 @@ def _conv_at(arrays: Sequence[tuple[str, TensorInfo]], index: int, taken: set[in
             terms = (BiasTerm(bias_name, bias.shape, source),)
             if bias_rank > 1:
                 output_spatial = bias.shape[1:]
-            taken.add(index + 1)
+            taken.add(candidate)
+        elif by_name:
+            # Named as this conv's bias but of no layout we know: reported, never dropped.
+            terms = (BiasTerm(bias_name, bias.shape, BiasSource.ADD, aligned=False),)
+            taken.add(candidate)
     return ConvNode(
         name=name,
         op=f"ConvTranspose{spatial_rank}d" if transposed else f"Conv{spatial_rank}d",
@@ -422,4 +475,4 @@ def _conv_at(arrays: Sequence[tuple[str, TensorInfo]], index: int, taken: set[in
         bias_terms=terms,
         followed_by=followed_by,
         notes=tuple(notes),
-    )
+    ), by_name
