@@ -93,7 +93,7 @@ NAMED_PAIRING_WARNING = (
     "scope (conv1/b, conv1.bias), wherever it is in the list; a weight without one has no bias"
 )
 TRANSPOSED_WARNING = (
-    "a transposed conv cannot be told from a conv in a parameter list unless the array after its "
+    "a transposed conv cannot be told from a conv in a parameter list unless the bias found for its "
     "weight has the weight's dim 1, not dim 0, as its length: any other weight is read as a conv's"
 )
 
@@ -106,7 +106,8 @@ class NpyHeader:
     dtype: str
     """``float32``-style name; ``object`` for object arrays; the descr itself for other kinds."""
     itemsize: int | None
-    """Bytes per element; None when not fixed (structured dtypes are given their declared size)."""
+    """Bytes per element; None when unknown (object, structured and unsized dtypes): the data
+    size is then not checked."""
     fortran_order: bool
     data_offset: int
 
@@ -276,9 +277,8 @@ def _read_npz(path: Path) -> list[ModelDescription]:
                 return read_torch_zip(path)
         if not members:
             raise UnsupportedFormatError("zip archive holds no .npy arrays (not a NumPy .npz)")
-        numbered = [_ARR_NAME.match(name) for name in members]
-        if all(numbered):
-            members.sort(key=lambda name: int(_ARR_NAME.match(name).group(1)))  # type: ignore[union-attr]
+        if all(_ARR_NAME.match(name) for name in members):
+            members.sort(key=lambda name: int(name[len("arr_") : -len(".npy")]))
         warnings: list[str] = []
         unsafe: list[str] = []
         if others:
