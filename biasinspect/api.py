@@ -36,9 +36,19 @@ def _reader_for(file_format: FileFormat) -> Callable[[Path], list[ModelDescripti
         from biasinspect.readers.safetensors_reader import read_safetensors
 
         return read_safetensors
+    if file_format is FileFormat.OPENVINO:
+        return _read_openvino_path
     from biasinspect.readers.sharded import read_sharded_index
 
     return read_sharded_index
+
+
+def _read_openvino_path(path: Path) -> list[ModelDescription]:
+    from biasinspect.readers.openvino_reader import read_openvino
+    from biasinspect.source import LocalSource
+
+    with LocalSource(path) as source:
+        return read_openvino(source)
 
 
 def read_file(path: Path) -> list[ModelDescription]:

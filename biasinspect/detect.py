@@ -16,6 +16,7 @@ from pathlib import Path
 from biasinspect.errors import BiasInspectError, UnreadableFileError, UnsupportedFormatError
 from biasinspect.limits import MAX_SAFETENSORS_HEADER_BYTES, MAX_SCAN_FILES
 from biasinspect.readers.files import check_file_mode, unreadable
+from biasinspect.readers.openvino_reader import sniff_openvino
 
 
 class FileFormat(str, enum.Enum):
@@ -26,6 +27,7 @@ class FileFormat(str, enum.Enum):
     PICKLE = "pickle"
     SAFETENSORS = "safetensors"
     SHARD_INDEX = "shard-index"
+    OPENVINO = "openvino"
 
 
 MODEL_SUFFIXES = frozenset(
@@ -42,6 +44,7 @@ MODEL_SUFFIXES = frozenset(
         ".ptl",
         ".torchscript",
         ".jit",
+        ".xml",
     }
 )
 """Suffixes a folder scan picks up (a file named explicitly is read whatever its name)."""
@@ -140,6 +143,8 @@ def sniff(path: Path) -> FileFormat:
             raise UnsupportedFormatError(f"not a model file: the content is {description}")
     if suffix == ".safetensors":
         return FileFormat.SAFETENSORS
+    if sniff_openvino(head):
+        return FileFormat.OPENVINO
     if _looks_like_text(head):
         if suffix in _PICKLE_SUFFIXES and head[:1] in (b"(", b"c", b"}", b"]") and b"\n" in head:
             return FileFormat.PICKLE  # protocol 0/1 pickles are text-like
@@ -191,6 +196,8 @@ def scan_folder(folder: Path) -> Iterator[FoundPath]:
                 pending.append(entry_path)
                 continue
             lowered = entry.name.lower()
+            if entry_path.suffix.lower() == ".xml" and not _is_openvino_xml(entry_path):
+                continue  # only XML whose root is an OpenVINO <net> is a model
             if lowered.endswith(INDEX_SUFFIXES) or entry_path.suffix.lower() in MODEL_SUFFIXES:
                 candidates.append(entry_path)
                 if len(candidates) > MAX_SCAN_FILES:
@@ -207,6 +214,13 @@ def scan_folder(folder: Path) -> Iterator[FoundPath]:
         if Path(os.path.normpath(candidate)) not in covered:
             yield FoundPath(candidate)
     yield from problems
+
+
+def _is_openvino_xml(path: Path) -> bool:
+    try:
+        return sniff_openvino(read_head(path))
+    except BiasInspectError:
+        return True  # unreadable: reported when read, never silently skipped
 
 
 def _shards_of(index_path: Path) -> list[Path]:
