@@ -74,6 +74,7 @@ def patterns() -> ov.Model:
     else_x = ops.parameter([1, 4, 16, 16], np.float32)
     else_model = ov.Model([ops.result(ops.relu(else_x))], [else_x])
     branch = ops.if_op(cond)
+    branch.set_friendly_name("gate")
     branch.set_then_body(then_model)
     branch.set_else_body(else_model)
     branch.set_input(dout.output(0), then_x, else_x)

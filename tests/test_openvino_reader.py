@@ -71,7 +71,7 @@ def test_every_pattern_in_the_opset_built_model():
         ("quant.conv", "Convolution", BiasKind.TIED, 6, 1),
         ("offsets", "Convolution", BiasKind.ABSENT, 0, 1),
         ("deform", "DeformableConvolution", BiasKind.UNTIED, 1_024, 1),
-        ("If_2587/then_body/branch.conv", "Convolution", BiasKind.TIED, 4, 1),
+        ("gate/then_body/branch.conv", "Convolution", BiasKind.TIED, 4, 1),
     ]
     by_name = {layer.name: layer for layer in model.layers}
     assert by_name["features.0"].followed_by == "BatchNormInference"
