@@ -15,6 +15,7 @@ from pathlib import Path
 
 from biasinspect.errors import BiasInspectError, UnreadableFileError, UnsupportedFormatError
 from biasinspect.limits import MAX_SAFETENSORS_HEADER_BYTES, MAX_SCAN_FILES
+from biasinspect.readers.coreml_reader import sniff_coreml
 from biasinspect.readers.files import check_file_mode, unreadable
 from biasinspect.readers.openvino_reader import sniff_openvino
 
@@ -28,6 +29,8 @@ class FileFormat(str, enum.Enum):
     SAFETENSORS = "safetensors"
     SHARD_INDEX = "shard-index"
     OPENVINO = "openvino"
+    COREML = "coreml"
+    COREML_PACKAGE = "coreml-package"
 
 
 MODEL_SUFFIXES = frozenset(
@@ -45,6 +48,7 @@ MODEL_SUFFIXES = frozenset(
         ".torchscript",
         ".jit",
         ".xml",
+        ".mlmodel",
     }
 )
 """Suffixes a folder scan picks up (a file named explicitly is read whatever its name)."""
@@ -122,6 +126,8 @@ def _safetensors_header_plausible(head: bytes, file_size: int) -> bool:
 def sniff(path: Path) -> FileFormat:
     """Decide a file's container format from its content; the name breaks ties only."""
     name = path.name.lower()
+    if name.endswith(".mlpackage") and path.is_dir():
+        return FileFormat.COREML_PACKAGE
     if name.endswith(INDEX_SUFFIXES):
         check_regular_file(path)
         return FileFormat.SHARD_INDEX
@@ -145,6 +151,8 @@ def sniff(path: Path) -> FileFormat:
         return FileFormat.SAFETENSORS
     if sniff_openvino(head):
         return FileFormat.OPENVINO
+    if sniff_coreml(head) or (suffix == ".mlmodel" and head[:1] == b"\x08"):
+        return FileFormat.COREML
     if _looks_like_text(head):
         if suffix in _PICKLE_SUFFIXES and head[:1] in (b"(", b"c", b"}", b"]") and b"\n" in head:
             return FileFormat.PICKLE  # protocol 0/1 pickles are text-like
@@ -192,6 +200,9 @@ def scan_folder(folder: Path) -> Iterator[FoundPath]:
                 is_dir = entry.is_dir(follow_symlinks=False)
             except OSError:
                 is_dir = False
+            if is_dir and entry.name.lower().endswith(".mlpackage"):
+                candidates.append(entry_path)  # a CoreML package is one model, read as a whole
+                continue
             if is_dir:
                 pending.append(entry_path)
                 continue
