@@ -913,6 +913,8 @@ FUZZ_FORMATS: dict[str, str] = {
     "torch-zip-pickle": ".pt",
     "legacy-pickle": ".pt",
     "safetensors": ".safetensors",
+    "openvino": ".xml",
+    "coreml": ".mlmodel",
 }
 """Fuzzed formats and the file suffix their mutants get.  ``torch-zip-pickle`` mutates the
 data.pkl member of a torch zip and re-zips it (valid zip, CRCs included), so mutations reach the
@@ -935,6 +937,12 @@ def fuzz_seeds(fmt: str) -> tuple[bytes, ...]:
         return (seed_torch_legacy(), seed_plain_pickle(2), seed_plain_pickle(4))
     if fmt == "safetensors":
         return (seed_safetensors(),)
+    if fmt == "openvino":
+        return tuple(path.read_bytes() for path in sorted((SAMPLES_DIR / "openvino").glob("*.xml")))
+    if fmt == "coreml":
+        coreml = SAMPLES_DIR / "coreml"
+        program = coreml / "program.mlpackage" / "Data" / "com.apple.CoreML" / "model.mlmodel"
+        return (*(path.read_bytes() for path in sorted(coreml.glob("*.mlmodel"))), program.read_bytes())
     raise ValueError(fmt)
 
 
