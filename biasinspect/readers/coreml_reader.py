@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from biasinspect import limits
-from biasinspect.errors import MalformedModelError, ResourceLimitError, UnsupportedFormatError
+from biasinspect.errors import MalformedModelError, ResourceLimitError, UnreadableFileError, UnsupportedFormatError
 from biasinspect.model import BiasSource, BiasTerm, ConvNode, Dim, MaybeShape, ModelDescription, Shape
 from biasinspect.readers.files import parse_json_object, quote
 from biasinspect.readers.wire_fields import LEN, VARINT, Span, WireReader
@@ -673,40 +673,40 @@ def read_coreml(source: ByteSource, *, display: str | None = None) -> list[Model
     ]
 
 
-def _inside(folder: Path, relative: str, what: str) -> Path:
-    candidate = folder / relative
-    root = os.path.realpath(folder)
-    if os.path.isabs(relative) or os.path.commonpath([root, os.path.realpath(candidate)]) != root:
-        raise MalformedModelError(f"{what} {quote(relative)} lies outside the package")
-    return candidate
+def read_mlpackage_manifest(manifest: ByteSource) -> list[ModelDescription]:
+    """Describe an ``.mlpackage`` from its ``Manifest.json``, which names the root model
+    specification; that file must lie inside the package (``sibling`` refuses names that climb
+    out, symlinks included), and the weights folder is never opened.  The model is reported
+    under the package's path."""
+    if manifest.size > limits.MAX_JSON_BYTES:
+        raise ResourceLimitError(f"Manifest.json of {manifest.size:,} bytes is too large")
+    parsed = parse_json_object(manifest.read_at(0, manifest.size), "Manifest.json")
+    root_id = parsed.get("rootModelIdentifier")
+    entries = parsed.get("itemInfoEntries")
+    if not isinstance(entries, dict) or not isinstance(root_id, str) or not isinstance(entries.get(root_id), dict):
+        raise MalformedModelError("Manifest.json does not name its root model (rootModelIdentifier)")
+    relative = entries[root_id].get("path")
+    if not isinstance(relative, str) or not relative:
+        raise MalformedModelError("Manifest.json's root model entry has no path")
+    if relative.startswith(("/", "\\")) or ".." in relative.replace("\\", "/").split("/"):
+        raise MalformedModelError(f"the root model {quote(relative)} lies outside the package")
+    package = os.path.dirname(manifest.name) or "."
+    try:
+        source = manifest.sibling(f"Data/{relative}")
+    except UnreadableFileError as error:
+        if "outside" in str(error):
+            raise MalformedModelError(f"the root model {quote(relative)} lies outside the package") from error
+        raise
+    try:
+        return read_coreml(source, display=package)
+    finally:
+        source.close()
 
 
 def read_mlpackage(folder: Path) -> list[ModelDescription]:
-    """Describe an ``.mlpackage`` folder: its Manifest.json names the root model specification,
-    which must lie inside the package; the weights folder is never opened."""
-    manifest_path = _inside(folder, "Manifest.json", "manifest")
-    with LocalSource(manifest_path) as manifest_source:
-        if manifest_source.size > limits.MAX_JSON_BYTES:
-            raise ResourceLimitError(f"Manifest.json of {manifest_source.size:,} bytes is too large")
-        manifest = parse_json_object(manifest_source.read_at(0, manifest_source.size), "Manifest.json")
-    root_id = manifest.get("rootModelIdentifier")
-    entries = manifest.get("itemInfoEntries")
-    if (
-        not isinstance(entries, dict)
-        or not isinstance(root_id, str)
-        or not isinstance(entries.get(root_id), dict)
-    ):
-        raise MalformedModelError("Manifest.json does not name its root model (rootModelIdentifier)")
-    relative = entries[root_id].get("path")
-    if not isinstance(relative, str):
-        raise MalformedModelError("Manifest.json's root model entry has no path")
-    model_path = _inside(folder / "Data", relative, "the root model")
-    if os.path.commonpath([os.path.realpath(folder), os.path.realpath(model_path)]) != os.path.realpath(
-        folder
-    ):
-        raise MalformedModelError(f"the root model {quote(relative)} lies outside the package")
-    with LocalSource(model_path) as source:
-        return read_coreml(source, display=str(folder))
+    """Describe an ``.mlpackage`` folder on disk (see :func:`read_mlpackage_manifest`)."""
+    with LocalSource(folder / "Manifest.json") as manifest:
+        return read_mlpackage_manifest(manifest)
 
 
-__all__ = ["FORMAT", "read_coreml", "read_mlpackage", "sniff_coreml"]
+__all__ = ["FORMAT", "read_coreml", "read_mlpackage", "read_mlpackage_manifest", "sniff_coreml"]
