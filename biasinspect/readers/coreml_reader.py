@@ -26,7 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from biasinspect import limits
-from biasinspect.errors import MalformedModelError, ResourceLimitError, UnreadableFileError, UnsupportedFormatError
+from biasinspect.errors import (
+    MalformedModelError,
+    ResourceLimitError,
+    UnreadableFileError,
+    UnsupportedFormatError,
+)
 from biasinspect.model import BiasSource, BiasTerm, ConvNode, Dim, MaybeShape, ModelDescription, Shape
 from biasinspect.readers.files import parse_json_object, quote
 from biasinspect.readers.wire_fields import LEN, VARINT, Span, WireReader
@@ -683,7 +688,11 @@ def read_mlpackage_manifest(manifest: ByteSource) -> list[ModelDescription]:
     parsed = parse_json_object(manifest.read_at(0, manifest.size), "Manifest.json")
     root_id = parsed.get("rootModelIdentifier")
     entries = parsed.get("itemInfoEntries")
-    if not isinstance(entries, dict) or not isinstance(root_id, str) or not isinstance(entries.get(root_id), dict):
+    if (
+        not isinstance(entries, dict)
+        or not isinstance(root_id, str)
+        or not isinstance(entries.get(root_id), dict)
+    ):
         raise MalformedModelError("Manifest.json does not name its root model (rootModelIdentifier)")
     relative = entries[root_id].get("path")
     if not isinstance(relative, str) or not relative:
