@@ -40,9 +40,33 @@ def _reader_for(file_format: FileFormat) -> Callable[[Path], list[ModelDescripti
         from biasinspect.readers.numpy_reader import read_numpy
 
         return read_numpy
+    if file_format is FileFormat.OPENVINO:
+        return _read_openvino_path
+    if file_format is FileFormat.COREML:
+        return _read_coreml_path
+    if file_format is FileFormat.COREML_PACKAGE:
+        from biasinspect.readers.coreml_reader import read_mlpackage
+
+        return read_mlpackage
     from biasinspect.readers.sharded import read_sharded_index
 
     return read_sharded_index
+
+
+def _read_openvino_path(path: Path) -> list[ModelDescription]:
+    from biasinspect.readers.openvino_reader import read_openvino
+    from biasinspect.source import LocalSource
+
+    with LocalSource(path) as source:
+        return read_openvino(source)
+
+
+def _read_coreml_path(path: Path) -> list[ModelDescription]:
+    from biasinspect.readers.coreml_reader import read_coreml
+    from biasinspect.source import LocalSource
+
+    with LocalSource(path) as source:
+        return read_coreml(source)
 
 
 def read_file(path: Path) -> list[ModelDescription]:
@@ -77,7 +101,9 @@ def _candidates(paths: Iterable[str | os.PathLike[str]]) -> list[_Candidate]:
             expanded.append(_Candidate(text, "empty path", False))  # Path("") would silently mean "."
             continue
         path = Path(text)
-        if path.is_dir():
+        if path.is_dir() and path.suffix.lower() == ".mlpackage":
+            expanded.append(_Candidate(text, None, False))  # a CoreML package is one model
+        elif path.is_dir():
             found = list(scan_folder(path))
             if not found:
                 expanded.append(_Candidate(text, "no model files found in this folder", False))

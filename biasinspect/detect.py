@@ -15,7 +15,9 @@ from pathlib import Path
 
 from biasinspect.errors import BiasInspectError, UnreadableFileError, UnsupportedFormatError
 from biasinspect.limits import MAX_SAFETENSORS_HEADER_BYTES, MAX_SCAN_FILES
+from biasinspect.readers.coreml_reader import sniff_coreml
 from biasinspect.readers.files import check_file_mode, unreadable
+from biasinspect.readers.openvino_reader import sniff_openvino
 
 
 class FileFormat(str, enum.Enum):
@@ -27,6 +29,9 @@ class FileFormat(str, enum.Enum):
     SAFETENSORS = "safetensors"
     SHARD_INDEX = "shard-index"
     NUMPY = "numpy"
+    OPENVINO = "openvino"
+    COREML = "coreml"
+    COREML_PACKAGE = "coreml-package"
 
 
 MODEL_SUFFIXES = frozenset(
@@ -45,6 +50,8 @@ MODEL_SUFFIXES = frozenset(
         ".jit",
         ".npz",
         ".npy",
+        ".xml",
+        ".mlmodel",
     }
 )
 """Suffixes a folder scan picks up (a file named explicitly is read whatever its name)."""
@@ -129,6 +136,8 @@ def _first_zip_member(head: bytes) -> str:
 def sniff(path: Path) -> FileFormat:
     """Decide a file's container format from its content; the name breaks ties only."""
     name = path.name.lower()
+    if name.endswith(".mlpackage") and path.is_dir():
+        return FileFormat.COREML_PACKAGE
     if name.endswith(INDEX_SUFFIXES):
         check_regular_file(path)
         return FileFormat.SHARD_INDEX
@@ -152,6 +161,10 @@ def sniff(path: Path) -> FileFormat:
             raise UnsupportedFormatError(f"not a model file: the content is {description}")
     if suffix == ".safetensors":
         return FileFormat.SAFETENSORS
+    if sniff_openvino(head):
+        return FileFormat.OPENVINO
+    if sniff_coreml(head) or (suffix == ".mlmodel" and head[:1] == b"\x08"):
+        return FileFormat.COREML
     if _looks_like_text(head):
         if suffix in _PICKLE_SUFFIXES and head[:1] in (b"(", b"c", b"}", b"]") and b"\n" in head:
             return FileFormat.PICKLE  # protocol 0/1 pickles are text-like
@@ -200,10 +213,15 @@ def scan_folder(folder: Path) -> Iterator[FoundPath]:
                 is_dir = entry.is_dir(follow_symlinks=False)
             except OSError:
                 is_dir = False
+            if is_dir and entry.name.lower().endswith(".mlpackage"):
+                candidates.append(entry_path)  # a CoreML package is one model, read as a whole
+                continue
             if is_dir:
                 pending.append(entry_path)
                 continue
             lowered = entry.name.lower()
+            if entry_path.suffix.lower() == ".xml" and not _is_openvino_xml(entry_path):
+                continue  # only XML whose root is an OpenVINO <net> is a model
             if lowered.endswith(INDEX_SUFFIXES) or entry_path.suffix.lower() in MODEL_SUFFIXES:
                 candidates.append(entry_path)
                 if len(candidates) > MAX_SCAN_FILES:
@@ -220,6 +238,13 @@ def scan_folder(folder: Path) -> Iterator[FoundPath]:
         if Path(os.path.normpath(candidate)) not in covered:
             yield FoundPath(candidate)
     yield from problems
+
+
+def _is_openvino_xml(path: Path) -> bool:
+    try:
+        return sniff_openvino(read_head(path))
+    except BiasInspectError:
+        return True  # unreadable: reported when read, never silently skipped
 
 
 def _shards_of(index_path: Path) -> list[Path]:

@@ -38,5 +38,8 @@ MAX_PROTO_DEPTH = 100
 MAX_ONNX_STRIPPED_BYTES = 1024 * 1024 * 1024
 """Largest ONNX graph structure (after dropping tensor payloads) parsed; protobuf caps at 2 GiB."""
 
+MAX_XML_BYTES = 64 * 1024 * 1024
+"""Largest OpenVINO IR XML read (the XML holds structure only; weights live in the .bin)."""
+
 MAX_SCAN_FILES = 100_000
 """Most files a folder scan will look at."""

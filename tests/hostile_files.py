@@ -915,6 +915,8 @@ FUZZ_FORMATS: dict[str, str] = {
     "safetensors": ".safetensors",
     "numpy": ".npz",
     "npz-member": ".npz",
+    "openvino": ".xml",
+    "coreml": ".mlmodel",
 }
 """Fuzzed formats and the file suffix their mutants get.  ``torch-zip-pickle`` mutates the
 data.pkl member of a torch zip and re-zips it (valid zip, CRCs included), so mutations reach the
@@ -983,6 +985,12 @@ def fuzz_seeds(fmt: str) -> tuple[bytes, ...]:
         return seed_numpy_files()
     if fmt == "npz-member":
         return tuple(zipfile.ZipFile(io.BytesIO(seed_numpy_files()[0])).read(f"arr_{i}.npy") for i in (0, 1))
+    if fmt == "openvino":
+        return tuple(path.read_bytes() for path in sorted((SAMPLES_DIR / "openvino").glob("*.xml")))
+    if fmt == "coreml":
+        coreml = SAMPLES_DIR / "coreml"
+        program = coreml / "program.mlpackage" / "Data" / "com.apple.CoreML" / "model.mlmodel"
+        return (*(path.read_bytes() for path in sorted(coreml.glob("*.mlmodel"))), program.read_bytes())
     raise ValueError(fmt)
 
 
