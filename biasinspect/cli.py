@@ -205,9 +205,7 @@ def _run_diff(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
             if row.changes and (kind == "any" or any(str(c.kind) == kind for c in row.changes))
         ]
         if rows:
-            names = [
-                (row.source or row.export).name for row in rows if (row.source or row.export) is not None
-            ]  # type: ignore[union-attr]
+            names = [row.name for row in rows]
             shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
             messages.append(
                 f"{source.path} -> {export.path}: {len(rows)} layer(s) changed (--fail-on-change {kind}): {shown}"

@@ -70,6 +70,12 @@ class LayerDiff:
     matched_by: MatchedBy | None
     changes: tuple[Change, ...]
 
+    @property
+    def name(self) -> str:
+        """The source layer's name, or the export's for a layer found in the export only."""
+        layer = self.source if self.source is not None else self.export
+        return layer.name if layer is not None else ""
+
 
 @dataclass(frozen=True)
 class DiffSummary:
