@@ -72,6 +72,9 @@ def _build_inspect_parser() -> argparse.ArgumentParser:
             "pickle references code-running callables (unsafe); repeat or comma-separate for several"
         ),
     )
+    parser.add_argument(
+        "--output", "-o", metavar="FILE", help="write the report to FILE instead of standard output"
+    )
     parser.add_argument("--version", action="version", version=f"biasinspect {__version__}")
     return parser
 
@@ -159,6 +162,9 @@ def _build_diff_parser() -> argparse.ArgumentParser:
             "weight_shape, only_source, only_export, or any; repeat or comma-separate for several"
         ),
     )
+    parser.add_argument(
+        "--output", "-o", metavar="FILE", help="write the report to FILE instead of standard output"
+    )
     return parser
 
 
@@ -191,11 +197,7 @@ def _run_diff(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
                 f"biasinspect: note: {display_path(path)} holds {len(models)} weight sets; "
                 f"compared the first ({models[0].location or 'top level'})\n"
             )
-    try:
-        stdout.write(render_diff(diff, args.format))
-        stdout.flush()
-    except BrokenPipeError:
-        _silence(stdout)
+    _emit(render_diff(diff, args.format), args.output, stdout)
     kinds = {kind for group in args.fail_on_change for kind in group}
     messages = []
     for kind in sorted(kinds):
@@ -260,12 +262,7 @@ def _run_inspect(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
     allow_light_onnx_import()  # this process is ours: skip the parts of `import onnx` we never use
     kinds = {kind for group in args.fail_on for kind in group}
     report = inspect_paths_for_cli(args.paths)
-    try:
-        stdout.write(render(report, args.format))
-        stdout.flush()
-    except BrokenPipeError:
-        # The reader of stdout went away (`| head`): the exit code and the error lines still matter.
-        _silence(stdout)
+    _emit(render(report, args.format), args.output, stdout)
     for failure in report.errors:
         stderr.write(f"biasinspect: {display_path(failure.path)}: {failure.message}\n")
     policy_messages = _policy_failures(report, kinds)
@@ -274,6 +271,23 @@ def _run_inspect(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
     if report.errors:
         return EXIT_INPUT
     return EXIT_POLICY if policy_messages else EXIT_OK
+
+
+def _emit(text: str, output: str | None, stdout: TextIO) -> None:
+    """Write a rendered report to ``output`` (a file) or to standard output."""
+    if output is not None:
+        try:
+            with open(output, "w", encoding="utf-8") as handle:
+                handle.write(text)
+        except OSError as error:
+            raise UsageError(f"cannot write --output {output}: {error.strerror or error}") from error
+        return
+    try:
+        stdout.write(text)
+        stdout.flush()
+    except BrokenPipeError:
+        # The reader of stdout went away (`| head`): the exit code and the error lines still matter.
+        _silence(stdout)
 
 
 def _silence(stream: TextIO) -> None:

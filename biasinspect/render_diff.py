@@ -13,7 +13,7 @@ from biasinspect.diff import DiffReport, LayerDiff
 from biasinspect.model import ConvLayer
 from biasinspect.render import layer_to_json
 
-DIFF_FORMATS = ("table", "markdown", "json")
+DIFF_FORMATS = ("table", "markdown", "json", "html")
 
 _HEADERS = ("source layer", "export layer", "matched by", "source bias", "export bias", "changes")
 
@@ -102,8 +102,32 @@ def diff_to_json(report: DiffReport) -> dict[str, Any]:
     }
 
 
+def diff_html(report: DiffReport) -> str:
+    """The diff as a self-contained HTML page: the summary and one table row per layer pair,
+    changed rows highlighted."""
+    from html import escape
+
+    from biasinspect.render_html import page
+
+    rows = []
+    for row in report.layers:
+        cells = "".join(f"<td>{escape(text)}</td>" for text in _row(row))
+        rows.append(f'<tr class="{"changed" if row.changes else "same"}">{cells}</tr>')
+    head = "".join(f"<th>{escape(h)}</th>" for h in _HEADERS)
+    notes = "".join(f'<p class="warn">note: {escape(note)}</p>' for note in report.notes)
+    body = (
+        f"<h1>biasinspect diff</h1><h2>{escape(report.source.path)} ({escape(report.source.format)}) -&gt; "
+        f"{escape(report.export.path)} ({escape(report.export.format)})</h2>"
+        f'<p class="totals">{escape(summary_sentence(report))}</p>{notes}'
+        f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+    return page("biasinspect diff", body)
+
+
 def render_diff(report: DiffReport, fmt: str) -> str:
-    """Render a diff as ``table``, ``markdown`` or ``json``."""
+    """Render a diff as ``table``, ``markdown``, ``json`` or ``html``."""
+    if fmt == "html":
+        return diff_html(report)
     if fmt == "json":
         return json.dumps(diff_to_json(report), indent=2) + "\n"
     if fmt == "markdown":
