@@ -98,6 +98,18 @@ class DiffReport:
     summary: DiffSummary
     notes: tuple[str, ...] = ()
 
+    def _repr_html_(self) -> str:
+        """Jupyter: the diff's HTML form."""
+        from biasinspect.render_diff import render_diff
+
+        return render_diff(self, "html")
+
+    def _repr_markdown_(self) -> str:
+        """Jupyter: the diff as markdown."""
+        from biasinspect.render_diff import render_diff
+
+        return render_diff(self, "markdown")
+
 
 _OP_COMPONENT = re.compile(r"^[A-Z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)*$")
 """An exporter's op name at the end of a node path (``Conv``, ``ConvTranspose_3``, and

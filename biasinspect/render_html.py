@@ -33,17 +33,19 @@ _PLOT_WIDTH = 560
 _TOP = 34
 
 _STYLE = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 24px; color: #222; }
-h1 { font-size: 20px; } h2 { font-size: 16px; margin-top: 32px; word-break: break-all; }
-table { border-collapse: collapse; font-size: 12px; margin-top: 12px; }
-th, td { border-bottom: 1px solid #ddd; padding: 3px 8px; text-align: left; white-space: nowrap; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.chart { border: 1px solid #eee; display: inline-block; }
+.biasinspect { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 24px; color: #222; }
+.biasinspect h1 { font-size: 20px; } .biasinspect h2 { font-size: 16px; margin-top: 32px; word-break: break-all; }
+.biasinspect table { border-collapse: collapse; font-size: 12px; margin-top: 12px; }
+.biasinspect th, .biasinspect td { border-bottom: 1px solid #ddd; padding: 3px 8px; text-align: left; white-space: nowrap; }
+.biasinspect td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.biasinspect .chart { border: 1px solid #eee; display: inline-block; }
 /* Darker than the bar colours, for contrast on white. */
-.kind-tied { color: #17609a; } .kind-untied { color: #a51d1e; } .kind-absent { color: #6b4237; }
-.kind-other { color: #b35806; } .changed { background: #fff3e0; }
-.totals { font-weight: 600; } .warn { color: #8a6d3b; font-size: 12px; } .errors { color: #b00020; }
+.biasinspect .kind-tied { color: #17609a; } .biasinspect .kind-untied { color: #a51d1e; } .biasinspect .kind-absent { color: #6b4237; }
+.biasinspect .kind-other { color: #b35806; } .biasinspect .changed { background: #fff3e0; }
+.biasinspect .totals { font-weight: 600; } .biasinspect .warn { color: #8a6d3b; font-size: 12px; } .biasinspect .errors { color: #b00020; }
 """
+"""Every rule is scoped to ``.biasinspect`` so that the fragment shown in a notebook leaves the
+notebook's own styles alone."""
 
 
 def _log_x(value: int, decades: int) -> float:
@@ -52,7 +54,9 @@ def _log_x(value: int, decades: int) -> float:
 
 def chart_svg(layers: tuple[ConvLayer, ...]) -> str:
     """The per-layer chart of one model as an inline SVG element."""
-    largest = max([layer.weight_params or 1 for layer in layers] + [layer.bias.params or 1 for layer in layers] + [10])
+    largest = max(
+        [layer.weight_params or 1 for layer in layers] + [layer.bias.params or 1 for layer in layers] + [10]
+    )
     decades = max(1, math.ceil(math.log10(largest)))
     height = _TOP + _ROW * len(layers) + 8
     width = _LABEL_WIDTH + _PLOT_WIDTH + 20
@@ -143,7 +147,7 @@ def _layer_table(model: ModelReport) -> str:
 def _model_section(model: ModelReport) -> str:
     where = f" [{model.location}]" if model.location else ""
     parts = [
-        f"<section class=\"model\"><h2>{escape(model.path + where)} ({escape(model.format)})</h2>",
+        f'<section class="model"><h2>{escape(model.path + where)} ({escape(model.format)})</h2>',
         f'<p class="totals">{escape(totals_sentence(model.totals))}</p>',
         f"<p>conv weights {escape(format_count(model.totals.conv_weight_params))}, conv biases "
         f"{escape(format_count(model.totals.conv_bias_params))}, model parameters "
@@ -160,23 +164,34 @@ def _model_section(model: ModelReport) -> str:
 def page(title: str, body: str) -> str:
     """A complete, self-contained HTML document."""
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; style-src \'unsafe-inline\'; '
-        "img-src data:\">"
-        f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body>{body}</body></html>\n"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; "
+        'img-src data:">'
+        f"<title>{escape(title)}</title><style>{_STYLE}</style></head>"
+        f'<body><div class="biasinspect">{body}</div></body></html>\n'
     )
 
 
-def render_html(report: Report) -> str:
-    """The inspect report as a self-contained HTML page."""
-    body = ["<h1>biasinspect report</h1>"]
-    body.extend(_model_section(model) for model in report.models)
+def _report_body(report: Report) -> str:
+    body = [_model_section(model) for model in report.models]
     if report.errors:
         items = "".join(
             f"<li>{escape(failure.path)}: {escape(failure.message)}</li>" for failure in report.errors
         )
-        body.append(f'<section class="errors"><h2>Files that could not be inspected</h2><ul>{items}</ul></section>')
-    return page("biasinspect report", "".join(body))
+        body.append(
+            f'<section class="errors"><h2>Files that could not be inspected</h2><ul>{items}</ul></section>'
+        )
+    return "".join(body)
 
 
-__all__ = ["KIND_COLOURS", "WEIGHT_COLOUR", "chart_svg", "page", "render_html"]
+def render_html_fragment(report: Report) -> str:
+    """The report as an HTML fragment with its scoped styles (for notebooks)."""
+    return f'<div class="biasinspect"><style>{_STYLE}</style>{_report_body(report)}</div>'
+
+
+def render_html(report: Report) -> str:
+    """The inspect report as a self-contained HTML page."""
+    return page("biasinspect report", "<h1>biasinspect report</h1>" + _report_body(report))
+
+
+__all__ = ["KIND_COLOURS", "WEIGHT_COLOUR", "chart_svg", "page", "render_html", "render_html_fragment"]

@@ -15,8 +15,8 @@ from onnx import helper
 from PIL import Image
 
 from biasinspect.cli import main
-from biasinspect.render_html import KIND_COLOURS, WEIGHT_COLOUR
 from biasinspect.model import BiasKind
+from biasinspect.render_html import KIND_COLOURS, WEIGHT_COLOUR
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -43,7 +43,9 @@ def _chain(path: Path, kinds: list[str]) -> None:
         if kind == "tied":
             inits.append(helper.make_tensor(f"b{index}", onnx.TensorProto.FLOAT, [4], [0.0] * 4))
             inputs.append(f"b{index}")
-        nodes.append(helper.make_node("Conv", inputs, [f"c{index}"], name=f"layer{index:03d}", pads=[1, 1, 1, 1]))
+        nodes.append(
+            helper.make_node("Conv", inputs, [f"c{index}"], name=f"layer{index:03d}", pads=[1, 1, 1, 1])
+        )
         previous = f"c{index}"
         if kind == "untied":
             inits.append(helper.make_tensor(f"u{index}", onnx.TensorProto.FLOAT, [4, 8, 8], [0.0] * 256))
@@ -120,7 +122,13 @@ def test_names_from_files_are_escaped(tmp_path):
 def test_diff_html_in_the_browser(tmp_path):
     page = tmp_path / "diff.html"
     code, _out, err = run(
-        "diff", str(SAMPLES / "seed_untied.onnx"), str(SAMPLES / "seed_tied.onnx"), "-f", "html", "-o", str(page)
+        "diff",
+        str(SAMPLES / "seed_untied.onnx"),
+        str(SAMPLES / "seed_tied.onnx"),
+        "-f",
+        "html",
+        "-o",
+        str(page),
     )
     assert (code, err) == (0, "")
     dom = _browser(page, "--dump-dom").stdout.decode()

@@ -17,7 +17,9 @@ SAMPLES = REPO_ROOT / "samples"
 def _git(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}  # fmt: skip
-    return subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    return subprocess.run(
+        ["git", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,9 @@ def hook_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("hook-repo")
     for name in ("pyproject.toml", "README.md", ".pre-commit-hooks.yaml"):
         shutil.copy2(REPO_ROOT / name, repo / name)
-    shutil.copytree(REPO_ROOT / "biasinspect", repo / "biasinspect", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO_ROOT / "biasinspect", repo / "biasinspect", ignore=shutil.ignore_patterns("__pycache__")
+    )
     assert _git(repo, "init", "-q").returncode == 0
     assert _git(repo, "add", "-A").returncode == 0
     assert _git(repo, "commit", "-qm", "hook").returncode == 0
@@ -44,7 +48,9 @@ def test_commit_of_an_untied_model_is_blocked_and_a_clean_one_passes(hook_repo, 
     )
     env = {**os.environ, "PRE_COMMIT_HOME": str(tmp_path / "cache")}
     pre_commit = [sys.executable, "-m", "pre_commit"]
-    installed = subprocess.run([*pre_commit, "install"], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    installed = subprocess.run(
+        [*pre_commit, "install"], cwd=project, env=env, capture_output=True, text=True, timeout=300
+    )
     assert installed.returncode == 0, installed.stderr
 
     shutil.copy2(SAMPLES / "seed_tied.onnx", project / "clean.onnx")
