@@ -8,7 +8,8 @@ Library use::
         for layer in model.layers:
             print(layer.name, layer.bias.kind, layer.formula)
 
-Nothing heavy is imported here: onnx is imported only when an ONNX file is read, and torch never.
+Nothing heavy is imported here: onnx is imported only when an ONNX file is read, and torch only by
+:func:`inspect_module` (a live module: the caller's own object).
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     import os
+    from collections.abc import Sequence
+    from typing import Any
 
-    from biasinspect.model import Report
+    from biasinspect.diff import DiffReport
+    from biasinspect.model import ModelReport, Report
 
-__all__ = ["__version__", "inspect"]
+__all__ = ["__version__", "diff", "inspect", "inspect_module"]
 
 
 def inspect(*paths: str | os.PathLike[str]) -> Report:
@@ -30,3 +34,28 @@ def inspect(*paths: str | os.PathLike[str]) -> Report:
     from biasinspect.api import inspect as _inspect
 
     return _inspect(*paths)
+
+
+def inspect_module(module: Any, input_size: Sequence[int] | None = None) -> ModelReport:
+    """Inspect a live ``torch.nn.Module``; see :func:`biasinspect.live.inspect_module`."""
+    from biasinspect.live import inspect_module as _inspect_module
+
+    return _inspect_module(module, input_size)
+
+
+def diff(source: str | os.PathLike[str], export: str | os.PathLike[str]) -> DiffReport:
+    """Compare the conv layers of two model files (the first weight set of each); raises a
+    :class:`~biasinspect.errors.BiasInspectError` when either cannot be inspected."""
+    from pathlib import Path
+
+    from biasinspect.api import inspect_file
+    from biasinspect.diff import diff_models
+    from biasinspect.errors import UnsupportedFormatError
+
+    sides = []
+    for path in (source, export):
+        models = inspect_file(Path(path))
+        if not models:
+            raise UnsupportedFormatError(f"{path}: no model found")
+        sides.append(models[0])
+    return diff_models(sides[0], sides[1])

@@ -72,6 +72,9 @@ def _build_inspect_parser() -> argparse.ArgumentParser:
             "pickle references code-running callables (unsafe); repeat or comma-separate for several"
         ),
     )
+    parser.add_argument(
+        "--output", "-o", metavar="FILE", help="write the report to FILE instead of standard output"
+    )
     parser.add_argument("--version", action="version", version=f"biasinspect {__version__}")
     return parser
 
@@ -116,6 +119,102 @@ def _build_calc_parser() -> argparse.ArgumentParser:
     parser.add_argument("--groups", type=int, default=1, metavar="G", help="groups (1)")
     parser.add_argument("--format", "-f", choices=OUTPUT_FORMATS, default="table", help="output format")
     return parser
+
+
+DIFF_CHANGE_KINDS = ("kind", "params", "weight_shape", "only_source", "only_export", "any")
+
+
+def _split_change_kinds(value: str) -> list[str]:
+    kinds = [part.strip().lower() for part in value.split(",") if part.strip()]
+    unknown = [kind for kind in kinds if kind not in DIFF_CHANGE_KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"invalid change {', '.join(unknown) or repr(value)} (choose from {', '.join(DIFF_CHANGE_KINDS)})"
+        )
+    return kinds
+
+
+def _build_diff_parser() -> argparse.ArgumentParser:
+    from biasinspect.render_diff import DIFF_FORMATS
+
+    parser = _ArgumentParser(
+        prog="biasinspect diff",
+        description=(
+            "Compare the conv layers of two models (e.g. a checkpoint and its export, or a model and its "
+            "quantized copy): bias kinds, bias parameters and weight shapes, layer by layer. Layers are matched "
+            "by module path, then by order and weight geometry (marked 'order')."
+        ),
+        epilog="Exit codes: 0 ok, 1 a --fail-on-change policy matched, 2 a file could not be inspected or bad usage.",
+    )
+    parser.add_argument("source", metavar="SOURCE", help="the original model (any supported format)")
+    parser.add_argument("export", metavar="EXPORT", help="the exported or converted model")
+    parser.add_argument(
+        "--format", "-f", choices=DIFF_FORMATS, default="table", help="output format (default: table)"
+    )
+    parser.add_argument(
+        "--fail-on-change",
+        action="append",
+        type=_split_change_kinds,
+        default=[],
+        metavar="CHANGE",
+        help=(
+            "exit 1 after the report when a layer has this change: kind (bias kind changed), params, "
+            "weight_shape, only_source, only_export, or any; repeat or comma-separate for several"
+        ),
+    )
+    parser.add_argument(
+        "--output", "-o", metavar="FILE", help="write the report to FILE instead of standard output"
+    )
+    return parser
+
+
+def _run_diff(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
+    from biasinspect.api import inspect_paths_for_cli
+    from biasinspect.diff import diff_models
+    from biasinspect.readers.onnx_reader import allow_light_onnx_import
+    from biasinspect.render_diff import render_diff
+
+    args = _build_diff_parser().parse_args(list(argv))
+    allow_light_onnx_import()
+    sides = []
+    failed = False
+    for path in (args.source, args.export):
+        report = inspect_paths_for_cli([path])
+        for failure in report.errors:
+            stderr.write(f"biasinspect: {display_path(failure.path)}: {failure.message}\n")
+            failed = True
+        if not report.errors and not report.models:
+            stderr.write(f"biasinspect: {display_path(path)}: no model found\n")
+            failed = True
+        sides.append(report.models)
+    if failed:
+        return EXIT_INPUT
+    source, export = sides[0][0], sides[1][0]
+    diff = diff_models(source, export)
+    for models, path in zip(sides, (args.source, args.export), strict=True):
+        if len(models) > 1:
+            stderr.write(
+                f"biasinspect: note: {display_path(path)} holds {len(models)} weight sets; "
+                f"compared the first ({models[0].location or 'top level'})\n"
+            )
+    _emit(render_diff(diff, args.format), args.output, stdout)
+    kinds = {kind for group in args.fail_on_change for kind in group}
+    messages = []
+    for kind in sorted(kinds):
+        rows = [
+            row
+            for row in diff.layers
+            if row.changes and (kind == "any" or any(str(c.kind) == kind for c in row.changes))
+        ]
+        if rows:
+            names = [row.name for row in rows]
+            shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+            messages.append(
+                f"{source.path} -> {export.path}: {len(rows)} layer(s) changed (--fail-on-change {kind}): {shown}"
+            )
+    for message in messages:
+        stderr.write(f"biasinspect: policy: {display_path(message)}\n")
+    return EXIT_POLICY if messages else EXIT_OK
 
 
 def _run_calc(argv: Sequence[str], stdout: TextIO) -> int:
@@ -163,12 +262,7 @@ def _run_inspect(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
     allow_light_onnx_import()  # this process is ours: skip the parts of `import onnx` we never use
     kinds = {kind for group in args.fail_on for kind in group}
     report = inspect_paths_for_cli(args.paths)
-    try:
-        stdout.write(render(report, args.format))
-        stdout.flush()
-    except BrokenPipeError:
-        # The reader of stdout went away (`| head`): the exit code and the error lines still matter.
-        _silence(stdout)
+    _emit(render(report, args.format), args.output, stdout)
     for failure in report.errors:
         stderr.write(f"biasinspect: {display_path(failure.path)}: {failure.message}\n")
     policy_messages = _policy_failures(report, kinds)
@@ -177,6 +271,23 @@ def _run_inspect(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
     if report.errors:
         return EXIT_INPUT
     return EXIT_POLICY if policy_messages else EXIT_OK
+
+
+def _emit(text: str, output: str | None, stdout: TextIO) -> None:
+    """Write a rendered report to ``output`` (a file) or to standard output."""
+    if output is not None:
+        try:
+            with open(output, "w", encoding="utf-8") as handle:
+                handle.write(text)
+        except OSError as error:
+            raise UsageError(f"cannot write --output {output}: {error.strerror or error}") from error
+        return
+    try:
+        stdout.write(text)
+        stdout.flush()
+    except BrokenPipeError:
+        # The reader of stdout went away (`| head`): the exit code and the error lines still matter.
+        _silence(stdout)
 
 
 def _silence(stream: TextIO) -> None:
@@ -200,6 +311,8 @@ def main(
     try:
         if arguments and arguments[0] == "calc":
             return _run_calc(arguments[1:], out)
+        if arguments and arguments[0] == "diff":
+            return _run_diff(arguments[1:], out, err)
         return _run_inspect(arguments, out, err)
     except UsageError as error:
         err.write(f"biasinspect: error: {error}\n")

@@ -167,6 +167,14 @@ class ModelReport:
     location: str | None = None
     unsafe_callables: tuple[str, ...] = ()
 
+    def _repr_html_(self) -> str:
+        """Jupyter: the model's totals, chart and table."""
+        return Report(models=(self,))._repr_html_()
+
+    def _repr_markdown_(self) -> str:
+        """Jupyter: the model as a markdown table."""
+        return Report(models=(self,))._repr_markdown_()
+
 
 @dataclass(frozen=True)
 class InspectionFailure:
@@ -182,3 +190,15 @@ class Report:
 
     models: tuple[ModelReport, ...] = ()
     errors: tuple[InspectionFailure, ...] = ()
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the HTML report as a fragment (styles scoped to it)."""
+        from biasinspect.render_html import render_html_fragment
+
+        return render_html_fragment(self)
+
+    def _repr_markdown_(self) -> str:
+        """Jupyter: the markdown report."""
+        from biasinspect.render import render
+
+        return render(self, "markdown")

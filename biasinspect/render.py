@@ -1,4 +1,4 @@
-"""Rendering of reports: a text table (default), markdown, CSV and JSON.
+"""Rendering of reports: a text table (default), markdown, CSV, JSON and HTML (:mod:`biasinspect.render_html`).
 
 JSON is a public contract (see README, "JSON report"): keys are only ever added.
 """
@@ -15,7 +15,7 @@ from biasinspect import __version__
 from biasinspect.analysis import CalcResult, format_count, format_dims, format_shape, totals_sentence
 from biasinspect.model import BiasTerm, ConvLayer, MaybeShape, ModelReport, Report
 
-FORMATS = ("table", "markdown", "csv", "json")
+FORMATS = ("table", "markdown", "csv", "json", "html")
 
 _TABLE_HEADERS = (
     "layer", "op", "in", "out", "groups", "kernel", "output", "weights",
@@ -228,6 +228,10 @@ def _csv_value(value: int | None) -> str:
 
 def render(report: Report, fmt: str) -> str:
     """Render in one of :data:`FORMATS`."""
+    if fmt == "html":
+        from biasinspect.render_html import render_html
+
+        return render_html(report)
     renderers = {"table": render_table, "markdown": render_markdown, "csv": render_csv, "json": render_json}
     return renderers[fmt](report)
 
