@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from biasinspect.diff import DiffReport
     from biasinspect.model import ModelReport, Report
 
-__all__ = ["__version__", "diff", "inspect", "inspect_module"]
+__all__ = ["__version__", "compare", "inspect", "inspect_module"]
 
 
 def inspect(*paths: str | os.PathLike[str]) -> Report:
@@ -43,7 +43,7 @@ def inspect_module(module: Any, input_size: Sequence[int] | None = None) -> Mode
     return _inspect_module(module, input_size)
 
 
-def diff(source: str | os.PathLike[str], export: str | os.PathLike[str]) -> DiffReport:
+def compare(source: str | os.PathLike[str], export: str | os.PathLike[str]) -> DiffReport:
     """Compare the conv layers of two model files (the first weight set of each); raises a
     :class:`~biasinspect.errors.BiasInspectError` when either cannot be inspected."""
     from pathlib import Path

@@ -84,6 +84,6 @@ def test_notebook_representations():
     assert html.count('<g class="layer"') == 1
     assert report._repr_markdown_() == render(report, "markdown")
     assert report.models[0]._repr_markdown_() == render(Report(models=report.models), "markdown")
-    diff = biasinspect.diff(SAMPLES / "seed_untied.onnx", SAMPLES / "seed_tied.onnx")
+    diff = biasinspect.compare(SAMPLES / "seed_untied.onnx", SAMPLES / "seed_tied.onnx")
     assert "1 matched, 1 changed" in diff._repr_markdown_()
     assert "<!DOCTYPE html>" in diff._repr_html_()
