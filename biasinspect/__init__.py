@@ -9,14 +9,16 @@ Library use::
             print(layer.name, layer.bias.kind, layer.formula)
 
 Nothing heavy is imported here: onnx is imported only when an ONNX file is read, and torch never.
+
+This module runs no import statement at all, not even ``from __future__``: under
+``python -m biasinspect`` it is imported before ``__main__`` can take the current folder off
+``sys.path``, so any module it imported could be a planted ``typing.py`` or ``__future__.py`` in
+the model folder the command is run from.
 """
-
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+TYPE_CHECKING = False  # mypy treats any name TYPE_CHECKING as true; typing is not imported
 if TYPE_CHECKING:
     import os
 
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["__version__", "inspect"]
 
 
-def inspect(*paths: str | os.PathLike[str]) -> Report:
+def inspect(*paths: "str | os.PathLike[str]") -> "Report":
     """Inspect model files or folders; see :func:`biasinspect.api.inspect`."""
     from biasinspect.api import inspect as _inspect
 

@@ -1,0 +1,124 @@
+"""Security of the command line and folder scans (issue 8): what runs, what is opened, what is printed.
+
+* ``python -m biasinspect`` run from inside a model folder imports nothing from that folder;
+* a folder scan does not follow links that leave the folder, and no message quotes file bytes;
+* read -> analyse -> render of one file is one guarded step: a bug there is that file's line;
+* an ONNX model's external data file is skipped only when it is not itself a model;
+* files are opened without blocking and checked on the open descriptor (no stat-then-open);
+* control characters from files and paths never reach the terminal raw.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from biasinspect.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "samples"
+
+
+def run(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+# --- 1. python -m biasinspect imports nothing from the current folder ------------------------
+
+PLANTED_MODULES = (
+    # run-time dependencies and what they import
+    "tabulate", "onnx", "numpy", "google", "typing_extensions", "wcwidth",
+    # stdlib modules not loaded at interpreter start-up, imported by biasinspect or its deps later
+    "__future__", "typing", "json", "csv", "argparse", "struct", "zlib", "mmap", "dataclasses",
+    "enum", "pathlib", "ast", "zipfile", "re", "errno", "math", "textwrap", "stat", "io", "os",
+)  # fmt: skip
+"""Names planted in the working folder; each would drop a marker file when imported.
+
+Not planted: what Python's own ``runpy`` imports for ``-m`` before any biasinspect code runs
+(``importlib``, ``warnings``, ``contextlib``...); nothing in a package can prevent that, which is
+why the README recommends the console script or ``python -P -m`` in untrusted folders."""
+
+
+def _plant(folder: Path, name: str, marker: Path) -> None:
+    body = f"open({str(marker)!r}, 'a').write({name!r} + '\\n')\n"
+    if name in ("onnx", "numpy", "google"):
+        package = folder / name
+        package.mkdir()
+        (package / "__init__.py").write_text(body)
+        if name == "google":
+            (package / "protobuf").mkdir()
+            (package / "protobuf" / "__init__.py").write_text(body)
+    else:
+        (folder / f"{name}.py").write_text(body)
+
+
+@pytest.mark.timeout(120)
+def test_module_entry_point_imports_nothing_from_the_working_folder(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    for sample in ("seed_untied.onnx", "seed_tied.safetensors", "small_cnn.pt"):
+        shutil.copy(SAMPLES / sample, models / sample)
+    marker = tmp_path / "IMPORTED-FROM-CWD"
+    for name in PLANTED_MODULES:
+        _plant(models, name, marker)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("PYTHONSAFEPATH", None)
+    outputs = {}
+    for fmt in ("table", "csv", "json", "markdown"):
+        result = subprocess.run(
+            [sys.executable, "-m", "biasinspect", ".", "-f", fmt],
+            cwd=models,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert not marker.exists(), marker.read_text()
+        assert (result.returncode, result.stderr) == (0, ""), result.stderr
+        outputs[fmt] = result.stdout
+    assert "seed_untied.onnx (onnx)\n" in outputs["table"]
+    assert "3x5x5 x 32 + 32x28x28 = 27,488" in outputs["table"]
+    rows = list(csv.DictReader(io.StringIO(outputs["csv"])))
+    assert sorted({row["path"] for row in rows}) == [
+        "seed_tied.safetensors",
+        "seed_untied.onnx",
+        "small_cnn.pt",
+    ]
+    report = json.loads(outputs["json"])
+    assert [model["path"] for model in report["models"]] == [
+        "seed_tied.safetensors",
+        "seed_untied.onnx",
+        "small_cnn.pt",
+    ]
+    assert report["errors"] == []
+    calc = subprocess.run(
+        [sys.executable, "-m", "biasinspect", "calc", "--input", "3x32x32", "--filters", "32x5x5"],
+        cwd=models,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert not marker.exists(), marker.read_text()
+    assert calc.returncode == 0 and "27,488" in calc.stdout
+
+
+def test_package_init_runs_no_import_statement() -> None:
+    # runpy imports biasinspect/__init__.py before __main__ can clean sys.path.
+    import ast
+
+    tree = ast.parse((REPO / "biasinspect" / "__init__.py").read_text())
+    top_level_imports = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    assert top_level_imports == []
