@@ -1,7 +1,7 @@
 """Which reader a file needs, decided from its first bytes (the name only breaks ties).
 
 Also: finding model files in folders.  Nothing here parses a model; it opens a file only to read
-its first bytes, and never opens anything that is not a regular file (a FIFO would block).
+its first bytes, without blocking, and reads nothing from what is not a regular file.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from biasinspect.errors import BiasInspectError, UnreadableFileError, UnsupportedFormatError
 from biasinspect.limits import MAX_SAFETENSORS_HEADER_BYTES, MAX_SCAN_FILES
-from biasinspect.readers.files import check_file_mode, unreadable
+from biasinspect.readers.files import open_regular_file
 
 
 class FileFormat(str, enum.Enum):
@@ -74,28 +74,17 @@ _OTHER_MAGIC = (
 _SNIFF_BYTES = 512
 
 
-def check_regular_file(path: Path) -> os.stat_result:
-    """stat ``path`` and insist on a regular file; never opens it."""
-    try:
-        info = path.stat()
-    except OSError as error:
-        raise unreadable(error, path) from error
-    except ValueError as error:  # an embedded NUL byte
-        raise UnreadableFileError("invalid path (contains a NUL byte)") from error
-    check_file_mode(info.st_mode)
-    return info
+def read_head(path: Path, count: int = _SNIFF_BYTES) -> tuple[bytes, int]:
+    """The first ``count`` bytes of a regular file, and its size.
 
-
-def read_head(path: Path, count: int = _SNIFF_BYTES) -> bytes:
-    """The first ``count`` bytes of a regular file."""
-    check_regular_file(path)
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(count)
-    except PermissionError as error:
-        raise UnreadableFileError("permission denied") from error
-    except OSError as error:
-        raise UnreadableFileError(f"cannot read: {error.strerror or error}") from error
+    The file is opened without blocking and checked on the open descriptor (never stat-then-open:
+    a FIFO swapped in between the two would block the run forever).
+    """
+    with open_regular_file(path) as handle:
+        try:
+            return handle.read(count), os.fstat(handle.fileno()).st_size
+        except OSError as error:
+            raise UnreadableFileError(f"cannot read: {error.strerror or error}") from error
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -120,17 +109,16 @@ def sniff(path: Path) -> FileFormat:
     """Decide a file's container format from its content; the name breaks ties only."""
     name = path.name.lower()
     if name.endswith(INDEX_SUFFIXES):
-        check_regular_file(path)
-        return FileFormat.SHARD_INDEX
-    info = check_regular_file(path)
-    head = read_head(path)
+        with open_regular_file(path):
+            return FileFormat.SHARD_INDEX
+    head, size = read_head(path)
     if not head:
         raise UnsupportedFormatError("empty file (0 bytes)")
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return FileFormat.ZIP
     # safetensors first: a header length of 640, 896, 1152 or 1408 (mod 65536) starts with the
     # bytes of a pickle PROTO opcode, while no pickle has a '{' at byte 8 after a plausible length.
-    if _safetensors_header_plausible(head, info.st_size):
+    if _safetensors_header_plausible(head, size):
         return FileFormat.SAFETENSORS
     if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
         return FileFormat.PICKLE
