@@ -225,3 +225,133 @@ def test_every_file_is_opened_through_open_regular_file() -> None:
             if (relative, name) not in _ALLOWED_OPENING_CALLS:
                 found.append(f"{relative}:{node.lineno}: {name}(...)")
     assert found == []
+
+
+# --- 9. control characters from files and paths never reach the terminal raw --------------------
+
+HOSTILE_TEXT = "\x1b]0;pwned\x07\x1b[2J\nbiasinspect: other.pt: forged\r\x9b31m\x7f\u202e\u2028\u2029\u2066|x"
+"""ESC sequences (window title, clear screen), BEL, a forged line, CR, C1 CSI, DEL, a bidi override,
+line/paragraph separators, a bidi isolate and a markdown pipe."""
+
+
+def write_safetensors(path: Path, shapes: dict[str, list[int]]) -> None:
+    """A minimal valid safetensors file (float32 zeros) holding tensors of these shapes."""
+    header: dict[str, object] = {}
+    offset = 0
+    for name, shape in shapes.items():
+        size = 4
+        for dim in shape:
+            size *= dim
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(offset))
+
+
+def assert_all_printable(text: str) -> None:
+    for line in text.split("\n"):
+        assert line.isprintable(), repr(line)
+
+
+@pytest.fixture
+def hostile_names(tmp_path: Path) -> Path:
+    path = tmp_path / "model.safetensors"
+    write_safetensors(
+        path,
+        {
+            f"{HOSTILE_TEXT}.weight": [8, 3, 3, 3],
+            f"{HOSTILE_TEXT}.bias": [8],
+            "=HYPERLINK(1).weight": [4, 8, 1, 1],
+        },
+    )
+    return path
+
+
+def test_names_from_a_file_are_escaped_in_the_table(hostile_names: Path) -> None:
+    code, out, err = run(str(hostile_names))
+    assert (code, err) == (0, "")
+    assert_all_printable(out)
+    assert "\\x1b]0;pwned\\x07\\x1b[2J\\nbiasinspect: other.pt: forged\\r\\x9b31m\\x7f\\u202e\\u2028" in out
+    assert not any(line.startswith("biasinspect:") for line in out.splitlines())
+
+
+def test_names_from_a_file_are_escaped_in_markdown(hostile_names: Path) -> None:
+    code, out, err = run(str(hostile_names), "-f", "markdown")
+    assert (code, err) == (0, "")
+    assert_all_printable(out)
+    rows = [line for line in out.splitlines() if line.startswith("|")]
+    header_columns = rows[0].count("|")
+    # A pipe in a name is escaped, so every row has the header's number of column separators.
+    assert [row.replace("\\|", "").count("|") for row in rows] == [header_columns] * len(rows)
+    assert "\\u2066\\|x" in out
+
+
+def test_names_from_a_file_are_escaped_in_csv(hostile_names: Path) -> None:
+    code, out, err = run(str(hostile_names), "-f", "csv")
+    assert (code, err) == (0, "")
+    assert_all_printable(out)
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == 2
+    names = sorted(row["layer"] for row in rows)
+    assert names[0] == "'=HYPERLINK(1)"  # never a spreadsheet formula
+    assert names[1].startswith("\\x1b]0;pwned\\x07")
+
+
+def test_json_keeps_names_exact(hostile_names: Path) -> None:
+    code, out, _ = run(str(hostile_names), "-f", "json")
+    assert code == 0
+    assert out.isascii()
+    names = sorted(layer["name"] for layer in json.loads(out)["models"][0]["layers"])
+    assert names == sorted(["=HYPERLINK(1)", HOSTILE_TEXT])
+
+
+def test_a_file_name_cannot_forge_an_error_line(tmp_path: Path) -> None:
+    bad = tmp_path / "x.onnx\nbiasinspect: other.pt: looks fine\x1b[2K"
+    bad.write_bytes(b"")
+    good = SAMPLES / "seed_tied.onnx"
+    for fmt in ("table", "markdown", "csv"):
+        code, out, err = run(str(bad), str(good), "-f", fmt)
+        assert code == 2
+        assert_all_printable(out)
+        assert err == (
+            f"biasinspect: {tmp_path}/x.onnx\\nbiasinspect: other.pt: looks fine\\x1b[2K: empty file (0 bytes)\n"
+        )
+
+
+def test_a_path_in_a_folder_scan_is_escaped_everywhere(tmp_path: Path) -> None:
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    shutil.copy(SAMPLES / "seed_tied.safetensors", folder / "a\x1b]2;title\x07.safetensors")
+    (folder / "b\u202egnp.pt").write_bytes(b"not a model at all, only text\n")
+    code, out, err = run(str(folder))
+    assert code == 2
+    assert_all_printable(out)
+    assert_all_printable(err.rstrip("\n"))
+    assert f"{folder}/a\\x1b]2;title\\x07.safetensors (safetensors)" in out
+    assert err == f"biasinspect: {folder}/b\\u202egnp.pt: not a model file: the file is text\n"
+    code, out, _ = run(str(folder), "-f", "csv")
+    assert_all_printable(out)
+
+
+def test_a_reason_taken_from_a_file_is_escaped(tmp_path: Path) -> None:
+    # The ONNX reader names the initializer in its reason; the name is the file's, ESC and all.
+    import onnx
+    from onnx import TensorProto, helper
+
+    weight = TensorProto(name=HOSTILE_TEXT, data_type=TensorProto.FLOAT, dims=[-1, 3, 3, 3])
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", HOSTILE_TEXT], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[weight],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    for fmt in ("table", "markdown", "csv"):
+        code, out, err = run(str(path), str(SAMPLES / "seed_tied.onnx"), "-f", fmt)
+        assert code == 2
+        assert_all_printable(out)
+        assert err.count("\n") == 1 and err.startswith(f"biasinspect: {path}: "), err
+        assert_all_printable(err[:-1])
+        assert "\\x1b]0;pwned\\x07" in err
