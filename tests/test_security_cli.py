@@ -355,3 +355,63 @@ def test_a_reason_taken_from_a_file_is_escaped(tmp_path: Path) -> None:
         assert err.count("\n") == 1 and err.startswith(f"biasinspect: {path}: "), err
         assert_all_printable(err[:-1])
         assert "\\x1b]0;pwned\\x07" in err
+
+
+# --- 5. no message carries bytes from a file -------------------------------------------------------
+
+SECRET = bytes(range(0x9A, 0xFA)) + b"hunter2-password-AKIA1234567890"
+"""Stands for the bytes of a file that is not a model (a key, /etc/shadow): high bytes, then text."""
+
+LEAK_PROBES = {
+    # name: (file name, bytes) chosen to reach each reader's first checks
+    "safetensors length": ("a.safetensors", SECRET),
+    "onnx first field": ("b.onnx", b"\x08" + SECRET),
+    "onnx length": ("c.onnx", b"\x3a\xf7\x9d\x01" + SECRET),
+    "onnx anything": ("d.onnx", b"\x9c" + SECRET),
+    "pickle length": ("e.pkl", b"\x80\x02X" + SECRET),
+    "pickle opcode": ("f.pt", b"\x80\x02" + SECRET[5:]),
+    "text pickle length": ("g.pkl", b"(X" + b"hunter2-password\n"),
+    "zip": ("h.pt", b"PK\x03\x04" + SECRET),
+    "zip end": ("i.pt", b"PK\x05\x06" + SECRET),
+    "index": ("j.safetensors.index.json", SECRET),
+}
+
+
+def _leaked_forms(data: bytes) -> list[str]:
+    """Ways bytes of ``data`` could show up in a message: text, hex, integers read from them."""
+    forms = []
+    for start in range(len(data) - 3):
+        chunk = data[start : start + 4]
+        if chunk.isascii() and chunk.decode().isalnum():
+            forms.append(chunk.decode())
+        forms.append(chunk.hex())
+        forms.append(chunk.hex(" "))
+        for width in (2, 4, 8):
+            piece = data[start : start + width]
+            if len(piece) == width:
+                for order in ("little", "big"):
+                    value = int.from_bytes(piece, order)
+                    if value >= 1000:
+                        forms.extend((str(value), f"{value:,}"))
+        varint, shift = 0, 0
+        for byte in data[start : start + 10]:  # a protobuf varint starting here
+            varint |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        if varint >= 1000:
+            forms.extend((str(varint), f"{varint:,}"))
+    return forms
+
+
+@pytest.mark.parametrize("probe", sorted(LEAK_PROBES))
+def test_no_message_quotes_the_bytes_of_a_file(tmp_path: Path, probe: str) -> None:
+    name, data = LEAK_PROBES[probe]
+    path = tmp_path / name
+    path.write_bytes(data)
+    code, out, err = run(str(path), "-f", "json")
+    assert code == 2, out
+    message = json.loads(out)["errors"][0]["message"]
+    assert err == f"biasinspect: {path}: {message}\n"
+    leaked = [form for form in _leaked_forms(data) if form in message]
+    assert leaked == [], message
