@@ -152,13 +152,23 @@ class FoundPath:
     problem: str | None = None
 
 
+LINK_OUTSIDE_PROBLEM = (
+    "symbolic link to a file outside the scanned folder: not followed (name the file itself to read it)"
+)
+"""The one line a folder scan gives for each link it does not follow."""
+
+
 def scan_folder(folder: Path) -> Iterator[FoundPath]:
     """Model files under ``folder``, recursively, in sorted order.
 
-    Symbolic links to files are followed; links to folders are not (so a link loop cannot trap the
-    scan).  Shards covered by an ``*.index.json`` are left to that index.  Unreadable sub-folders
-    are yielded as problems rather than skipped silently.
+    The scan reads only what is inside the folder: a symbolic link to a file is followed only when
+    its target resolves inside ``folder`` (a link to ``/etc/shadow`` named ``model.safetensors``
+    is yielded as a problem, :data:`LINK_OUTSIDE_PROBLEM`, and never opened); links to folders are
+    not followed at all, so a link loop cannot trap the scan.  Dangling links and link loops are
+    yielded as files, so reading them reports them.  Shards covered by an ``*.index.json`` are left
+    to that index.  Unreadable sub-folders are yielded as problems rather than skipped silently.
     """
+    root = os.path.realpath(folder)
     candidates: list[Path] = []
     problems: list[FoundPath] = []
     pending = [folder]
@@ -180,6 +190,9 @@ def scan_folder(folder: Path) -> Iterator[FoundPath]:
                 continue
             lowered = entry.name.lower()
             if lowered.endswith(INDEX_SUFFIXES) or entry_path.suffix.lower() in MODEL_SUFFIXES:
+                if _link_leaves(entry, root):
+                    problems.append(FoundPath(entry_path, LINK_OUTSIDE_PROBLEM))
+                    continue
                 candidates.append(entry_path)
                 if len(candidates) > MAX_SCAN_FILES:
                     problems.append(
@@ -194,7 +207,22 @@ def scan_folder(folder: Path) -> Iterator[FoundPath]:
     for candidate in sorted(candidates):
         if Path(os.path.normpath(candidate)) not in covered:
             yield FoundPath(candidate)
-    yield from problems
+    yield from sorted(problems, key=lambda found: found.path)
+
+
+def _link_leaves(entry: os.DirEntry[str], root: str) -> bool:
+    """Whether ``entry`` is a symbolic link whose target resolves outside ``root``.
+
+    Dangling links and loops resolve (non-strictly) to a path too: inside the folder they are
+    left to the reader, which names them; pointing outside, they are not followed either.
+    """
+    try:
+        if not entry.is_symlink():
+            return False
+        target = os.path.realpath(entry.path)
+    except (OSError, ValueError):
+        return True  # cannot tell where it leads: not followed
+    return os.path.commonpath([root, target]) != root
 
 
 def _shards_of(index_path: Path) -> list[Path]:

@@ -415,3 +415,69 @@ def test_no_message_quotes_the_bytes_of_a_file(tmp_path: Path, probe: str) -> No
     assert err == f"biasinspect: {path}: {message}\n"
     leaked = [form for form in _leaked_forms(data) if form in message]
     assert leaked == [], message
+
+
+# --- 5. a folder scan does not follow links out of the folder ----------------------------------
+
+LINK_OUT = (
+    "symbolic link to a file outside the scanned folder: not followed (name the file itself to read it)"
+)
+
+
+def test_a_folder_scan_does_not_follow_links_out_of_the_folder(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "shadow"
+    secret.write_bytes(SECRET)
+    shutil.copy(SAMPLES / "seed_tied.onnx", outside / "real.onnx")
+    folder = tmp_path / "models"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(SAMPLES / "seed_untied.onnx", folder / "good.onnx")
+    (folder / "leak.safetensors").symlink_to(secret)  # the case
+    (folder / "sub" / "relative.onnx").symlink_to("../../outside/real.onnx")  # a model, but outside
+    (folder / "hop.pt").symlink_to(folder / "sub" / "hop2.pt")  # inside, then out
+    (folder / "sub" / "hop2.pt").symlink_to(secret)
+    (folder / "inside.onnx").symlink_to("good.onnx")  # inside: followed
+    (folder / "dangling.onnx").symlink_to("missing.onnx")
+    (folder / "loop.pt").symlink_to("loop.pt")
+    (folder / "dir-link").symlink_to(outside)  # folders: never followed
+    for fmt in ("table", "csv", "markdown", "json"):
+        code, out, err = run(str(folder), "-f", fmt)
+        assert code == 2
+        assert err.splitlines() == [
+            f"biasinspect: {folder}/dangling.onnx: broken symbolic link",
+            f"biasinspect: {folder}/loop.pt: symbolic link loop",
+            f"biasinspect: {folder}/hop.pt: {LINK_OUT}",
+            f"biasinspect: {folder}/leak.safetensors: {LINK_OUT}",
+            f"biasinspect: {folder}/sub/hop2.pt: {LINK_OUT}",
+            f"biasinspect: {folder}/sub/relative.onnx: {LINK_OUT}",
+        ]
+        leaked = [form for form in _leaked_forms(SECRET) if form in out + err]
+        assert leaked == []
+        assert "real.onnx" not in out
+    models = json.loads(out)["models"]
+    assert [model["path"] for model in models] == [f"{folder}/good.onnx", f"{folder}/inside.onnx"]
+
+
+def test_a_named_link_is_still_read(tmp_path: Path) -> None:
+    # The rule is the scan's: a file named on the command line is read wherever it leads.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(SAMPLES / "seed_untied.onnx", outside / "real.onnx")
+    link = tmp_path / "models" / "model.onnx"
+    link.parent.mkdir()
+    link.symlink_to(outside / "real.onnx")
+    code, out, err = run(str(link))
+    assert (code, err) == (0, "")
+    assert "3x5x5 x 32 + 32x28x28 = 27,488" in out
+
+
+def test_a_scanned_folder_given_through_a_link_keeps_its_own_links(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    shutil.copy(SAMPLES / "seed_untied.onnx", real / "a.onnx")
+    (real / "b.onnx").symlink_to("a.onnx")
+    (tmp_path / "alias").symlink_to(real)
+    code, out, err = run(str(tmp_path / "alias"), "-f", "json")
+    assert (code, err) == (0, "")
+    assert len(json.loads(out)["models"]) == 2
