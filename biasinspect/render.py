@@ -283,6 +283,18 @@ def _csv_value(value: int | None) -> str:
     return "" if value is None else str(value)
 
 
+def check_renderable(model: ModelReport) -> None:
+    """Render one model's rows in every format without keeping them: the dry run that puts
+    rendering inside the per-file guard (:func:`biasinspect.api.inspect` calls it per model), so a
+    value that cannot be rendered is that file's failure, not a traceback ending the batch."""
+    json.dumps(model_to_json(model))
+    model_heading(model)
+    _totals_lines(model)
+    for layer in model.layers:
+        _layer_row(layer, _markdown_cell)
+    render_csv(Report(models=(model,)))
+
+
 def render(report: Report, fmt: str) -> str:
     """Render in one of :data:`FORMATS`."""
     renderers = {"table": render_table, "markdown": render_markdown, "csv": render_csv, "json": render_json}

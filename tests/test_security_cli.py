@@ -481,3 +481,92 @@ def test_a_scanned_folder_given_through_a_link_keeps_its_own_links(tmp_path: Pat
     code, out, err = run(str(tmp_path / "alias"), "-f", "json")
     assert (code, err) == (0, "")
     assert len(json.loads(out)["models"]) == 2
+
+
+# --- 6. read -> analyse -> render is one guarded step per file -----------------------------------
+
+
+def _save_module_with_groups(path: Path, groups: int) -> None:
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3))
+    model[0].groups = groups  # a plain int attribute: torch.save pickles whatever it holds
+    torch.save(model, path)
+
+
+@pytest.mark.parametrize(
+    ("groups", "digits"),
+    [(2**70, "over 2**63 - 1"), (10**5000, "over 2**63 - 1")],
+    ids=["past-int64", "past-str-limit"],
+)
+def test_a_number_no_model_has_is_that_files_one_line(tmp_path: Path, groups: int, digits: str) -> None:
+    # 10**5000 cannot even be printed (str() refuses ints of over 4,300 digits): it used to end
+    # the whole batch in a traceback from the renderer; 2**70 gave a nonsense in_channels.
+    bad = tmp_path / "bad.pt"
+    _save_module_with_groups(bad, groups)
+    good = SAMPLES / "seed_untied.onnx"
+    for fmt in ("table", "markdown", "csv", "json"):
+        code, out, err = run(str(bad), str(good), "-f", fmt)
+        assert code == 2
+        assert (
+            err == f"biasinspect: {bad}: unsupported: the group count of layer '0' is too large ({digits})\n"
+        )
+        assert "27,488" in out or "27488" in out  # the good file is still reported
+
+
+def test_the_library_reports_it_too(tmp_path: Path) -> None:
+    from biasinspect.api import inspect
+
+    bad = tmp_path / "bad.pt"
+    _save_module_with_groups(bad, 10**5000)
+    report = inspect(bad, SAMPLES / "seed_tied.onnx")
+    assert [model.path for model in report.models] == [str(SAMPLES / "seed_tied.onnx")]
+    assert [failure.message for failure in report.errors] == [
+        "unsupported: the group count of layer '0' is too large (over 2**63 - 1)"
+    ]
+
+
+# --- 7. an ONNX model's external data is skipped only when it is not a model ---------------------
+
+CODE_RUNNING_PICKLE = b"\x80\x02cposix\nsystem\nX\x04\x00\x00\x00echo\x85Rh\x09."
+"""REDUCE runs posix.system('echo') under pickle.load; then an undefined memo key makes both the
+inert reader and pickle fail, after the code has run."""
+
+
+def _onnx_with_external_data(folder: Path, location: str) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    weight = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[8, 3, 3, 3])
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(8 * 27 * 4))):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[weight],
+    )
+    path = folder / "model.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+def test_a_model_named_as_external_data_is_still_reported(tmp_path: Path) -> None:
+    _onnx_with_external_data(tmp_path, "weights.bin")
+    (tmp_path / "weights.bin").write_bytes(CODE_RUNNING_PICKLE)
+    code, out, err = run(str(tmp_path), "--fail-on", "unsafe", "-f", "json")
+    assert code == 2
+    assert err == f"biasinspect: {tmp_path}/weights.bin: malformed pickle: memo key 9 is not defined\n"
+    assert [model["path"] for model in json.loads(out)["models"]] == [f"{tmp_path}/model.onnx"]
+
+
+def test_real_external_data_is_still_part_of_its_model(tmp_path: Path) -> None:
+    _onnx_with_external_data(tmp_path, "weights.bin")
+    # Float data whose first byte happens to look like a protobuf field (0x08) is data, not a model.
+    (tmp_path / "weights.bin").write_bytes(b"\x08" + bytes(8 * 27 * 4 - 1))
+    code, out, err = run(str(tmp_path), "-f", "json")
+    assert (code, err) == (0, "")
+    assert [model["path"] for model in json.loads(out)["models"]] == [f"{tmp_path}/model.onnx"]
