@@ -153,7 +153,7 @@ class FoundPath:
 
 
 LINK_OUTSIDE_PROBLEM = (
-    "symbolic link to a file outside the scanned folder: not followed (name the file itself to read it)"
+    "symbolic link leading outside the scanned folder: not followed (name the file itself to read it)"
 )
 """The one line a folder scan gives for each link it does not follow."""
 

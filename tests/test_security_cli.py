@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tree_cases import LINK_OUT, SECRET, leaked_forms, safetensors_bytes
 
 from biasinspect.cli import main
 
@@ -236,16 +237,7 @@ line/paragraph separators, a bidi isolate and a markdown pipe."""
 
 def write_safetensors(path: Path, shapes: dict[str, list[int]]) -> None:
     """A minimal valid safetensors file (float32 zeros) holding tensors of these shapes."""
-    header: dict[str, object] = {}
-    offset = 0
-    for name, shape in shapes.items():
-        size = 4
-        for dim in shape:
-            size *= dim
-        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(offset))
+    path.write_bytes(safetensors_bytes(shapes))
 
 
 def assert_all_printable(text: str) -> None:
@@ -359,9 +351,6 @@ def test_a_reason_taken_from_a_file_is_escaped(tmp_path: Path) -> None:
 
 # --- 5. no message carries bytes from a file -------------------------------------------------------
 
-SECRET = bytes(range(0x9A, 0xFA)) + b"hunter2-password-AKIA1234567890"
-"""Stands for the bytes of a file that is not a model (a key, /etc/shadow): high bytes, then text."""
-
 LEAK_PROBES = {
     # name: (file name, bytes) chosen to reach each reader's first checks
     "safetensors length": ("a.safetensors", SECRET),
@@ -377,33 +366,6 @@ LEAK_PROBES = {
 }
 
 
-def _leaked_forms(data: bytes) -> list[str]:
-    """Ways bytes of ``data`` could show up in a message: text, hex, integers read from them."""
-    forms = []
-    for start in range(len(data) - 3):
-        chunk = data[start : start + 4]
-        if chunk.isascii() and chunk.decode().isalnum():
-            forms.append(chunk.decode())
-        forms.append(chunk.hex())
-        forms.append(chunk.hex(" "))
-        for width in (2, 4, 8):
-            piece = data[start : start + width]
-            if len(piece) == width:
-                for order in ("little", "big"):
-                    value = int.from_bytes(piece, order)
-                    if value >= 1000:
-                        forms.extend((str(value), f"{value:,}"))
-        varint, shift = 0, 0
-        for byte in data[start : start + 10]:  # a protobuf varint starting here
-            varint |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-        if varint >= 1000:
-            forms.extend((str(varint), f"{varint:,}"))
-    return forms
-
-
 @pytest.mark.parametrize("probe", sorted(LEAK_PROBES))
 def test_no_message_quotes_the_bytes_of_a_file(tmp_path: Path, probe: str) -> None:
     name, data = LEAK_PROBES[probe]
@@ -413,15 +375,11 @@ def test_no_message_quotes_the_bytes_of_a_file(tmp_path: Path, probe: str) -> No
     assert code == 2, out
     message = json.loads(out)["errors"][0]["message"]
     assert err == f"biasinspect: {path}: {message}\n"
-    leaked = [form for form in _leaked_forms(data) if form in message]
+    leaked = [form for form in leaked_forms(data) if form in message]
     assert leaked == [], message
 
 
 # --- 5. a folder scan does not follow links out of the folder ----------------------------------
-
-LINK_OUT = (
-    "symbolic link to a file outside the scanned folder: not followed (name the file itself to read it)"
-)
 
 
 def test_a_folder_scan_does_not_follow_links_out_of_the_folder(tmp_path: Path) -> None:
@@ -452,7 +410,7 @@ def test_a_folder_scan_does_not_follow_links_out_of_the_folder(tmp_path: Path) -
             f"biasinspect: {folder}/sub/hop2.pt: {LINK_OUT}",
             f"biasinspect: {folder}/sub/relative.onnx: {LINK_OUT}",
         ]
-        leaked = [form for form in _leaked_forms(SECRET) if form in out + err]
+        leaked = [form for form in leaked_forms(SECRET) if form in out + err]
         assert leaked == []
         assert "real.onnx" not in out
     models = json.loads(out)["models"]
