@@ -70,8 +70,8 @@ def leaked_forms(data: bytes) -> set[str]:
     forms: set[str] = set()
     for start in range(len(data) - 3):
         chunk = data[start : start + 4]
-        if chunk.isascii() and chunk.decode().isalnum():
-            forms.add(chunk.decode())
+        if chunk.isascii() and chunk.decode().isalnum() and not chunk.isdigit():
+            forms.add(chunk.decode())  # (digits as text are left to the integer forms)
         forms.update((chunk.hex(), chunk.hex(" ")))
         for width in (2, 4, 8):
             piece = data[start : start + width]
@@ -239,6 +239,10 @@ def cli_violations(tree: Tree) -> list[str]:
         code = main([str(tree.root), "-f", fmt, *extra], stdout=out, stderr=err)
         stdout, stderr = out.getvalue(), err.getvalue()
         label = " ".join([fmt, *extra])
+        # The folder's own path (a temporary name, a case number) is not the secret's bytes.
+        without_root = (
+            "".join(stdout + stderr).replace(str(tree.root), "").replace(json.dumps(str(tree.root))[1:-1], "")
+        )
         if code not in (0, 1, 2):
             problems.append(f"{label}: exit code {code}")
         if not _printable_lines(stdout) or not _printable_lines(stderr):
@@ -251,7 +255,7 @@ def cli_violations(tree: Tree) -> list[str]:
             problems.append(f"{label}: links out of the folder not reported: {sorted(missing)!r}")
         if (code == 2) != any(not line.startswith("biasinspect: policy: ") for line in lines):
             problems.append(f"{label}: exit code {code} does not match the error lines")
-        leaked = [form for form in _SECRET_FORMS if form in stdout or form in stderr]
+        leaked = [form for form in _SECRET_FORMS if form in without_root]
         if leaked:
             problems.append(f"{label}: bytes of the file outside the folder were printed: {leaked[:5]!r}")
         if fmt == "json":
