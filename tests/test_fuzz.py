@@ -92,7 +92,7 @@ def test_mutants_end_in_a_report_or_a_clean_error(workdir, fmt, data):
 
 
 @pytest.mark.parametrize("kind", ["links", "control-characters"])
-@settings(max_examples=25)
+@settings(max_examples=20)
 @given(seed=st.integers(0, 2**32 - 1))
 def test_generated_trees_keep_every_cli_promise(kind, seed):
     """Scans of generated trees (tests/tree_cases.py): nothing outside the folder is read or
