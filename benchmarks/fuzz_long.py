@@ -1,4 +1,5 @@
-"""Long fuzz campaign: many mutated ONNX / torch-zip / legacy-pickle / safetensors files.
+"""Long fuzz campaign: many mutated ONNX / torch-zip / legacy-pickle / safetensors files, and
+generated folder trees (symbolic links in and out of the folder; control characters in names).
 
 The short, derandomized version of this runs in the test suite (tests/test_fuzz.py); this script
 runs the same mutations (tests/hostile_files.py) at scale, in worker processes supervised by this
@@ -12,6 +13,11 @@ one, and classifies every case:
 * ``CRASH``       -- any other exception (a bug);
 * ``HANG``        -- no answer within ``--timeout`` seconds (the worker is killed and replaced).
 
+Tree kinds (``link-tree``, ``control-tree``, from tests/tree_cases.py) build a folder and run
+the whole CLI on it in every output format; a case is ``ok`` when every promise holds (nothing
+outside the folder read or printed, printable one-line errors, a matching exit code), else
+``CRASH`` with the broken promise.  They run ``--tree-cases`` cases each (trees are slower).
+
 The first few CRASH/HANG inputs per format are saved to ``--save`` for reproduction.  The exit
 status is 1 when any case crashed or hung, else 0.  Cases are reproducible: case ``i`` of format
 ``f`` with seed ``s`` always gets the same mutations.
@@ -20,6 +26,7 @@ Usage (from the repository root; needs the test extra -- torch builds the seeds)
 
     python benchmarks/fuzz_long.py --cases 10000            # per format, 2 worker processes
     python benchmarks/fuzz_long.py --cases 500 --formats onnx safetensors --jobs 1 --seed 7
+    python benchmarks/fuzz_long.py --formats link-tree control-tree --tree-cases 5000
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import multiprocessing as mp
 import os
 import random
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -43,6 +51,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
 
 import hostile_files as hf  # noqa: E402  (needs the sys.path entries above)
+import tree_cases  # noqa: E402
+
+TREE_KINDS = {"link-tree": tree_cases.build_link_tree, "control-tree": tree_cases.build_control_tree}
+"""Generated folder trees, run through the whole CLI (not byte mutations)."""
 
 CATEGORIES = ("ok", "clean-error", "safety-net", "CRASH", "HANG")
 WORKER_ADDRESS_SPACE = 4 * 1024**3
@@ -81,6 +93,22 @@ def classify(path: Path) -> tuple[str, str]:
     return "ok", ""
 
 
+def classify_tree(kind: str, index: int, seed: int, folder: Path) -> tuple[str, str]:
+    """Build tree ``index`` of ``kind`` under ``folder``, run the CLI on it; (category, detail)."""
+    base = folder / f"{kind}-{index}"
+    base.mkdir()
+    try:
+        tree = TREE_KINDS[kind](base, random.Random(f"{seed}:{kind}:{index}"))
+        problems = tree_cases.cli_violations(tree)
+    except Exception as error:
+        frames = traceback.extract_tb(error.__traceback__)
+        where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+        return "CRASH", f"{type(error).__name__} at {where}: {str(error)[:200]}"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return ("CRASH", "; ".join(problems)[:500]) if problems else ("ok", "")
+
+
 def _worker(tasks: list[tuple[str, int]], seed: int, results: Any, workdir: str) -> None:
     # Report "start" before each case so the supervisor knows which one hung.  Each worker has its
     # own pipe: killing a hung worker must not corrupt a channel the others share.
@@ -88,6 +116,10 @@ def _worker(tasks: list[tuple[str, int]], seed: int, results: Any, workdir: str)
     folder = Path(tempfile.mkdtemp(dir=workdir))
     for fmt, index in tasks:
         results.send(("start", fmt, index, "", ""))
+        if fmt in TREE_KINDS:
+            category, detail = classify_tree(fmt, index, seed, folder)
+            results.send(("done", fmt, index, category, detail))
+            continue
         path = folder / f"case{hf.FUZZ_FORMATS[fmt]}"
         path.write_bytes(case_bytes(fmt, index, seed))
         category, detail = classify(path)
@@ -108,14 +140,26 @@ class _Slot:
 
 
 def run(
-    formats: list[str], cases: int, jobs: int, seed: int, timeout: float, save: Path
+    formats: list[str],
+    cases: int,
+    jobs: int,
+    seed: int,
+    timeout: float,
+    save: Path,
+    tree_cases_count: int = 1000,
 ) -> dict[str, Counter[str]]:
     """Run the campaign; return per-format counts (and print progress, crashes and a summary)."""
     for fmt in formats:
-        hf.fuzz_seeds(fmt)  # build seeds once here (torch), before forking
+        if fmt not in TREE_KINDS:
+            hf.fuzz_seeds(fmt)  # build seeds once here (torch), before forking
     hf.all_fuzz_donors()
     context = mp.get_context("fork")
-    tasks = [(fmt, index) for index in range(cases) for fmt in formats]
+    tasks = [
+        (fmt, index)
+        for index in range(max(cases, tree_cases_count))
+        for fmt in formats
+        if index < (tree_cases_count if fmt in TREE_KINDS else cases)
+    ]
     chunks = [tasks[offset::jobs] for offset in range(jobs)]
     counts: dict[str, Counter[str]] = {fmt: Counter() for fmt in formats}
     saved: Counter[str] = Counter()
@@ -142,8 +186,14 @@ def run(
                 print(f"{category}: {fmt} case {index}: {detail}", flush=True)
                 if saved[fmt] < SAVE_PER_FORMAT:
                     save.mkdir(parents=True, exist_ok=True)
-                    target = save / f"{fmt}-seed{seed}-case{index}{hf.FUZZ_FORMATS[fmt]}"
-                    target.write_bytes(case_bytes(fmt, index, seed))
+                    if fmt in TREE_KINDS:  # a tree is rebuilt from its seed, not saved
+                        target = save / f"{fmt}-seed{seed}-case{index}.txt"
+                        target.write_text(
+                            f"tests/tree_cases.py {fmt}: random.Random('{seed}:{fmt}:{index}')\n{detail}\n"
+                        )
+                    else:
+                        target = save / f"{fmt}-seed{seed}-case{index}{hf.FUZZ_FORMATS[fmt]}"
+                        target.write_bytes(case_bytes(fmt, index, seed))
                     saved[fmt] += 1
             if done % 1000 == 0:
                 print(f"  {done:,}/{len(tasks):,} cases, {time.monotonic() - started:.0f} s", flush=True)
@@ -204,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run, print the per-format table; 1 if anything crashed or hung."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=10_000, help="cases per format (10000)")
-    parser.add_argument("--formats", nargs="+", choices=list(hf.FUZZ_FORMATS), default=list(hf.FUZZ_FORMATS))
+    choices = [*hf.FUZZ_FORMATS, *TREE_KINDS]
+    parser.add_argument("--formats", nargs="+", choices=choices, default=choices)
+    parser.add_argument(
+        "--tree-cases", type=int, default=1000, help="cases per tree kind (1000; each runs the CLI 5 times)"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (2)")
     parser.add_argument("--seed", type=int, default=0, help="campaign seed (0)")
     parser.add_argument(
@@ -218,10 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     started = time.monotonic()
-    counts = run(args.formats, args.cases, max(1, args.jobs), args.seed, args.timeout, args.save)
+    counts = run(
+        args.formats, args.cases, max(1, args.jobs), args.seed, args.timeout, args.save, args.tree_cases
+    )
     elapsed = time.monotonic() - started
     width = max(len(fmt) for fmt in counts)
-    print(f"\nbiasinspect long fuzz: seed {args.seed}, {args.cases:,} cases per format, {elapsed:.0f} s")
+    print(
+        f"\nbiasinspect long fuzz: seed {args.seed}, {args.cases:,} cases per format"
+        f" ({args.tree_cases:,} per tree kind), {elapsed:.0f} s"
+    )
     print(f"{'format':<{width}}  " + "  ".join(f"{name:>11}" for name in CATEGORIES))
     for fmt, counter in counts.items():
         print(f"{fmt:<{width}}  " + "  ".join(f"{counter[name]:>11,}" for name in CATEGORIES))

@@ -21,7 +21,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from biasinspect.errors import UsageError
+from biasinspect import limits
+from biasinspect.errors import UnsupportedFormatError, UsageError
 from biasinspect.model import (
     BiasInfo,
     BiasKind,
@@ -268,8 +269,67 @@ def compute_totals(layers: Sequence[ConvLayer], model_params: int | None) -> Tot
     )
 
 
+def _checked_number(value: object, what: str) -> None:
+    """Refuse a number no real model has (or a value that is not an integer at all)."""
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UnsupportedFormatError(f"unsupported: {what} is not an integer")
+    if value < 0:
+        raise UnsupportedFormatError(f"unsupported: {what} is negative")
+    if value > limits.MAX_DIM:
+        raise UnsupportedFormatError(f"unsupported: {what} is too large (over 2**63 - 1)")
+
+
+def _checked_shape(shape: MaybeShape, what: str) -> None:
+    if shape is None:
+        return
+    if not isinstance(shape, tuple):
+        raise UnsupportedFormatError(f"unsupported: {what} is not a shape")
+    if len(shape) > limits.MAX_RANK:
+        raise UnsupportedFormatError(
+            f"unsupported: {what} has {len(shape)} dimensions, over the {limits.MAX_RANK} supported"
+        )
+    for dim in shape:
+        _checked_number(dim, f"a dimension of {what}")
+    count = 1
+    for dim in shape:
+        if dim is None:
+            return
+        count *= dim
+        if count > limits.MAX_DIM:
+            raise UnsupportedFormatError(f"unsupported: {what} is too large (over 2**63 - 1 elements)")
+
+
+def _quoted_name(name: str) -> str:
+    text = repr(name)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def check_numbers(description: ModelDescription) -> None:
+    """Refuse a description holding numbers past the caps in :mod:`biasinspect.limits`.
+
+    Readers check what their format allows; this is the one check every format passes through,
+    so a dim of ``10**5000`` (which ``str()`` cannot even print) or a negative count becomes a
+    clean ``unsupported: ...`` failure of that file instead of a traceback or a nonsense total.
+    """
+    _checked_number(description.model_params, "the model's parameter count")
+    for node in description.convs:
+        layer = f"layer {_quoted_name(node.name)}"
+        _checked_shape(node.weight_shape, f"the weight shape of {layer}")
+        _checked_shape(node.kernel_shape, f"the kernel shape of {layer}")
+        _checked_shape(node.output_spatial, f"the output size of {layer}")
+        _checked_number(node.groups, f"the group count of {layer}")
+        for term in node.bias_terms:
+            _checked_shape(term.shape, f"the shape of bias {_quoted_name(term.name)} of {layer}")
+
+
 def analyze(description: ModelDescription) -> ModelReport:
-    """Turn a reader's description of one model into its report."""
+    """Turn a reader's description of one model into its report.
+
+    Raises :class:`UnsupportedFormatError` for numbers past the caps (see :func:`check_numbers`).
+    """
+    check_numbers(description)
     layers = tuple(analyze_conv(node) for node in description.convs)
     warnings = list(description.warnings)
     warnings.extend(_grouped_notes(description.convs))

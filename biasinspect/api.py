@@ -16,6 +16,7 @@ from biasinspect.analysis import analyze
 from biasinspect.detect import FileFormat, scan_folder, sniff
 from biasinspect.errors import BiasInspectError, ResourceLimitError
 from biasinspect.model import InspectionFailure, ModelDescription, ModelReport, Report
+from biasinspect.render import check_renderable
 
 
 def _reader_for(file_format: FileFormat) -> Callable[[Path], list[ModelDescription]]:
@@ -142,8 +143,13 @@ def _inspect_all(paths: Iterable[str | os.PathLike[str]], *, contain_bugs: bool)
         if candidate.problem is not None:
             errors.append((candidate, InspectionFailure(path, candidate.problem)))
             continue
+        # One guard around the whole per-file pipeline (read, analyse, a render dry run): whatever
+        # one file does, it ends as that file's one line and the other files are still reported.
         try:
             descriptions = read_file(Path(path))
+            reports = [analyze(description) for description in descriptions]
+            for report in reports:
+                check_renderable(report)
         except BiasInspectError as error:
             errors.append((candidate, InspectionFailure(path, _one_line(error))))
             continue
@@ -155,15 +161,34 @@ def _inspect_all(paths: Iterable[str | os.PathLike[str]], *, contain_bugs: bool)
             continue
         for description in descriptions:
             companions.update(_real(name) for name in description.companion_files)
-            models.append(analyze(description))
+        models.extend(reports)
     # A folder holding model.onnx and its external data (weights.bin, model.onnx.data...) is one
-    # model: the data file the model names is not a bad model of its own.
+    # model: the data file the model names is not a bad model of its own.  Unless it is a model:
+    # a file with a model format's signature (a pickle torch.load would run, a zip) that fails to
+    # read is reported whatever names it, so it cannot hide behind an ONNX file.
     kept = [
         failure
         for candidate, failure in errors
-        if not (candidate.scanned and candidate.problem is None and _real(candidate.path) in companions)
+        if not (
+            candidate.scanned
+            and candidate.problem is None
+            and _real(candidate.path) in companions
+            and not _has_model_signature(Path(candidate.path))
+        )
     ]
     return Report(models=tuple(models), errors=tuple(kept))
+
+
+def _has_model_signature(path: Path) -> bool:
+    """Whether the file's content carries a model format's signature.
+
+    An ONNX guess is only a first byte that could start a protobuf field, which raw tensor data
+    often matches, so it does not count; zip, pickle, safetensors and shard-index names do.
+    """
+    try:
+        return sniff(path) is not FileFormat.ONNX
+    except BiasInspectError:
+        return False
 
 
 def _real(path: str) -> str:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, NoReturn, TextIO
 from biasinspect import __version__
 from biasinspect.errors import BiasInspectError, UsageError
 from biasinspect.render import FORMATS as OUTPUT_FORMATS
+from biasinspect.render import display_path, printable
 
 if TYPE_CHECKING:
     from biasinspect.model import Report
@@ -181,7 +182,7 @@ def _run_diff(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
     for path in (args.source, args.export):
         report = inspect_paths_for_cli([path])
         for failure in report.errors:
-            stderr.write(f"biasinspect: {display_path(failure.path)}: {failure.message}\n")
+            stderr.write(f"biasinspect: {display_path(failure.path)}: {printable(failure.message)}\n")
             failed = True
         if not report.errors and not report.models:
             stderr.write(f"biasinspect: {display_path(path)}: no model found\n")
@@ -244,15 +245,6 @@ def _policy_failures(report: Report, kinds: set[str]) -> list[str]:
     return messages
 
 
-def display_path(path: str) -> str:
-    """A path as one printable line: control characters (a newline in a file name) are escaped."""
-    if not path:
-        return '""'
-    if path.isprintable():
-        return path
-    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in path)
-
-
 def _run_inspect(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
     from biasinspect.api import inspect_paths_for_cli
     from biasinspect.readers.onnx_reader import allow_light_onnx_import
@@ -264,10 +256,10 @@ def _run_inspect(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
     report = inspect_paths_for_cli(args.paths)
     _emit(render(report, args.format), args.output, stdout)
     for failure in report.errors:
-        stderr.write(f"biasinspect: {display_path(failure.path)}: {failure.message}\n")
+        stderr.write(f"biasinspect: {display_path(failure.path)}: {printable(failure.message)}\n")
     policy_messages = _policy_failures(report, kinds)
     for message in policy_messages:
-        stderr.write(f"biasinspect: policy: {display_path(message)}\n")
+        stderr.write(f"biasinspect: policy: {printable(message)}\n")
     if report.errors:
         return EXIT_INPUT
     return EXIT_POLICY if policy_messages else EXIT_OK
@@ -315,11 +307,11 @@ def main(
             return _run_diff(arguments[1:], out, err)
         return _run_inspect(arguments, out, err)
     except UsageError as error:
-        err.write(f"biasinspect: error: {error}\n")
+        err.write(f"biasinspect: error: {printable(str(error))}\n")
         err.write("usage: biasinspect PATH... [--format FORMAT] [--fail-on KIND] | biasinspect calc --help\n")
         return EXIT_INPUT
     except BiasInspectError as error:
-        err.write(f"biasinspect: {error}\n")
+        err.write(f"biasinspect: {printable(str(error))}\n")
         return EXIT_INPUT
     except SystemExit as exit_request:  # --help and --version
         code = exit_request.code

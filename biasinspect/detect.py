@@ -1,7 +1,7 @@
 """Which reader a file needs, decided from its first bytes (the name only breaks ties).
 
 Also: finding model files in folders.  Nothing here parses a model; it opens a file only to read
-its first bytes, and never opens anything that is not a regular file (a FIFO would block).
+its first bytes, without blocking, and reads nothing from what is not a regular file.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from biasinspect.errors import BiasInspectError, UnreadableFileError, UnsupportedFormatError
 from biasinspect.limits import MAX_SAFETENSORS_HEADER_BYTES, MAX_SCAN_FILES
 from biasinspect.readers.coreml_reader import sniff_coreml
-from biasinspect.readers.files import check_file_mode, unreadable
+from biasinspect.readers.files import open_regular_file
 from biasinspect.readers.openvino_reader import sniff_openvino
 
 
@@ -83,28 +83,17 @@ _OTHER_MAGIC = (
 _SNIFF_BYTES = 512
 
 
-def check_regular_file(path: Path) -> os.stat_result:
-    """stat ``path`` and insist on a regular file; never opens it."""
-    try:
-        info = path.stat()
-    except OSError as error:
-        raise unreadable(error, path) from error
-    except ValueError as error:  # an embedded NUL byte
-        raise UnreadableFileError("invalid path (contains a NUL byte)") from error
-    check_file_mode(info.st_mode)
-    return info
+def read_head(path: Path, count: int = _SNIFF_BYTES) -> tuple[bytes, int]:
+    """The first ``count`` bytes of a regular file, and its size.
 
-
-def read_head(path: Path, count: int = _SNIFF_BYTES) -> bytes:
-    """The first ``count`` bytes of a regular file."""
-    check_regular_file(path)
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(count)
-    except PermissionError as error:
-        raise UnreadableFileError("permission denied") from error
-    except OSError as error:
-        raise UnreadableFileError(f"cannot read: {error.strerror or error}") from error
+    The file is opened without blocking and checked on the open descriptor (never stat-then-open:
+    a FIFO swapped in between the two would block the run forever).
+    """
+    with open_regular_file(path) as handle:
+        try:
+            return handle.read(count), os.fstat(handle.fileno()).st_size
+        except OSError as error:
+            raise UnreadableFileError(f"cannot read: {error.strerror or error}") from error
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -139,10 +128,9 @@ def sniff(path: Path) -> FileFormat:
     if name.endswith(".mlpackage") and path.is_dir():
         return FileFormat.COREML_PACKAGE
     if name.endswith(INDEX_SUFFIXES):
-        check_regular_file(path)
-        return FileFormat.SHARD_INDEX
-    info = check_regular_file(path)
-    head = read_head(path)
+        with open_regular_file(path):
+            return FileFormat.SHARD_INDEX
+    head, size = read_head(path)
     if not head:
         raise UnsupportedFormatError("empty file (0 bytes)")
     if head.startswith(b"\x93NUMPY") or _first_zip_member(head).endswith(".npy"):
@@ -151,7 +139,7 @@ def sniff(path: Path) -> FileFormat:
         return FileFormat.ZIP
     # safetensors first: a header length of 640, 896, 1152 or 1408 (mod 65536) starts with the
     # bytes of a pickle PROTO opcode, while no pickle has a '{' at byte 8 after a plausible length.
-    if _safetensors_header_plausible(head, info.st_size):
+    if _safetensors_header_plausible(head, size):
         return FileFormat.SAFETENSORS
     if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
         return FileFormat.PICKLE
@@ -190,13 +178,23 @@ class FoundPath:
     problem: str | None = None
 
 
+LINK_OUTSIDE_PROBLEM = (
+    "symbolic link leading outside the scanned folder: not followed (name the file itself to read it)"
+)
+"""The one line a folder scan gives for each link it does not follow."""
+
+
 def scan_folder(folder: Path) -> Iterator[FoundPath]:
     """Model files under ``folder``, recursively, in sorted order.
 
-    Symbolic links to files are followed; links to folders are not (so a link loop cannot trap the
-    scan).  Shards covered by an ``*.index.json`` are left to that index.  Unreadable sub-folders
-    are yielded as problems rather than skipped silently.
+    The scan reads only what is inside the folder: a symbolic link to a file is followed only when
+    its target resolves inside ``folder`` (a link to ``/etc/shadow`` named ``model.safetensors``
+    is yielded as a problem, :data:`LINK_OUTSIDE_PROBLEM`, and never opened); links to folders are
+    not followed at all, so a link loop cannot trap the scan.  Dangling links and link loops are
+    yielded as files, so reading them reports them.  Shards covered by an ``*.index.json`` are left
+    to that index.  Unreadable sub-folders are yielded as problems rather than skipped silently.
     """
+    root = os.path.realpath(folder)
     candidates: list[Path] = []
     problems: list[FoundPath] = []
     pending = [folder]
@@ -223,6 +221,9 @@ def scan_folder(folder: Path) -> Iterator[FoundPath]:
             if entry_path.suffix.lower() == ".xml" and not _is_openvino_xml(entry_path):
                 continue  # only XML whose root is an OpenVINO <net> is a model
             if lowered.endswith(INDEX_SUFFIXES) or entry_path.suffix.lower() in MODEL_SUFFIXES:
+                if _link_leaves(entry, root):
+                    problems.append(FoundPath(entry_path, LINK_OUTSIDE_PROBLEM))
+                    continue
                 candidates.append(entry_path)
                 if len(candidates) > MAX_SCAN_FILES:
                     problems.append(
@@ -237,12 +238,27 @@ def scan_folder(folder: Path) -> Iterator[FoundPath]:
     for candidate in sorted(candidates):
         if Path(os.path.normpath(candidate)) not in covered:
             yield FoundPath(candidate)
-    yield from problems
+    yield from sorted(problems, key=lambda found: found.path)
+
+
+def _link_leaves(entry: os.DirEntry[str], root: str) -> bool:
+    """Whether ``entry`` is a symbolic link whose target resolves outside ``root``.
+
+    Dangling links and loops resolve (non-strictly) to a path too: inside the folder they are
+    left to the reader, which names them; pointing outside, they are not followed either.
+    """
+    try:
+        if not entry.is_symlink():
+            return False
+        target = os.path.realpath(entry.path)
+    except (OSError, ValueError):
+        return True  # cannot tell where it leads: not followed
+    return os.path.commonpath([root, target]) != root
 
 
 def _is_openvino_xml(path: Path) -> bool:
     try:
-        return sniff_openvino(read_head(path))
+        return sniff_openvino(read_head(path)[0])
     except BiasInspectError:
         return True  # unreadable: reported when read, never silently skipped
 

@@ -43,3 +43,10 @@ MAX_XML_BYTES = 64 * 1024 * 1024
 
 MAX_SCAN_FILES = 100_000
 """Most files a folder scan will look at."""
+
+MAX_DIM = 2**63 - 1
+"""Largest dimension, group count or element count analysed (int64, what every format stores);
+a reader's number past it is refused as unsupported rather than printed or multiplied."""
+
+MAX_RANK = 64
+"""Most dimensions in one shape analysed (real convs have 3 to 5)."""

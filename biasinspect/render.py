@@ -1,6 +1,10 @@
 """Rendering of reports: a text table (default), markdown, CSV, JSON and HTML (:mod:`biasinspect.render_html`).
 
 JSON is a public contract (see README, "JSON report"): keys are only ever added.
+
+Every text that comes from a file or a path (names, locations, warnings, error reasons, paths)
+passes through :func:`printable` before it reaches a text format, so a file cannot put an escape
+sequence, a bell or a forged line on the user's terminal.  JSON escapes by itself.
 """
 
 from __future__ import annotations
@@ -8,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from biasinspect import __version__
@@ -16,6 +20,36 @@ from biasinspect.analysis import CalcResult, format_count, format_dims, format_s
 from biasinspect.model import BiasTerm, ConvLayer, MaybeShape, ModelReport, Report
 
 FORMATS = ("table", "markdown", "csv", "json", "html")
+
+
+def _escape_char(char: str) -> str:
+    code = ord(char)
+    if char in "\n\r\t":
+        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}[char]
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def printable(text: str) -> str:
+    """``text`` as one line of printable characters: the one escaping rule of every text output.
+
+    Every character Python does not call printable becomes a backslash escape (``\\n``,
+    ``\\x1b``, ``\\u202e``): C0 and C1 controls, DEL, line and paragraph separators (U+2028,
+    U+2029), bidi overrides and isolates and other format characters, lone surrogates (from
+    undecodable file names), unassigned code points and spaces other than U+0020.
+    """
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else _escape_char(char) for char in text)
+
+
+def display_path(path: str) -> str:
+    """A path as one printable line (``""`` for the empty path, which would otherwise vanish)."""
+    return printable(path) if path else '""'
+
 
 _TABLE_HEADERS = (
     "layer", "op", "in", "out", "groups", "kernel", "output", "weights",
@@ -109,7 +143,11 @@ def _optional(value: object) -> str:
     return "?" if value is None else str(value)
 
 
-def _layer_row(layer: ConvLayer) -> list[str]:
+def _layer_row(layer: ConvLayer, cell: Callable[[str], str] = printable) -> list[str]:
+    return [cell(value) for value in _raw_layer_row(layer)]
+
+
+def _raw_layer_row(layer: ConvLayer) -> list[str]:
     return [
         layer.name,
         layer.op,
@@ -130,7 +168,7 @@ def _layer_row(layer: ConvLayer) -> list[str]:
 def model_heading(model: ModelReport) -> str:
     """``path (format)``, with the location inside the file when there is one."""
     where = f" [{model.location}]" if model.location else ""
-    return f"{model.path}{where} ({model.format})"
+    return printable(f"{model.path}{where} ({model.format})")
 
 
 def _totals_lines(model: ModelReport) -> list[str]:
@@ -142,9 +180,15 @@ def _totals_lines(model: ModelReport) -> list[str]:
     ]
 
 
+def _markdown_cell(text: str) -> str:
+    """A markdown table cell: printable, and a ``|`` in a name cannot open a new column."""
+    return printable(text).replace("|", "\\|")
+
+
 def _render_text(report: Report, table_format: str, heading_prefix: str) -> str:
     from tabulate import tabulate  # only text formats pay for it (it imports importlib.metadata)
 
+    cell = _markdown_cell if table_format == "github" else printable
     blocks: list[str] = []
     for model in report.models:
         lines = [heading_prefix + model_heading(model)]
@@ -152,7 +196,7 @@ def _render_text(report: Report, table_format: str, heading_prefix: str) -> str:
             lines.append("")
             lines.append(
                 tabulate(
-                    [_layer_row(layer) for layer in model.layers],
+                    [_layer_row(layer, cell) for layer in model.layers],
                     headers=_TABLE_HEADERS,
                     tablefmt=table_format,
                     disable_numparse=True,
@@ -161,13 +205,16 @@ def _render_text(report: Report, table_format: str, heading_prefix: str) -> str:
             )
             lines.append("")
         lines.extend(_totals_lines(model))
-        lines.extend(f"warning: {warning}" for warning in model.warnings)
+        lines.extend(f"warning: {printable(warning)}" for warning in model.warnings)
         blocks.append("\n".join(lines))
     if report.errors and report.models:  # a batch: list the bad paths beside the good ones
         blocks.append(
             "\n".join(
                 [f"{len(report.errors)} path(s) could not be inspected:"]
-                + [f"  {failure.path}: {failure.message}" for failure in report.errors]
+                + [
+                    f"  {display_path(failure.path)}: {printable(failure.message)}"
+                    for failure in report.errors
+                ]
             )
         )
     return "\n\n".join(blocks) + ("\n" if blocks else "")
@@ -199,11 +246,11 @@ def render_csv(report: Report) -> str:
         for layer in model.layers:
             writer.writerow(
                 [
-                    model.path,
-                    model.location or "",
-                    model.format,
-                    layer.name,
-                    layer.op,
+                    _csv_text(model.path),
+                    _csv_text(model.location or ""),
+                    _csv_text(model.format),
+                    _csv_text(layer.name),
+                    _csv_text(layer.op),
                     _csv_value(layer.in_channels),
                     _csv_value(layer.out_channels),
                     _csv_value(layer.groups),
@@ -215,15 +262,37 @@ def render_csv(report: Report) -> str:
                     _dims_or_blank(layer.bias.shape),
                     _csv_value(layer.bias.params if layer.bias.terms else 0),
                     "" if layer.bias.source is None else str(layer.bias.source),
-                    layer.followed_by or "",
-                    layer.formula,
+                    _csv_text(layer.followed_by or ""),
+                    _csv_text(layer.formula),
                 ]
             )
     return buffer.getvalue()
 
 
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_text(text: str) -> str:
+    """A CSV text cell: printable, and never read as a formula by a spreadsheet (OWASP's rule:
+    a cell starting with ``= + - @`` gets a leading ``'``)."""
+    shown = printable(text)
+    return "'" + shown if shown.startswith(_FORMULA_STARTS) else shown
+
+
 def _csv_value(value: int | None) -> str:
     return "" if value is None else str(value)
+
+
+def check_renderable(model: ModelReport) -> None:
+    """Render one model's rows in every format without keeping them: the dry run that puts
+    rendering inside the per-file guard (:func:`biasinspect.api.inspect` calls it per model), so a
+    value that cannot be rendered is that file's failure, not a traceback ending the batch."""
+    json.dumps(model_to_json(model))
+    model_heading(model)
+    _totals_lines(model)
+    for layer in model.layers:
+        _layer_row(layer, _markdown_cell)
+    render_csv(Report(models=(model,)))
 
 
 def render(report: Report, fmt: str) -> str:

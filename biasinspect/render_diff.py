@@ -11,7 +11,7 @@ from typing import Any
 from biasinspect import __version__
 from biasinspect.diff import DiffReport, LayerDiff
 from biasinspect.model import ConvLayer
-from biasinspect.render import layer_to_json
+from biasinspect.render import layer_to_json, printable
 
 DIFF_FORMATS = ("table", "markdown", "json", "html")
 
@@ -29,8 +29,9 @@ def _bias_cell(layer: ConvLayer | None) -> str:
     return kind
 
 
-def _row(row: LayerDiff) -> list[str]:
-    return [
+def _row(row: LayerDiff, markdown: bool = False) -> list[str]:
+    """One table row; names from the files are escaped (and ``|`` too in markdown)."""
+    cells = [
         row.source.name if row.source else "",
         row.export.name if row.export else "",
         str(row.matched_by) if row.matched_by else "",
@@ -38,6 +39,8 @@ def _row(row: LayerDiff) -> list[str]:
         _bias_cell(row.export),
         "; ".join(change.description for change in row.changes) or "unchanged",
     ]
+    cells = [printable(cell) for cell in cells]
+    return [cell.replace("|", "\\|") for cell in cells] if markdown else cells
 
 
 def summary_sentence(report: DiffReport) -> str:
@@ -52,9 +55,10 @@ def summary_sentence(report: DiffReport) -> str:
 def _text(report: DiffReport, table_format: str, heading: str) -> str:
     from tabulate import tabulate
 
-    rows = [_row(row) for row in report.layers]
+    rows = [_row(row, markdown=table_format == "github") for row in report.layers]
     lines = [
-        f"{heading}{report.source.path} ({report.source.format}) -> {report.export.path} ({report.export.format})",
+        f"{heading}{printable(report.source.path)} ({report.source.format}) -> "
+        f"{printable(report.export.path)} ({report.export.format})",
         "",
         tabulate(rows, headers=_HEADERS, tablefmt=table_format, disable_numparse=True)
         if rows
@@ -62,7 +66,7 @@ def _text(report: DiffReport, table_format: str, heading: str) -> str:
         "",
         summary_sentence(report),
     ]
-    lines.extend(f"note: {note}" for note in report.notes)
+    lines.extend(f"note: {printable(note)}" for note in report.notes)
     return "\n".join(lines) + "\n"
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import hostile_files as hf
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from biasinspect.api import read_file
@@ -86,3 +86,23 @@ def test_mutants_end_in_a_report_or_a_clean_error(workdir, fmt, data):
     path = workdir / f"mutant{hf.FUZZ_FORMATS[fmt]}"
     path.write_bytes(hf.finish_fuzz_case(fmt, mutated))
     check_outcome(path)
+
+
+# --- generated folder trees: links in and out of the folder, control characters -------------------
+
+
+@pytest.mark.parametrize("kind", ["links", "control-characters"])
+@settings(max_examples=20)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_generated_trees_keep_every_cli_promise(kind, seed):
+    """Scans of generated trees (tests/tree_cases.py): nothing outside the folder is read or
+    printed, every line stays printable, every bad path is one line, the exit code matches."""
+    import random
+
+    import tree_cases
+
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory(prefix="biasinspect-tree-") as base:
+        build = tree_cases.build_link_tree if kind == "links" else tree_cases.build_control_tree
+        tree = build(Path(base), rng)
+        assert tree_cases.cli_violations(tree) == []

@@ -311,7 +311,7 @@ def test_numpy_arrays_become_tensor_refs() -> None:
         (b"\x80\x02R.", "stack underflow"),
         (b"\x80\x02.", "stack underflow"),
         (b"\x80\x02u.", "MARK expected"),
-        (b"\x80\x02\xff.", "unknown opcode 0xff"),
+        (b"\x80\x02\xff.", "unknown opcode at byte 2"),
         (b"\x80\x07N.", "unsupported protocol 7"),
         (b"\x80\x02X\xff\xff\xff\x7f.", "truncated"),
         (b"\x80\x04\x8d\xff\xff\xff\xff\xff\xff\xff\x7f.", "truncated"),

@@ -341,12 +341,10 @@ def test_file_too_small(tmp_path: Path) -> None:
 def test_header_longer_than_file(tmp_path: Path) -> None:
     path = tmp_path / "long.safetensors"
     path.write_bytes(struct.pack("<Q", 1000) + b"{}")
-    with pytest.raises(
-        MalformedModelError, match=r"^header length 1000 exceeds the 2 bytes after the 8-byte"
-    ):
+    with pytest.raises(MalformedModelError, match=r"^header length exceeds the 2 bytes after the 8-byte"):
         read_safetensors(path)
     path.write_bytes(struct.pack("<Q", 2**64 - 1) + b"{}")
-    with pytest.raises(MalformedModelError, match=r"^header length 18446744073709551615 exceeds"):
+    with pytest.raises(MalformedModelError, match=r"^header length exceeds"):
         read_safetensors(path)
 
 
@@ -356,7 +354,7 @@ def test_header_over_the_cap_is_a_resource_limit(tmp_path: Path) -> None:
     with open(path, "wb") as handle:
         handle.write(struct.pack("<Q", length) + b"{")
         handle.truncate(8 + length + 16)  # sparse: nothing is written or read
-    with pytest.raises(ResourceLimitError, match=rf"^safetensors header of {length} bytes exceeds the"):
+    with pytest.raises(ResourceLimitError, match=r"^safetensors header length exceeds the"):
         read_safetensors(path)
 
 

@@ -46,14 +46,21 @@ def check_file_mode(mode: int) -> None:
 def open_regular_file(path: Path) -> BinaryIO:
     """Open a regular file for binary reading, with OS errors as one-line UnreadableFileErrors.
 
-    The open itself is non-blocking, so a FIFO (or a shard index naming one) is refused instead of
-    hanging the run; anything that is not a regular file is refused before a byte is read.
+    This is the only way biasinspect opens a user's file.  The open itself is non-blocking (and
+    never makes a terminal the controlling one), and the regular-file check is made on the opened
+    descriptor, not on an earlier ``stat`` of the name: a FIFO swapped in between a check and a
+    blocking open would hang the run.  Anything that is not a regular file is refused before a
+    byte is read.
     """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    flags = (
+        os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    )
     try:
         descriptor = os.open(path, flags)
     except OSError as error:
         raise unreadable(error, path) from error
+    except ValueError as error:  # an embedded NUL byte
+        raise UnreadableFileError("invalid path (contains a NUL byte)") from error
     try:
         # Linux opens folders read-only without EISDIR, so the mode check covers them too.
         check_file_mode(os.fstat(descriptor).st_mode)

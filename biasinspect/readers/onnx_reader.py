@@ -1845,7 +1845,7 @@ def _check_looks_like_onnx(view: mmap.mmap) -> None:
         key = -1  # not even a tag
     if key < 0 or _MODEL_FIELDS.get(key >> 3) != key & 7:
         raise UnsupportedFormatError(
-            f"not an ONNX model: the first bytes ({bytes(view[:8]).hex(' ')}) do not start a ModelProto"
+            "not an ONNX model: the first bytes do not start a ModelProto"  # bytes never quoted
         )
 
 

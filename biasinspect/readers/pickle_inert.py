@@ -713,8 +713,8 @@ class _Source:
     def _past_end(self, n: int) -> Exception:
         if self._size_bound:
             return MalformedModelError(
-                f"malformed pickle: truncated (an opcode at byte {self.consumed} asks for {n:,} bytes "
-                "past the end)"
+                f"malformed pickle: truncated (an opcode at byte {self.consumed} asks for more bytes "
+                "than remain)"  # the count is the file's own bytes: never quoted
             )
         return ResourceLimitError(f"pickle is larger than the {self._max_bytes:,}-byte limit")
 
@@ -1137,7 +1137,7 @@ class InertUnpickler:
                 stack.append(self._ext(unpack("<i", read(4))[0]))
             else:
                 raise MalformedModelError(
-                    f"malformed pickle: unknown opcode 0x{op:02x} at byte {self._src.consumed - 1}"
+                    f"malformed pickle: unknown opcode at byte {self._src.consumed - 1}"
                 )
 
     # -- opcode semantics ----------------------------------------------------------------------

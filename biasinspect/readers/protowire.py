@@ -144,7 +144,7 @@ class _Walker:
             length, pos = self.varint(pos, end, what + " length")
             if length > end - pos:
                 raise MalformedModelError(
-                    f"truncated protobuf: {what} claims {length} bytes but only {end - pos} remain"
+                    f"truncated protobuf: {what} claims more than the {end - pos} bytes that remain"
                 )
             return pos + length
         if wire in (3, 4):
@@ -188,8 +188,8 @@ class _Walker:
             length, pos = self.varint(pos, end, f"{mtype.value} field {number} length")
             if length > end - pos:
                 raise MalformedModelError(
-                    f"truncated protobuf: {mtype.value} field {number} ({child.value}) claims {length} "
-                    f"bytes but only {end - pos} remain"
+                    f"truncated protobuf: {mtype.value} field {number} ({child.value}) claims more than "
+                    f"the {end - pos} bytes that remain"
                 )
             child_end = pos + length
             body = self.strip(pos, child_end, child, depth + 1)

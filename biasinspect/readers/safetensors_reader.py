@@ -86,12 +86,13 @@ def _read_header(path: Path) -> tuple[bytes, int]:
             (length,) = struct.unpack("<Q", prefix)
             if length > file_size - 8:
                 raise MalformedModelError(
-                    f"header length {length} exceeds the {file_size - 8} bytes after the 8-byte prefix"
+                    # The declared length is not quoted: these 8 bytes may not be a length at all
+                    # (a secret file named *.safetensors), and no message echoes a file's bytes.
+                    f"header length exceeds the {file_size - 8} bytes after the 8-byte prefix"
                 )
             if length > limits.MAX_SAFETENSORS_HEADER_BYTES:
                 raise ResourceLimitError(
-                    f"safetensors header of {length} bytes exceeds the"
-                    f" {limits.MAX_SAFETENSORS_HEADER_BYTES}-byte limit"
+                    f"safetensors header length exceeds the {limits.MAX_SAFETENSORS_HEADER_BYTES}-byte limit"
                 )
             header = handle.read(length)
     except OSError as error:

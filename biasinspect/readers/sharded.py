@@ -154,10 +154,14 @@ def read_sharded_index(index_path: Path) -> list[ModelDescription]:
     warnings: list[str] = []
     for shard in shards:
         path = paths[shard]
-        if not path.exists():
-            raise MalformedModelError(f"shard {quote(shard)} listed in the index does not exist")
         try:
-            tensors = reader(path)
+            tensors = reader(path)  # opened without blocking and checked on the descriptor
+        except UnreadableFileError as error:
+            if isinstance(error.__cause__, FileNotFoundError) and not path.is_symlink():
+                raise MalformedModelError(
+                    f"shard {quote(shard)} listed in the index does not exist"
+                ) from error
+            raise UnreadableFileError(f"shard {quote(shard)}: {error}") from error
         except BiasInspectError as error:
             raise type(error)(f"shard {quote(shard)}: {error}") from error
         # One warning per kind per shard, not one per tensor: a shard that repeats another's
