@@ -8,44 +8,25 @@ others.  Nothing is printed here and no exit codes exist here (that is the CLI's
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from biasinspect.analysis import analyze
-from biasinspect.detect import FileFormat, scan_folder, sniff
+from biasinspect.detect import scan_folder
 from biasinspect.errors import BiasInspectError, ResourceLimitError
 from biasinspect.model import InspectionFailure, ModelDescription, ModelReport, Report
-
-
-def _reader_for(file_format: FileFormat) -> Callable[[Path], list[ModelDescription]]:
-    # Imported on demand so that start-up stays light and onnx is imported only for ONNX files.
-    if file_format is FileFormat.ONNX:
-        from biasinspect.readers.onnx_reader import read_onnx
-
-        return read_onnx
-    if file_format is FileFormat.ZIP:
-        from biasinspect.readers.torch_reader import read_torch_zip
-
-        return read_torch_zip
-    if file_format is FileFormat.PICKLE:
-        from biasinspect.readers.torch_reader import read_pickle_file
-
-        return read_pickle_file
-    if file_format is FileFormat.SAFETENSORS:
-        from biasinspect.readers.safetensors_reader import read_safetensors
-
-        return read_safetensors
-    from biasinspect.readers.sharded import read_sharded_index
-
-    return read_sharded_index
+from biasinspect.registry import reader_for
+from biasinspect.source import LocalSource
 
 
 def read_file(path: Path) -> list[ModelDescription]:
-    """Read one model file (or shard index) into descriptions; raises BiasInspectError subclasses."""
-    reader = _reader_for(sniff(path))
+    """Read one model file (or shard index) into descriptions; raises BiasInspectError subclasses.
+    The reader is the one :func:`biasinspect.registry.reader_for` picks from the file's first bytes."""
+    with LocalSource(path) as source:
+        spec = reader_for(source)
     try:
-        return reader(path)
+        return spec.read(path)  # type: ignore[arg-type]  # readers move to ByteSource next
     except RecursionError as error:
         raise ResourceLimitError("structure nested too deeply to inspect") from error
     except MemoryError as error:

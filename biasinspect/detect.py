@@ -1,77 +1,21 @@
-"""Which reader a file needs, decided from its first bytes (the name only breaks ties).
+"""Finding model files in folders (which reader a file needs is :mod:`biasinspect.registry`'s job).
 
-Also: finding model files in folders.  Nothing here parses a model; it opens a file only to read
-its first bytes, and never opens anything that is not a regular file (a FIFO would block).
+Nothing here parses a model or opens anything that is not a regular file (a FIFO would block).
 """
 
 from __future__ import annotations
 
-import enum
 import os
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from biasinspect.errors import BiasInspectError, UnreadableFileError, UnsupportedFormatError
-from biasinspect.limits import MAX_SAFETENSORS_HEADER_BYTES, MAX_SCAN_FILES
+from biasinspect.errors import BiasInspectError, UnreadableFileError
+from biasinspect.limits import MAX_SCAN_FILES
 from biasinspect.readers.files import check_file_mode, unreadable
+from biasinspect.registry import INDEX_SUFFIXES, SAFETENSORS_INDEX_SUFFIX, scanned
 
-
-class FileFormat(str, enum.Enum):
-    """Container families, each served by one reader."""
-
-    ONNX = "onnx"
-    ZIP = "zip"
-    PICKLE = "pickle"
-    SAFETENSORS = "safetensors"
-    SHARD_INDEX = "shard-index"
-
-
-MODEL_SUFFIXES = frozenset(
-    {
-        ".onnx",
-        ".pt",
-        ".pth",
-        ".bin",
-        ".ckpt",
-        ".pt2",
-        ".safetensors",
-        ".pkl",
-        ".pickle",
-        ".ptl",
-        ".torchscript",
-        ".jit",
-    }
-)
-"""Suffixes a folder scan picks up (a file named explicitly is read whatever its name)."""
-
-SAFETENSORS_INDEX_SUFFIX = ".safetensors.index.json"
-INDEX_SUFFIXES = (SAFETENSORS_INDEX_SUFFIX, ".bin.index.json", ".pt.index.json", ".pth.index.json")
-"""Shard index names: a folder scan picks them up, and :mod:`biasinspect.readers.sharded` reads
-exactly these (the index name tells safetensors from PyTorch shards)."""
-
-_PICKLE_SUFFIXES = frozenset(
-    {".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".ptl", ".jit", ".torchscript"}
-)
-
-# Field tags a serialized ModelProto can start with (ir_version, producer_name, ..., graph, opset_import).
-_ONNX_FIRST_BYTES = frozenset({0x08, 0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72, 0xA2, 0xCA})
-
-_OTHER_MAGIC = (
-    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
-    (b"\xff\xd8\xff", "a JPEG image"),
-    (b"GIF8", "a GIF image"),
-    (b"%PDF", "a PDF document"),
-    (b"\x1f\x8b", "a gzip file"),
-    (b"\x7fELF", "an ELF executable"),
-    (b"BZh", "a bzip2 file"),
-    (b"\xfd7zXZ", "an xz file"),
-    (b"\x93NUMPY", "a NumPy .npy array"),
-    (b"\x89HDF", "an HDF5 file (Keras?)"),
-)
-
-_SNIFF_BYTES = 512
+__all__ = ["INDEX_SUFFIXES", "SAFETENSORS_INDEX_SUFFIX", "FoundPath", "check_regular_file", "scan_folder"]
 
 
 def check_regular_file(path: Path) -> os.stat_result:
@@ -84,76 +28,6 @@ def check_regular_file(path: Path) -> os.stat_result:
         raise UnreadableFileError("invalid path (contains a NUL byte)") from error
     check_file_mode(info.st_mode)
     return info
-
-
-def read_head(path: Path, count: int = _SNIFF_BYTES) -> bytes:
-    """The first ``count`` bytes of a regular file."""
-    check_regular_file(path)
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(count)
-    except PermissionError as error:
-        raise UnreadableFileError("permission denied") from error
-    except OSError as error:
-        raise UnreadableFileError(f"cannot read: {error.strerror or error}") from error
-
-
-def _looks_like_text(head: bytes) -> bool:
-    if not head:
-        return False
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return all(char.isprintable() or char in "\r\n\t\f" for char in text)
-
-
-def _safetensors_header_plausible(head: bytes, file_size: int) -> bool:
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    (header_length,) = struct.unpack("<Q", head[:8])
-    # A plausible length alone identifies the format even when it is wrong; the reader says why.
-    return bool(0 < header_length <= max(file_size, 4 * MAX_SAFETENSORS_HEADER_BYTES))
-
-
-def sniff(path: Path) -> FileFormat:
-    """Decide a file's container format from its content; the name breaks ties only."""
-    name = path.name.lower()
-    if name.endswith(INDEX_SUFFIXES):
-        check_regular_file(path)
-        return FileFormat.SHARD_INDEX
-    info = check_regular_file(path)
-    head = read_head(path)
-    if not head:
-        raise UnsupportedFormatError("empty file (0 bytes)")
-    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        return FileFormat.ZIP
-    # safetensors first: a header length of 640, 896, 1152 or 1408 (mod 65536) starts with the
-    # bytes of a pickle PROTO opcode, while no pickle has a '{' at byte 8 after a plausible length.
-    if _safetensors_header_plausible(head, info.st_size):
-        return FileFormat.SAFETENSORS
-    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
-        return FileFormat.PICKLE
-    suffix = path.suffix.lower()
-    for magic, description in _OTHER_MAGIC:
-        if head.startswith(magic):
-            raise UnsupportedFormatError(f"not a model file: the content is {description}")
-    if suffix == ".safetensors":
-        return FileFormat.SAFETENSORS
-    if _looks_like_text(head):
-        if suffix in _PICKLE_SUFFIXES and head[:1] in (b"(", b"c", b"}", b"]") and b"\n" in head:
-            return FileFormat.PICKLE  # protocol 0/1 pickles are text-like
-        what = "an ONNX model" if suffix == ".onnx" else "a model file"
-        raise UnsupportedFormatError(f"not {what}: the file is text")
-    if head[0] in _ONNX_FIRST_BYTES:
-        return FileFormat.ONNX
-    if suffix in _PICKLE_SUFFIXES and head[:1] in (b"(", b"c", b"}", b"]", b"\x80"):
-        return FileFormat.PICKLE
-    if suffix == ".onnx":
-        return FileFormat.ONNX
-    raise UnsupportedFormatError(
-        "not a recognised model format (ONNX, PyTorch zip/legacy/pickle, TorchScript, torch.export, safetensors)"
-    )
 
 
 @dataclass(frozen=True)
@@ -190,8 +64,7 @@ def scan_folder(folder: Path) -> Iterator[FoundPath]:
             if is_dir:
                 pending.append(entry_path)
                 continue
-            lowered = entry.name.lower()
-            if lowered.endswith(INDEX_SUFFIXES) or entry_path.suffix.lower() in MODEL_SUFFIXES:
+            if scanned(entry.name):
                 candidates.append(entry_path)
                 if len(candidates) > MAX_SCAN_FILES:
                     problems.append(

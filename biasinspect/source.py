@@ -58,6 +58,8 @@ class LocalSource:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.name = os.fspath(path)
+        if "\0" in self.name:
+            raise UnreadableFileError("invalid path (contains a NUL byte)")
         self._file = open_regular_file(self.path)
         try:
             self._size = os.fstat(self._file.fileno()).st_size
