@@ -17,20 +17,21 @@ from biasinspect.detect import scan_folder
 from biasinspect.errors import BiasInspectError, ResourceLimitError
 from biasinspect.model import InspectionFailure, ModelDescription, ModelReport, Report
 from biasinspect.registry import reader_for
-from biasinspect.source import LocalSource
+from biasinspect.source import open_source
 
 
 def read_file(path: Path) -> list[ModelDescription]:
     """Read one model file (or shard index) into descriptions; raises BiasInspectError subclasses.
     The reader is the one :func:`biasinspect.registry.reader_for` picks from the file's first bytes."""
-    with LocalSource(path) as source:
-        spec = reader_for(source)
+    source = open_source(path)
     try:
-        return spec.read(path)  # type: ignore[arg-type]  # readers move to ByteSource next
+        return reader_for(source).read(source)
     except RecursionError as error:
         raise ResourceLimitError("structure nested too deeply to inspect") from error
     except MemoryError as error:
         raise ResourceLimitError("out of memory while reading the file structure") from error
+    finally:
+        source.close()
 
 
 def inspect_file(path: Path) -> list[ModelReport]:

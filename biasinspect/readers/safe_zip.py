@@ -18,18 +18,15 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
 
 from biasinspect import limits
 from biasinspect.errors import (
     MalformedModelError,
     ResourceLimitError,
-    UnreadableFileError,
     UnsupportedFormatError,
 )
-from biasinspect.readers.files import open_regular_file
+from biasinspect.source import ByteSource, LocalSource, Location
 
 __all__ = ["MAX_CENTRAL_DIRECTORY_BYTES", "SafeZip", "ZipEntry"]
 
@@ -72,15 +69,19 @@ class SafeZip:
     whole directory structure but decompresses nothing.
     """
 
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        self._file: BinaryIO = open_regular_file(self.path)  # closed by close()/__exit__
+    def __init__(self, location: Location) -> None:
+        # A path is opened here and closed by close(); a given source stays its owner's to close.
+        self._owned = isinstance(location, (str, os.PathLike))
+        self._source: ByteSource = (
+            LocalSource(location) if isinstance(location, (str, os.PathLike)) else location
+        )
+        self.name = self._source.name
         self._total_read = 0
         try:
-            self._size = os.fstat(self._file.fileno()).st_size
+            self._size = self._source.size
             self._entries = self._parse()
         except BaseException:
-            self._file.close()
+            self.close()
             raise
         self._by_name = {entry.name: entry for entry in self._entries}
 
@@ -128,8 +129,9 @@ class SafeZip:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the underlying file."""
-        self._file.close()
+        """Close the underlying file (when this archive opened it)."""
+        if self._owned:
+            self._source.close()
 
     def __enter__(self) -> SafeZip:
         return self
@@ -147,11 +149,7 @@ class SafeZip:
     def _read_at(self, offset: int, n: int, what: str) -> bytes:
         if offset < 0 or n < 0 or offset + n > self._size:
             raise MalformedModelError(f"truncated zip: {what} extends past the end of the file")
-        try:
-            self._file.seek(offset)
-            data = self._file.read(n)
-        except OSError as e:
-            raise UnreadableFileError(f"read error: {e.strerror or e}") from e
+        data = self._source.read_at(offset, n)
         if len(data) != n:
             raise MalformedModelError(f"truncated zip: {what} extends past the end of the file")
         return data
@@ -331,9 +329,9 @@ class SafeZip:
         if offset + remaining > self._size:
             raise MalformedModelError(f"truncated zip: member {name!r} extends past the end of the file")
         try:
-            self._file.seek(offset)
             while remaining > 0 and not inflater.eof:
-                chunk = self._file.read(min(_CHUNK, remaining))
+                chunk = self._source.read_at(offset, min(_CHUNK, remaining))
+                offset += len(chunk)
                 if not chunk:
                     raise MalformedModelError(
                         f"truncated zip: member {name!r} extends past the end of the file"
@@ -352,8 +350,6 @@ class SafeZip:
                         break
         except zlib.error as e:
             raise MalformedModelError(f"zip member {name!r}: corrupt deflate data ({e})") from e
-        except OSError as e:
-            raise UnreadableFileError(f"read error: {e.strerror or e}") from e
         if not inflater.eof or len(out) != entry.size:
             raise MalformedModelError(f"zip member {name!r}: deflate stream ends early (truncated)")
         return bytes(out)
