@@ -89,3 +89,32 @@ def _shards_of(index_path: Path) -> list[Path]:
         return [Path(os.path.normpath(shard)) for shard in shard_files(index_path)]
     except (BiasInspectError, OSError, ValueError):
         return []  # a broken index is reported when it is read; its shards then stand alone
+
+
+def scan_remote_folder(
+    url: str, files: list[str], *, timeout: float | None = None
+) -> list[tuple[str, str | None]]:
+    """The model files among a remote folder's listing (``files``: URLs), with the rules of
+    :func:`scan_folder`: the same suffixes, and shards an index covers left to that index.
+
+    Returns ``(url, problem)`` pairs; the problem is ``None`` for a file to read.
+    """
+    from biasinspect.readers.sharded import shard_names
+    from biasinspect.registry import base_name
+    from biasinspect.remote import join_url, open_remote
+
+    candidates = [name for name in files if scanned(base_name(name))]
+    problems: list[tuple[str, str | None]] = []
+    if len(candidates) > MAX_SCAN_FILES:
+        candidates = candidates[:MAX_SCAN_FILES]
+        problems.append((url, f"more than {MAX_SCAN_FILES:,} model files; scan stopped"))
+    covered: set[str] = set()
+    for candidate in candidates:
+        if base_name(candidate).endswith(INDEX_SUFFIXES):
+            try:
+                with open_remote(candidate, timeout=timeout) as index:
+                    covered.update(join_url(candidate, shard) for shard in shard_names(index))
+            except BiasInspectError:
+                pass  # a broken index is reported when it is read; its shards then stand alone
+    found: list[tuple[str, str | None]] = [(name, None) for name in sorted(candidates) if name not in covered]
+    return found + problems

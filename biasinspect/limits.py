@@ -40,3 +40,7 @@ MAX_ONNX_STRIPPED_BYTES = 1024 * 1024 * 1024
 
 MAX_SCAN_FILES = 100_000
 """Most files a folder scan will look at."""
+
+MAX_FETCHED_BYTES = 1280 * 1024 * 1024
+"""Most bytes fetched from one remote file (the largest cap above, an ONNX graph structure, plus
+room for the blocks around it); a server ignoring Range requests is refused long before."""

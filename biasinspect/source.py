@@ -206,8 +206,12 @@ def is_url(location: str | os.PathLike[str]) -> bool:
     return bool(separator) and scheme.replace("+", "").replace("-", "").replace(".", "").isalnum()
 
 
-def open_source(location: str | os.PathLike[str]) -> ByteSource:
-    """A :class:`ByteSource` for a local path (URLs arrive with issue 10)."""
+def open_source(location: str | os.PathLike[str], *, timeout: float | None = None) -> ByteSource:
+    """A :class:`ByteSource` for a local path or a URL (``timeout``: seconds per network request)."""
+    if is_url(location):
+        from biasinspect.remote import open_remote
+
+        return open_remote(os.fspath(location), timeout=timeout)
     return LocalSource(location)
 
 
