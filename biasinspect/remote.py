@@ -116,7 +116,9 @@ def _join(url: str, relative: str) -> str:
     applies); OutsideFolderError if the result leaves that folder."""
     parts = urllib.parse.urlsplit(url)
     folder = posixpath.dirname(parts.path) + "/"
-    joined = posixpath.normpath(posixpath.join(folder, urllib.parse.quote(relative, safe="/-_.~")))
+    # A URL path is percent-encoded; an fsspec path (an S3 key) is not.
+    encoded = urllib.parse.quote(relative, safe="/-_.~") if parts.scheme in ("http", "https") else relative
+    joined = posixpath.normpath(posixpath.join(folder, encoded))
     if not joined.startswith(folder) or relative.startswith(("/", "\\")):
         raise OutsideFolderError(f"{relative!r} lies outside the model's folder")
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, joined, parts.query, ""))
@@ -389,7 +391,8 @@ class RemoteSource:
     def _fetch(self, start: int, end: int) -> bytes:
         if self.fetched + (end - start) > limits.MAX_FETCHED_BYTES:
             raise ResourceLimitError(
-                f"reading this file would fetch more than {limits.MAX_FETCHED_BYTES // (1024 * 1024):,} MiB"
+                f"reading this file would fetch more than {limits.MAX_FETCHED_BYTES:,} bytes"
+                " (the limit for one remote file)"
             )
         self.requests += 1
         self.fetched += end - start

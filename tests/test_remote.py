@@ -22,6 +22,7 @@ from remote_servers import WebServer, s3_server, web_server
 from safetensors.torch import save_file
 from torch import nn
 
+from biasinspect import limits
 from biasinspect.cli import main
 from biasinspect.remote import BLOCK_SIZE, MAX_UNRANGED_BYTES, redact
 
@@ -253,6 +254,19 @@ def test_server_ignoring_range_serves_a_small_file_whole(models: Path, web: WebS
     assert (code, err) == (0, "")
     assert web.log.requests == 1
     assert web.log.body_bytes == (models / "sharded/model-00001-of-00002.safetensors").stat().st_size
+
+
+def test_fetched_bytes_are_capped(web: WebServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(limits, "MAX_FETCHED_BYTES", 3 * BLOCK_SIZE)
+    web.log.reset()
+    url = web.url("zip.pt")
+    assert _run(url) == (
+        2,
+        "",
+        f"biasinspect: {url}: reading this file would fetch more than {3 * BLOCK_SIZE:,} bytes"
+        " (the limit for one remote file)\n",
+    )
+    assert web.log.body_bytes <= 3 * BLOCK_SIZE
 
 
 def test_timeout_option(web: WebServer) -> None:
