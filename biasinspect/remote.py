@@ -316,14 +316,27 @@ def fsspec_filesystem(url: str, timeout: float) -> tuple[Any, str]:
     try:
         return fsspec.core.url_to_fs(url, **_storage_options(protocol, timeout))  # type: ignore[no-any-return]
     except ImportError as error:
-        raise UnreadableFileError(
-            f"reading {protocol}:// URLs needs its fsspec back end: {INSTALL_HINT} (s3://), or the"
-            f" package fsspec names for {protocol}://"
-        ) from error
+        raise UnreadableFileError(_missing_back_end(protocol)) from error
     except ValueError as error:
         if "protocol" in str(error).lower():
             raise UsageError(f"unknown URL scheme {protocol!r}") from error
         raise UsageError(f"invalid URL ({type(error).__name__})") from error
+
+
+def _missing_back_end(protocol: str) -> str:
+    """The one line for a protocol whose fsspec back end is not installed, naming its package."""
+    if protocol in ("s3", "s3a"):
+        return f"reading {protocol}:// URLs needs the remote extra: {INSTALL_HINT}"
+    try:
+        from fsspec.registry import known_implementations
+
+        class_path = str(known_implementations.get(protocol, {}).get("class", ""))
+    except ImportError:
+        class_path = ""
+    package = class_path.split(".", 1)[0] if class_path else ""
+    if package:
+        return f"reading {protocol}:// URLs needs the {package} package: pip install {package}"
+    return f"reading {protocol}:// URLs needs an fsspec back end for {protocol}:// that is not installed"
 
 
 class _FsspecFetcher:
