@@ -24,6 +24,7 @@ import http.client
 import posixpath
 import re
 import socket
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -143,6 +144,9 @@ def _network_error(error: BaseException, timeout: float) -> UnreadableFileError:
     reason: object = error.reason if isinstance(error, urllib.error.URLError) else error
     if isinstance(reason, (TimeoutError, socket.timeout)) or "timed out" in str(reason):
         return UnreadableFileError(f"timed out after {timeout:g} s (raise it with --timeout)")
+    if isinstance(reason, ssl.SSLError):
+        detail = getattr(reason, "verify_message", None) or reason.reason or type(reason).__name__
+        return UnreadableFileError(f"TLS error: {detail}")
     if isinstance(reason, ConnectionRefusedError):
         return UnreadableFileError("cannot connect: connection refused")
     if isinstance(reason, socket.gaierror):

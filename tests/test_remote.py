@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -227,6 +228,14 @@ def test_redirect_is_followed_like_a_hub_resolve_url(models: Path, web: WebServe
 def test_http_errors_are_one_line(web: WebServer, code: int, message: str) -> None:
     url = web.url("model.safetensors", f"status/{code}")
     assert _run(url) == (2, "", f"biasinspect: {url}: {message}\n")
+
+
+def test_connection_refused_is_one_line() -> None:
+    with socket.socket() as probe:  # a port that was just free: nothing listens on it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/model.onnx"
+    assert _run(url) == (2, "", f"biasinspect: {url}: cannot connect: connection refused\n")
 
 
 def test_server_ignoring_range_is_refused_without_downloading_the_file(models: Path, web: WebServer) -> None:
