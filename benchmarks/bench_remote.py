@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         with web_server(workdir) as web:
             for label, (name, size) in files.items():
                 for mode in ("files", "redirect"):
-                    web.log.reset()
+                    web.reset()
                     out, err = io.StringIO(), io.StringIO()
                     start = time.perf_counter()
                     code = biasinspect_main([web.url(name, mode), "--format", "json"], stdout=out, stderr=err)

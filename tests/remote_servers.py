@@ -84,6 +84,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:
+        with self.server.log.lock:
+            self.server.active += 1
+        try:
+            self._answer()
+        finally:
+            with self.server.log.lock:
+                self.server.active -= 1
+
+    def _answer(self) -> None:
         self._count()
         path = self.path.split("?", 1)[0]
         parts = path.lstrip("/").split("/")
@@ -144,6 +153,8 @@ class _Server(http.server.ThreadingHTTPServer):
         self.root = root
         self.log = ServerLog()
         self.slow_seconds = 2.0
+        self.active = 0
+        """Requests being answered (a hung-up client's response may still be failing to send)."""
 
 
 @dataclass
@@ -163,6 +174,14 @@ class WebServer:
 
     def url(self, name: str, mode: str = "files") -> str:
         return f"{self.base}/{mode}/{name}"
+
+    def reset(self) -> None:
+        """Wait (at most 10 s) until no request is being answered, then zero the counts, so that a
+        previous test's unfinished response is not counted in the next one."""
+        deadline = time.monotonic() + 10
+        while self.server.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.log.reset()
 
     def set_slow(self, seconds: float) -> None:
         self.server.slow_seconds = seconds

@@ -166,7 +166,7 @@ def test_url_report_equals_local_report_within_budget(
 ) -> None:
     local_code, local_out, local_err = _run(str(models / name), "--format", "json")
     assert (local_code, local_err) == (0, "")
-    web.log.reset()
+    web.reset()
     code, out, err = _run(web.url(name), "--format", "json")
     assert (code, err) == (0, "")
     remote = json.loads(out)
@@ -195,7 +195,7 @@ def test_url_report_equals_local_report_within_budget(
 
 def test_remote_onnx_never_fetches_raw_data_ranges(models: Path, web: WebServer) -> None:
     """Only blocks around tensor headers are fetched: far fewer bytes than one conv's weights."""
-    web.log.reset()
+    web.reset()
     assert _run(web.url("inline.onnx"))[0] == 0
     biggest = 384 * 384 * 9 * 4
     assert web.log.body_bytes < biggest / 4
@@ -204,13 +204,13 @@ def test_remote_onnx_never_fetches_raw_data_ranges(models: Path, web: WebServer)
 
 def test_redirect_is_followed_like_a_hub_resolve_url(models: Path, web: WebServer) -> None:
     direct = json.loads(_run(web.url("model.safetensors"), "-f", "json")[1])
-    web.log.reset()
+    web.reset()
     code, out, err = _run(web.url("model.safetensors", "redirect"), "-f", "json")
     assert (code, err) == (0, "")
     assert _without_paths(json.loads(out)) == _without_paths(direct)
     assert web.log.paths == ["GET /redirect/model.safetensors", "GET /files/model.safetensors"]
     # Later ranges go straight to the redirect's target.
-    web.log.reset()
+    web.reset()
     assert _run(web.url("zip.pt", "redirect"))[0] == 0
     assert web.log.paths[:2] == ["GET /redirect/zip.pt", "GET /files/zip.pt"]
     assert all(path == "GET /files/zip.pt" for path in web.log.paths[1:])
@@ -244,7 +244,7 @@ def test_server_ignoring_range_is_refused_without_downloading_the_file(models: P
     with open(big, "ab") as handle:  # past the cap; the header's lengths no longer matter
         handle.truncate(MAX_UNRANGED_BYTES + 1024 * 1024)
     size = big.stat().st_size
-    web.log.reset()
+    web.reset()
     url = web.url(big.name, "norange")
     code, out, err = _run(url)
     assert (code, out) == (2, "")
@@ -258,7 +258,7 @@ def test_server_ignoring_range_is_refused_without_downloading_the_file(models: P
 
 
 def test_server_ignoring_range_serves_a_small_file_whole(models: Path, web: WebServer) -> None:
-    web.log.reset()
+    web.reset()
     code, _out, err = _run(web.url("sharded/model-00001-of-00002.safetensors", "norange"), "-f", "json")
     assert (code, err) == (0, "")
     assert web.log.requests == 1
@@ -267,7 +267,7 @@ def test_server_ignoring_range_serves_a_small_file_whole(models: Path, web: WebS
 
 def test_fetched_bytes_are_capped(web: WebServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(limits, "MAX_FETCHED_BYTES", 3 * BLOCK_SIZE)
-    web.log.reset()
+    web.reset()
     url = web.url("zip.pt")
     assert _run(url) == (
         2,
