@@ -57,7 +57,10 @@ def _build_inspect_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok, 1 a --fail-on policy matched, 2 a path could not be inspected or bad usage.",
     )
     parser.add_argument(
-        "paths", nargs="+", metavar="PATH", help="model files or folders (scanned recursively)"
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="model files or folders (scanned recursively), or URLs (https://, s3://, ...)",
     )
     parser.add_argument(
         "--format", "-f", choices=OUTPUT_FORMATS, default="table", help="output format (default: table)"
@@ -76,8 +79,25 @@ def _build_inspect_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output", "-o", metavar="FILE", help="write the report to FILE instead of standard output"
     )
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="for URLs: seconds each network request may take (default: 30)",
+    )
     parser.add_argument("--version", action="version", version=f"biasinspect {__version__}")
     return parser
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"timeout must be a positive number of seconds, not {text!r}")
+    return value
 
 
 def _dims(text: str) -> list[int]:
@@ -253,7 +273,7 @@ def _run_inspect(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
     args = _build_inspect_parser().parse_args(list(argv))
     allow_light_onnx_import()  # this process is ours: skip the parts of `import onnx` we never use
     kinds = {kind for group in args.fail_on for kind in group}
-    report = inspect_paths_for_cli(args.paths)
+    report = inspect_paths_for_cli(args.paths, timeout=args.timeout)
     _emit(render(report, args.format), args.output, stdout)
     for failure in report.errors:
         stderr.write(f"biasinspect: {display_path(failure.path)}: {printable(failure.message)}\n")

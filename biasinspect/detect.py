@@ -1,89 +1,34 @@
-"""Which reader a file needs, decided from its first bytes (the name only breaks ties).
+"""Finding model files in folders (which reader a file needs is :mod:`biasinspect.registry`'s job).
 
-Also: finding model files in folders.  Nothing here parses a model; it opens a file only to read
-its first bytes, without blocking, and reads nothing from what is not a regular file.
+Nothing here parses a model; it opens a file only to read its first bytes (an ``.xml`` found by a
+scan, to see whether it is an OpenVINO IR), without blocking, and reads nothing from what is not
+a regular file.
 """
 
 from __future__ import annotations
 
-import enum
 import os
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from biasinspect.errors import BiasInspectError, UnreadableFileError, UnsupportedFormatError
-from biasinspect.limits import MAX_SAFETENSORS_HEADER_BYTES, MAX_SCAN_FILES
-from biasinspect.readers.coreml_reader import sniff_coreml
+from biasinspect.errors import BiasInspectError, UnreadableFileError
+from biasinspect.limits import MAX_SCAN_FILES
 from biasinspect.readers.files import open_regular_file
 from biasinspect.readers.openvino_reader import sniff_openvino
+from biasinspect.registry import INDEX_SUFFIXES, SAFETENSORS_INDEX_SUFFIX, SNIFF_BYTES, scanned
+
+__all__ = [
+    "INDEX_SUFFIXES",
+    "SAFETENSORS_INDEX_SUFFIX",
+    "FoundPath",
+    "read_head",
+    "scan_folder",
+    "scan_remote_folder",
+]
 
 
-class FileFormat(str, enum.Enum):
-    """Container families, each served by one reader."""
-
-    ONNX = "onnx"
-    ZIP = "zip"
-    PICKLE = "pickle"
-    SAFETENSORS = "safetensors"
-    SHARD_INDEX = "shard-index"
-    NUMPY = "numpy"
-    OPENVINO = "openvino"
-    COREML = "coreml"
-    COREML_PACKAGE = "coreml-package"
-
-
-MODEL_SUFFIXES = frozenset(
-    {
-        ".onnx",
-        ".pt",
-        ".pth",
-        ".bin",
-        ".ckpt",
-        ".pt2",
-        ".safetensors",
-        ".pkl",
-        ".pickle",
-        ".ptl",
-        ".torchscript",
-        ".jit",
-        ".npz",
-        ".npy",
-        ".xml",
-        ".mlmodel",
-    }
-)
-"""Suffixes a folder scan picks up (a file named explicitly is read whatever its name)."""
-
-SAFETENSORS_INDEX_SUFFIX = ".safetensors.index.json"
-INDEX_SUFFIXES = (SAFETENSORS_INDEX_SUFFIX, ".bin.index.json", ".pt.index.json", ".pth.index.json")
-"""Shard index names: a folder scan picks them up, and :mod:`biasinspect.readers.sharded` reads
-exactly these (the index name tells safetensors from PyTorch shards)."""
-
-_PICKLE_SUFFIXES = frozenset(
-    {".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".ptl", ".jit", ".torchscript"}
-)
-
-# Field tags a serialized ModelProto can start with (ir_version, producer_name, ..., graph, opset_import).
-_ONNX_FIRST_BYTES = frozenset({0x08, 0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72, 0xA2, 0xCA})
-
-_OTHER_MAGIC = (
-    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
-    (b"\xff\xd8\xff", "a JPEG image"),
-    (b"GIF8", "a GIF image"),
-    (b"%PDF", "a PDF document"),
-    (b"\x1f\x8b", "a gzip file"),
-    (b"\x7fELF", "an ELF executable"),
-    (b"BZh", "a bzip2 file"),
-    (b"\xfd7zXZ", "an xz file"),
-    (b"\x89HDF", "an HDF5 file (Keras?)"),
-)
-
-_SNIFF_BYTES = 512
-
-
-def read_head(path: Path, count: int = _SNIFF_BYTES) -> tuple[bytes, int]:
+def read_head(path: Path, count: int = SNIFF_BYTES) -> tuple[bytes, int]:
     """The first ``count`` bytes of a regular file, and its size.
 
     The file is opened without blocking and checked on the open descriptor (never stat-then-open:
@@ -94,80 +39,6 @@ def read_head(path: Path, count: int = _SNIFF_BYTES) -> tuple[bytes, int]:
             return handle.read(count), os.fstat(handle.fileno()).st_size
         except OSError as error:
             raise UnreadableFileError(f"cannot read: {error.strerror or error}") from error
-
-
-def _looks_like_text(head: bytes) -> bool:
-    if not head:
-        return False
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return all(char.isprintable() or char in "\r\n\t\f" for char in text)
-
-
-def _safetensors_header_plausible(head: bytes, file_size: int) -> bool:
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    (header_length,) = struct.unpack("<Q", head[:8])
-    # A plausible length alone identifies the format even when it is wrong; the reader says why.
-    return bool(0 < header_length <= max(file_size, 4 * MAX_SAFETENSORS_HEADER_BYTES))
-
-
-def _first_zip_member(head: bytes) -> str:
-    """The name in a zip's first local header, when ``head`` holds it (else "")."""
-    if not head.startswith(b"PK\x03\x04") or len(head) < 30:
-        return ""
-    (name_length,) = struct.unpack_from("<H", head, 26)
-    return head[30 : 30 + name_length].decode("cp437")
-
-
-def sniff(path: Path) -> FileFormat:
-    """Decide a file's container format from its content; the name breaks ties only."""
-    name = path.name.lower()
-    if name.endswith(".mlpackage") and path.is_dir():
-        return FileFormat.COREML_PACKAGE
-    if name.endswith(INDEX_SUFFIXES):
-        with open_regular_file(path):
-            return FileFormat.SHARD_INDEX
-    head, size = read_head(path)
-    if not head:
-        raise UnsupportedFormatError("empty file (0 bytes)")
-    if head.startswith(b"\x93NUMPY") or _first_zip_member(head).endswith(".npy"):
-        return FileFormat.NUMPY  # np.save / np.savez (a zip of .npy arrays)
-    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        return FileFormat.ZIP
-    # safetensors first: a header length of 640, 896, 1152 or 1408 (mod 65536) starts with the
-    # bytes of a pickle PROTO opcode, while no pickle has a '{' at byte 8 after a plausible length.
-    if _safetensors_header_plausible(head, size):
-        return FileFormat.SAFETENSORS
-    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
-        return FileFormat.PICKLE
-    suffix = path.suffix.lower()
-    for magic, description in _OTHER_MAGIC:
-        if head.startswith(magic):
-            raise UnsupportedFormatError(f"not a model file: the content is {description}")
-    if suffix == ".safetensors":
-        return FileFormat.SAFETENSORS
-    if sniff_openvino(head):
-        return FileFormat.OPENVINO
-    if sniff_coreml(head) or (suffix == ".mlmodel" and head[:1] == b"\x08"):
-        return FileFormat.COREML
-    if _looks_like_text(head):
-        if suffix in _PICKLE_SUFFIXES and head[:1] in (b"(", b"c", b"}", b"]") and b"\n" in head:
-            return FileFormat.PICKLE  # protocol 0/1 pickles are text-like
-        what = "an ONNX model" if suffix == ".onnx" else "a model file"
-        raise UnsupportedFormatError(f"not {what}: the file is text")
-    if head[0] in _ONNX_FIRST_BYTES:
-        return FileFormat.ONNX
-    if suffix in _PICKLE_SUFFIXES and head[:1] in (b"(", b"c", b"}", b"]", b"\x80"):
-        return FileFormat.PICKLE
-    if suffix == ".onnx":
-        return FileFormat.ONNX
-    raise UnsupportedFormatError(
-        "not a recognised model format (ONNX, PyTorch zip/legacy/pickle, TorchScript, torch.export, "
-        "safetensors, NumPy .npy/.npz)"
-    )
 
 
 @dataclass(frozen=True)
@@ -217,10 +88,9 @@ def scan_folder(folder: Path) -> Iterator[FoundPath]:
             if is_dir:
                 pending.append(entry_path)
                 continue
-            lowered = entry.name.lower()
             if entry_path.suffix.lower() == ".xml" and not _is_openvino_xml(entry_path):
                 continue  # only XML whose root is an OpenVINO <net> is a model
-            if lowered.endswith(INDEX_SUFFIXES) or entry_path.suffix.lower() in MODEL_SUFFIXES:
+            if scanned(entry.name):
                 if _link_leaves(entry, root):
                     problems.append(FoundPath(entry_path, LINK_OUTSIDE_PROBLEM))
                     continue
@@ -270,3 +140,32 @@ def _shards_of(index_path: Path) -> list[Path]:
         return [Path(os.path.normpath(shard)) for shard in shard_files(index_path)]
     except (BiasInspectError, OSError, ValueError):
         return []  # a broken index is reported when it is read; its shards then stand alone
+
+
+def scan_remote_folder(
+    url: str, files: list[str], *, timeout: float | None = None
+) -> list[tuple[str, str | None]]:
+    """The model files among a remote folder's listing (``files``: URLs), with the rules of
+    :func:`scan_folder`: the same suffixes, and shards an index covers left to that index.
+
+    Returns ``(url, problem)`` pairs; the problem is ``None`` for a file to read.
+    """
+    from biasinspect.readers.sharded import shard_names
+    from biasinspect.registry import base_name
+    from biasinspect.remote import join_url, open_remote
+
+    candidates = [name for name in files if scanned(base_name(name))]
+    problems: list[tuple[str, str | None]] = []
+    if len(candidates) > MAX_SCAN_FILES:
+        candidates = candidates[:MAX_SCAN_FILES]
+        problems.append((url, f"more than {MAX_SCAN_FILES:,} model files; scan stopped"))
+    covered: set[str] = set()
+    for candidate in candidates:
+        if base_name(candidate).endswith(INDEX_SUFFIXES):
+            try:
+                with open_remote(candidate, timeout=timeout) as index:
+                    covered.update(join_url(candidate, shard) for shard in shard_names(index))
+            except BiasInspectError:
+                pass  # a broken index is reported when it is read; its shards then stand alone
+    found: list[tuple[str, str | None]] = [(name, None) for name in sorted(candidates) if name not in covered]
+    return found + problems

@@ -50,3 +50,6 @@ a reader's number past it is refused as unsupported rather than printed or multi
 
 MAX_RANK = 64
 """Most dimensions in one shape analysed (real convs have 3 to 5)."""
+MAX_FETCHED_BYTES = 1280 * 1024 * 1024
+"""Most bytes fetched from one remote file (the largest cap above, an ONNX graph structure, plus
+room for the blocks around it); a server ignoring Range requests is refused long before."""

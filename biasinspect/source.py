@@ -10,21 +10,38 @@ Contract every implementation keeps:
 * ``read_at(offset, length)`` returns exactly ``length`` bytes, or fewer only at the end of the
   file, and never reads past the caps in :mod:`biasinspect.limits`;
 * ``name`` is what messages show (for a URL: credentials redacted);
+* ``view()`` is a read-only buffer over the whole file (``len``, indexing and slicing) for
+  readers that walk a structure in place: an ``mmap`` locally (zero-copy; pages never touched
+  are never read), a lazily fetched block cache remotely (only the blocks indexed are fetched);
 * ``sibling(relative)`` opens another file next to this one (a shard, an ``.mlpackage`` member),
   refusing names that climb out of the source's folder;
 * nothing here interprets the bytes.
+
+Readers take ``ByteSource | path``: :func:`opened` turns a path into a :class:`LocalSource` (and
+closes it) and passes a source through untouched, so tests and callers may hand either.
 """
 
 from __future__ import annotations
 
 import io
+import mmap
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol, runtime_checkable
+from typing import Protocol, SupportsIndex, overload, runtime_checkable
 
 from biasinspect.errors import UnreadableFileError
 from biasinspect.readers.files import open_regular_file
+
+
+class NotFoundError(UnreadableFileError):
+    """The file does not exist (no such local file; HTTP 404; no such object)."""
+
+
+class OutsideFolderError(UnreadableFileError):
+    """A sibling name that leads out of the source's folder."""
 
 
 @runtime_checkable
@@ -43,13 +60,35 @@ class ByteSource(Protocol):
         """``length`` bytes from ``offset`` (fewer only at the end of the file)."""
         ...
 
+    def view(self) -> Buffer:
+        """A read-only buffer over the whole file (valid until ``close``)."""
+        ...
+
     def sibling(self, relative: str) -> ByteSource:
         """Another source next to this one (``relative`` may not climb out of this folder)."""
+        ...
+
+    def locate(self, relative: str) -> str:
+        """The name ``sibling(relative)`` would have (nothing is opened or checked)."""
         ...
 
     def close(self) -> None:
         """Release the file descriptor or connection."""
         ...
+
+
+class Buffer(Protocol):
+    """The read-only buffer protocol readers walk: ``len``, ``buf[i]`` and ``buf[a:b]``."""
+
+    def __len__(self) -> int: ...
+
+    @overload
+    def __getitem__(self, index: SupportsIndex) -> int: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> bytes | memoryview: ...
+
+    def __getitem__(self, index: SupportsIndex | slice) -> int | bytes | memoryview: ...
 
 
 class LocalSource:
@@ -58,7 +97,10 @@ class LocalSource:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.name = os.fspath(path)
+        if "\0" in self.name:
+            raise UnreadableFileError("invalid path (contains a NUL byte)")
         self._file = open_regular_file(self.path)
+        self._map: mmap.mmap | None = None
         try:
             self._size = os.fstat(self._file.fileno()).st_size
         except OSError as error:
@@ -84,6 +126,21 @@ class LocalSource:
         except OSError as error:
             raise UnreadableFileError(f"cannot read: {error.strerror or error}") from error
 
+    def view(self) -> Buffer:
+        """An ``mmap`` of the file: zero-copy, and pages never indexed are never read."""
+        if self._size == 0:
+            return b""
+        if self._map is None:
+            try:
+                self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as error:
+                raise UnreadableFileError(f"cannot map the file: {error}") from error
+        return self._map
+
+    def locate(self, relative: str) -> str:
+        """``relative`` joined to this file's folder, normalised (nothing is opened)."""
+        return os.path.normpath(os.path.join(self.path.parent, relative))
+
     def sibling(self, relative: str) -> LocalSource:
         """Open ``relative`` next to this file; names that climb out of its folder are refused."""
         folder = self.path.parent
@@ -91,11 +148,16 @@ class LocalSource:
         resolved_folder = os.path.realpath(folder)
         resolved = os.path.realpath(candidate)
         if os.path.commonpath([resolved_folder, resolved]) != resolved_folder:
-            raise UnreadableFileError(f"{relative!r} lies outside the model's folder")
+            raise OutsideFolderError(f"{relative!r} lies outside the model's folder")
+        if not candidate.exists():
+            raise NotFoundError("no such file or directory")
         return LocalSource(candidate)
 
     def close(self) -> None:
-        """Close the descriptor."""
+        """Close the map and the descriptor."""
+        if self._map is not None:
+            self._map.close()
+            self._map = None
         self._file.close()
 
     def __enter__(self) -> LocalSource:
@@ -137,9 +199,55 @@ class SourceFile(io.RawIOBase):
         return len(data)
 
 
-def open_source(location: str | os.PathLike[str]) -> ByteSource:
-    """A :class:`ByteSource` for a local path (URLs arrive with issue 10)."""
+def is_url(location: str | os.PathLike[str]) -> bool:
+    """``location`` is a URL (``scheme://...``) rather than a local path."""
+    text = os.fspath(location)
+    scheme, separator, _rest = text.partition("://")
+    return bool(separator) and scheme.replace("+", "").replace("-", "").replace(".", "").isalnum()
+
+
+def open_source(location: str | os.PathLike[str], *, timeout: float | None = None) -> ByteSource:
+    """A :class:`ByteSource` for a local path or a URL (``timeout``: seconds per network request)."""
+    if is_url(location):
+        from biasinspect.remote import open_remote
+
+        return open_remote(os.fspath(location), timeout=timeout)
     return LocalSource(location)
 
 
-__all__ = ["ByteSource", "LocalSource", "SourceFile", "open_source"]
+Location = ByteSource | str | os.PathLike[str]
+"""What a reader entry point accepts: an open source, or a local path."""
+
+
+@contextmanager
+def opened(location: Location) -> Iterator[ByteSource]:
+    """``location`` as a source: a given source is passed through (and left open); a path is
+    opened as a :class:`LocalSource` and closed afterwards."""
+    if isinstance(location, (str, os.PathLike)):
+        source = LocalSource(location)
+        try:
+            yield source
+        finally:
+            source.close()
+    else:
+        yield location
+
+
+def buffered(source: ByteSource, buffer_size: int = 64 * 1024) -> io.BufferedReader:
+    """A buffered, seekable file object over ``source`` (for stream consumers such as pickles)."""
+    return io.BufferedReader(SourceFile(source), buffer_size=buffer_size)
+
+
+__all__ = [
+    "Buffer",
+    "ByteSource",
+    "LocalSource",
+    "Location",
+    "NotFoundError",
+    "OutsideFolderError",
+    "SourceFile",
+    "buffered",
+    "is_url",
+    "open_source",
+    "opened",
+]

@@ -27,11 +27,11 @@ from biasinspect.errors import (
     UnsupportedFormatError,
 )
 from biasinspect.model import BiasSource, BiasTerm
-from biasinspect.readers import safetensors_reader
 from biasinspect.readers.safetensors_reader import read_safetensors, tensors_from_safetensors
 from biasinspect.readers.sharded import read_sharded_index, shard_files
 from biasinspect.readers.state_dict import describe_state_dict
 from biasinspect.readers.tensors import TensorInfo
+from biasinspect.source import LocalSource
 
 
 def write_raw(path: Path, header: bytes | str, data: bytes = b"") -> Path:
@@ -148,35 +148,21 @@ def test_int8_conv_weight_is_not_a_parameter(tmp_path: Path) -> None:
     assert description.warnings[0].startswith("q.weight: int8 tensor of shape [8, 3, 3, 3] skipped")
 
 
-def test_reads_only_the_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reads_only_the_header(tmp_path: Path) -> None:
     path = tmp_path / "big.safetensors"
     save_file({"conv.weight": torch.zeros(64, 64, 3, 3)}, str(path))
     (header_length,) = struct.unpack("<Q", path.read_bytes()[:8])
     read_sizes: list[int] = []
-    real_open = safetensors_reader.open_regular_file
 
-    class Counting:
-        def __init__(self, handle: object) -> None:
-            self.handle = handle
-
-        def __enter__(self) -> Counting:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            self.handle.close()  # type: ignore[attr-defined]
-
-        def fileno(self) -> int:
-            return self.handle.fileno()  # type: ignore[attr-defined,no-any-return]
-
-        def read(self, size: int = -1) -> bytes:
-            assert size >= 0, "unbounded read"
-            data: bytes = self.handle.read(size)  # type: ignore[attr-defined]
+    class Counting(LocalSource):
+        def read_at(self, offset: int, length: int) -> bytes:
+            data = super().read_at(offset, length)
             read_sizes.append(len(data))
             return data
 
-    monkeypatch.setattr(safetensors_reader, "open_regular_file", lambda p: Counting(real_open(p)))
-    assert tensors_from_safetensors(path) == {"conv.weight": TensorInfo((64, 64, 3, 3), "float32")}
-    assert sum(read_sizes) == 8 + header_length
+    with Counting(path) as source:
+        assert tensors_from_safetensors(source) == {"conv.weight": TensorInfo((64, 64, 3, 3), "float32")}
+    assert read_sizes == [8, header_length]
     assert path.stat().st_size == 8 + header_length + 64 * 64 * 9 * 4
 
 

@@ -45,13 +45,12 @@ import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from biasinspect.errors import MalformedModelError, ResourceLimitError, UnsupportedFormatError
 from biasinspect.model import BiasSource, BiasTerm, ConvNode, ModelDescription
-from biasinspect.readers.files import open_regular_file
 from biasinspect.readers.safe_zip import SafeZip
 from biasinspect.readers.tensors import FLOATING_DTYPES, TensorInfo
+from biasinspect.source import ByteSource, Location, opened
 
 __all__ = [
     "NPY_MAGIC",
@@ -230,26 +229,25 @@ def _dtype_of_descr(descr: object, what: str) -> tuple[str, int | None]:
 # Files
 
 
-def read_numpy(path: Path) -> list[ModelDescription]:
-    """Read a ``.npy`` array or a ``.npz`` archive of them (decided by the content)."""
-    with open_regular_file(path) as handle:
-        head = handle.read(len(NPY_MAGIC))
-    if head.startswith(NPY_MAGIC):
-        return [_read_npy(path)]
-    if head.startswith(b"PK"):
-        return _read_npz(path)
+def read_numpy(location: Location) -> list[ModelDescription]:
+    """Read a ``.npy`` array or a ``.npz`` archive of them (decided by the content), from a
+    :class:`~biasinspect.source.ByteSource` or a local path."""
+    with opened(location) as source:
+        head = source.read_at(0, len(NPY_MAGIC))
+        if head.startswith(NPY_MAGIC):
+            return [_read_npy(source)]
+        if head.startswith(b"PK"):
+            return _read_npz(source)
     raise UnsupportedFormatError("not a NumPy .npy or .npz file")
 
 
-def _read_npy(path: Path) -> ModelDescription:
-    with open_regular_file(path) as handle:
-        first = handle.read(12)
-        need = preamble_length(first, "")
-        data = first + handle.read(max(0, need - len(first)))
-        header = parse_npy_header(data, "")
-        handle.seek(0, 2)
-        size = handle.tell()
-    _check_data_size(header, size, "the file")
+def _read_npy(source: ByteSource) -> ModelDescription:
+    first = source.read_at(0, 12)
+    need = preamble_length(first, "")
+    data = source.read_at(0, max(need, len(first)))
+    header = parse_npy_header(data, "")
+    _check_data_size(header, source.size, "the file")
+    path = source.name
     warnings: list[str] = []
     unsafe: list[str] = []
     _note_object(header, "array", warnings, unsafe)
@@ -259,8 +257,9 @@ def _read_npy(path: Path) -> ModelDescription:
     )
 
 
-def _read_npz(path: Path) -> list[ModelDescription]:
-    with SafeZip(path) as archive:
+def _read_npz(source: ByteSource) -> list[ModelDescription]:
+    path = source.name
+    with SafeZip(source) as archive:
         names = archive.names()
         members = [name for name in names if name.endswith(".npy")]
         others = [name for name in names if not name.endswith(".npy")]
@@ -274,7 +273,7 @@ def _read_npz(path: Path) -> list[ModelDescription]:
             except UnsupportedFormatError:
                 pass
             else:
-                return read_torch_zip(path)
+                return read_torch_zip(source)
         if not members:
             raise UnsupportedFormatError("zip archive holds no .npy arrays (not a NumPy .npz)")
         if all(_ARR_NAME.match(name) for name in members):

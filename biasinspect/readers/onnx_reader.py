@@ -1,7 +1,7 @@
 """Read an ONNX model's convolutions and their bias terms from the graph structure alone.
 
 The file is never given to ``onnx.load``: :mod:`biasinspect.readers.protowire` walks it over an
-``mmap`` and produces a copy without tensor payloads, which is parsed and run through ONNX
+``mmap`` (or, for a URL, over blocks fetched on demand) and produces a copy without tensor payloads, which is parsed and run through ONNX
 shape inference (with data propagation).  External data files are never opened.
 
 Convolutions
@@ -62,12 +62,11 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import importlib.util
-import mmap
 import os
 import re
 import struct
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -75,13 +74,12 @@ from typing import Any
 from biasinspect.errors import (
     MalformedModelError,
     ResourceLimitError,
-    UnreadableFileError,
     UnsupportedFormatError,
 )
 from biasinspect.model import BiasSource, BiasTerm, ConvNode, Dim, MaybeShape, ModelDescription
-from biasinspect.readers.files import open_regular_file
 from biasinspect.readers.onnx_lineage import derived_from_parameter
 from biasinspect.readers.protowire import decode_varint, strip_model_proto
+from biasinspect.source import Buffer, ByteSource, LocalSource, Location, opened
 
 _INT64_MAX = (1 << 63) - 1
 
@@ -1080,8 +1078,9 @@ def _count_function_instances(
     return total
 
 
-def _external_location_problem(location: str, model_dir: Path) -> str | None:
-    """Why an external-data location is suspicious, or None.  Nothing is opened."""
+def _external_location_problem(location: str, model_dir: Path | None) -> str | None:
+    """Why an external-data location is suspicious, or None.  Nothing is opened (``model_dir``:
+    the local folder whose symbolic links are checked; None for a remote model)."""
     if not location:
         return "has no location"
     if os.path.isabs(location) or location.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", location):
@@ -1095,6 +1094,8 @@ def _external_location_problem(location: str, model_dir: Path) -> str | None:
                 return f"location {location!r} climbs out of the model's folder"
         elif part not in ("", "."):
             depth += 1
+    if model_dir is None:
+        return None
     try:
         base = os.path.realpath(model_dir)
         target = os.path.realpath(os.path.join(model_dir, location))
@@ -1113,7 +1114,9 @@ def _external_location_problem(location: str, model_dir: Path) -> str | None:
 class _Context:
     """State shared by one model's reading and walk."""
 
-    model_dir: Path
+    model_dir: Path | None
+    locate: Callable[[str], str]
+    """The name a file next to the model has (for external data files: never opened)."""
     functions: dict[_FunctionKey, Any] = field(default_factory=dict)
     calls: dict[_FunctionKey, list[_FunctionKey]] = field(default_factory=dict)
     """For each function, the functions its body calls (subgraphs included)."""
@@ -1151,7 +1154,7 @@ class _Context:
         if problem is not None:
             self.warn(f"external data of tensor '{tensor.name}' {problem}; not opened")
         else:
-            self.external_files.add(os.path.normpath(os.path.join(self.model_dir, location)))
+            self.external_files.add(self.locate(location))
 
     def reachable_from(self, key: _FunctionKey) -> list[_FunctionKey]:
         """``key`` and every function its body calls, directly or not."""
@@ -1804,24 +1807,14 @@ def _added_term(
 # Entry point
 
 
-def _load_stripped(path: Path) -> Any:
-    """mmap the file, strip payloads, parse the result into an onnx.ModelProto."""
-    with open_regular_file(path) as handle:
-        try:
-            size = os.fstat(handle.fileno()).st_size
-        except OSError as error:
-            raise UnreadableFileError(f"cannot stat: {error.strerror or error}") from error
-        if size == 0:
-            raise UnsupportedFormatError("not an ONNX model: the file is empty")
-        try:
-            view = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError) as error:
-            raise UnreadableFileError(f"cannot map the file: {error}") from error
-        try:
-            _check_looks_like_onnx(view)
-            stripped = strip_model_proto(view)
-        finally:
-            view.close()
+def _load_stripped(source: ByteSource) -> Any:
+    """Strip payloads from the file's buffer (an mmap locally, fetched blocks remotely), parse the
+    result into an onnx.ModelProto."""
+    if source.size == 0:
+        raise UnsupportedFormatError("not an ONNX model: the file is empty")
+    view = source.view()
+    _check_looks_like_onnx(view)
+    stripped = strip_model_proto(view)
     model = _onnx().pb.ModelProto()
     try:
         model.ParseFromString(stripped.data)
@@ -1837,7 +1830,7 @@ def _load_stripped(path: Path) -> Any:
     return model
 
 
-def _check_looks_like_onnx(view: mmap.mmap) -> None:
+def _check_looks_like_onnx(view: Buffer) -> None:
     """Reject bytes whose first protobuf field cannot start a ModelProto."""
     try:
         key = decode_varint(view, 0, min(len(view), 10), "first field tag")[0]
@@ -1849,16 +1842,24 @@ def _check_looks_like_onnx(view: mmap.mmap) -> None:
         )
 
 
-def read_onnx(path: Path) -> list[ModelDescription]:
-    """Read the conv layers of an ONNX model file without loading its weights.
+def read_onnx(location: Location) -> list[ModelDescription]:
+    """Read the conv layers of an ONNX model file (a source or a local path) without loading its
+    weights.
 
     Returns one :class:`ModelDescription` (``format="onnx"``).  Raises a
     :class:`~biasinspect.errors.BiasInspectError` subclass for files that are not ONNX,
     truncated, malformed or over a resource limit.
     """
-    path = Path(path)
-    model = _load_stripped(path)
-    ctx = _Context(model_dir=path.parent)
+    with opened(location) as source:
+        model = _load_stripped(source)
+        path = source.name
+        # Symbolic links can only be resolved (and can only mislead) in a local folder.
+        local_dir = source.path.parent if isinstance(source, LocalSource) else None
+        ctx = _Context(model_dir=local_dir, locate=source.locate)
+    return _read_model(model, path, ctx)
+
+
+def _read_model(model: Any, path: str, ctx: _Context) -> list[ModelDescription]:
     model_params = _count_model_params(model, ctx.warn_external)
     for function in model.functions:
         ctx.functions.setdefault(_function_key_of(function), function)
@@ -1885,7 +1886,7 @@ def read_onnx(path: Path) -> list[ModelDescription]:
         ) from error
     return [
         ModelDescription(
-            path=str(path),
+            path=path,
             format="onnx",
             convs=_unique_module_names(ctx.convs, ctx.node_names),
             model_params=model_params,

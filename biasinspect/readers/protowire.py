@@ -32,11 +32,11 @@ capped at :data:`biasinspect.limits.MAX_ONNX_STRIPPED_BYTES`.
 from __future__ import annotations
 
 import enum
-import mmap
 from dataclasses import dataclass
 
 from biasinspect import limits
 from biasinspect.errors import MalformedModelError, ResourceLimitError
+from biasinspect.source import Buffer
 
 SMALL_TENSOR_ELEMENTS = 64
 """Integer and floating tensors with at most this many elements keep their data (shape vectors,
@@ -69,8 +69,8 @@ _KEPT_PAYLOAD_FIELD = {
 }
 
 
-Buffer = bytes | bytearray | memoryview | mmap.mmap
-"""What the walker reads from; normally an ``mmap`` of the model file."""
+# What the walker reads from: a source's view() (an ``mmap`` of a local file; fetched blocks of a
+# remote one) or any bytes-like object.
 
 
 class _Msg(enum.Enum):

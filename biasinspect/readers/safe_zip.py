@@ -18,18 +18,15 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
 
 from biasinspect import limits
 from biasinspect.errors import (
     MalformedModelError,
     ResourceLimitError,
-    UnreadableFileError,
     UnsupportedFormatError,
 )
-from biasinspect.readers.files import open_regular_file
+from biasinspect.source import ByteSource, LocalSource, Location
 
 __all__ = ["MAX_CENTRAL_DIRECTORY_BYTES", "SafeZip", "ZipEntry"]
 
@@ -76,15 +73,19 @@ class SafeZip:
     whole directory structure but decompresses nothing.
     """
 
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        self._file: BinaryIO = open_regular_file(self.path)  # closed by close()/__exit__
+    def __init__(self, location: Location) -> None:
+        # A path is opened here and closed by close(); a given source stays its owner's to close.
+        self._owned = isinstance(location, (str, os.PathLike))
+        self._source: ByteSource = (
+            LocalSource(location) if isinstance(location, (str, os.PathLike)) else location
+        )
+        self.name = self._source.name
         self._total_read = 0
         try:
-            self._size = os.fstat(self._file.fileno()).st_size
+            self._size = self._source.size
             self._entries = self._parse()
         except BaseException:
-            self._file.close()
+            self.close()
             raise
         self._by_name = {entry.name: entry for entry in self._entries}
 
@@ -154,8 +155,8 @@ class SafeZip:
         out = bytearray()
         inflater = zlib.decompressobj(-15)
         pending = b""
+        offset = entry.data_offset
         try:
-            self._file.seek(entry.data_offset)
             while len(out) < want and not inflater.eof:
                 if not pending:
                     if budget <= 0:
@@ -163,7 +164,8 @@ class SafeZip:
                             f"zip member {name!r}: its first {want:,} bytes do not inflate from the "
                             f"first {min(entry.compressed_size, want + _PREFIX_SLACK):,} compressed bytes"
                         )
-                    pending = self._file.read(min(_PREFIX_CHUNK, budget))
+                    pending = self._source.read_at(offset, min(_PREFIX_CHUNK, budget))
+                    offset += len(pending)
                     if not pending:
                         raise MalformedModelError(
                             f"truncated zip: member {name!r} extends past the end of the file"
@@ -173,8 +175,6 @@ class SafeZip:
                 pending = inflater.unconsumed_tail
         except zlib.error as e:
             raise MalformedModelError(f"zip member {name!r}: corrupt deflate data ({e})") from e
-        except OSError as e:
-            raise UnreadableFileError(f"read error: {e.strerror or e}") from e
         if len(out) < want:
             raise MalformedModelError(f"zip member {name!r}: deflate stream ends early (truncated)")
         self._total_read += len(out)
@@ -183,8 +183,9 @@ class SafeZip:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the underlying file."""
-        self._file.close()
+        """Close the underlying file (when this archive opened it)."""
+        if self._owned:
+            self._source.close()
 
     def __enter__(self) -> SafeZip:
         return self
@@ -202,11 +203,7 @@ class SafeZip:
     def _read_at(self, offset: int, n: int, what: str) -> bytes:
         if offset < 0 or n < 0 or offset + n > self._size:
             raise MalformedModelError(f"truncated zip: {what} extends past the end of the file")
-        try:
-            self._file.seek(offset)
-            data = self._file.read(n)
-        except OSError as e:
-            raise UnreadableFileError(f"read error: {e.strerror or e}") from e
+        data = self._source.read_at(offset, n)
         if len(data) != n:
             raise MalformedModelError(f"truncated zip: {what} extends past the end of the file")
         return data
@@ -386,9 +383,9 @@ class SafeZip:
         if offset + remaining > self._size:
             raise MalformedModelError(f"truncated zip: member {name!r} extends past the end of the file")
         try:
-            self._file.seek(offset)
             while remaining > 0 and not inflater.eof:
-                chunk = self._file.read(min(_CHUNK, remaining))
+                chunk = self._source.read_at(offset, min(_CHUNK, remaining))
+                offset += len(chunk)
                 if not chunk:
                     raise MalformedModelError(
                         f"truncated zip: member {name!r} extends past the end of the file"
@@ -407,8 +404,6 @@ class SafeZip:
                         break
         except zlib.error as e:
             raise MalformedModelError(f"zip member {name!r}: corrupt deflate data ({e})") from e
-        except OSError as e:
-            raise UnreadableFileError(f"read error: {e.strerror or e}") from e
         if not inflater.eof or len(out) != entry.size:
             raise MalformedModelError(f"zip member {name!r}: deflate stream ends early (truncated)")
         return bytes(out)

@@ -25,17 +25,16 @@ integer tensor in a PyTorch state dict is treated.
 
 from __future__ import annotations
 
-import os
 import struct
-from pathlib import Path
 from typing import Any
 
 from biasinspect import limits
-from biasinspect.errors import MalformedModelError, ResourceLimitError, UnreadableFileError
+from biasinspect.errors import MalformedModelError, ResourceLimitError
 from biasinspect.model import ModelDescription
-from biasinspect.readers.files import open_regular_file, parse_json_object, quote
+from biasinspect.readers.files import parse_json_object, quote
 from biasinspect.readers.state_dict import describe_state_dict
 from biasinspect.readers.tensors import TensorInfo
+from biasinspect.source import ByteSource, Location, opened
 
 FORMAT = "safetensors"
 
@@ -73,30 +72,27 @@ def _is_uint(value: object) -> bool:
     return type(value) is int and 0 <= value < _U64_LIMIT
 
 
-def _read_header(path: Path) -> tuple[bytes, int]:
-    """The raw header bytes and the number of data bytes after it."""
-    try:
-        with open_regular_file(path) as handle:
-            file_size = os.fstat(handle.fileno()).st_size
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise MalformedModelError(
-                    f"file too small for a safetensors header: {len(prefix)} bytes, need at least 8"
-                )
-            (length,) = struct.unpack("<Q", prefix)
-            if length > file_size - 8:
-                raise MalformedModelError(
-                    # The declared length is not quoted: these 8 bytes may not be a length at all
-                    # (a secret file named *.safetensors), and no message echoes a file's bytes.
-                    f"header length exceeds the {file_size - 8} bytes after the 8-byte prefix"
-                )
-            if length > limits.MAX_SAFETENSORS_HEADER_BYTES:
-                raise ResourceLimitError(
-                    f"safetensors header length exceeds the {limits.MAX_SAFETENSORS_HEADER_BYTES}-byte limit"
-                )
-            header = handle.read(length)
-    except OSError as error:
-        raise UnreadableFileError(f"cannot read file: {error.strerror or error}") from error
+def _read_header(source: ByteSource) -> tuple[bytes, int]:
+    """The raw header bytes and the number of data bytes after it (a remote source fetches the
+    prefix with the first block, so a typical header costs one request and a large one two)."""
+    file_size = source.size
+    prefix = source.read_at(0, 8)
+    if len(prefix) < 8:
+        raise MalformedModelError(
+            f"file too small for a safetensors header: {len(prefix)} bytes, need at least 8"
+        )
+    (length,) = struct.unpack("<Q", prefix)
+    if length > file_size - 8:
+        raise MalformedModelError(
+            # The declared length is not quoted: these 8 bytes may not be a length at all (a
+            # secret file named *.safetensors), and no message echoes a file's bytes.
+            f"header length exceeds the {file_size - 8} bytes after the 8-byte prefix"
+        )
+    if length > limits.MAX_SAFETENSORS_HEADER_BYTES:
+        raise ResourceLimitError(
+            f"safetensors header length exceeds the {limits.MAX_SAFETENSORS_HEADER_BYTES}-byte limit"
+        )
+    header = source.read_at(8, length)
     if len(header) != length:
         raise MalformedModelError(f"header truncated: read {len(header)} of {length} bytes")
     return header, file_size - 8 - length
@@ -183,13 +179,15 @@ def _validate_layout(entries: list[tuple[str, str, tuple[int, ...], int, int, in
         )
 
 
-def tensors_from_safetensors(path: Path) -> dict[str, TensorInfo]:
-    """Shapes and dtypes of every tensor in a safetensors file, in header order.
+def tensors_from_safetensors(location: Location) -> dict[str, TensorInfo]:
+    """Shapes and dtypes of every tensor in a safetensors file (a source or a local path), in
+    header order.
 
     Reads and validates only the header; raises a :class:`BiasInspectError` subclass for a
     file the safetensors library would reject.
     """
-    header, data_size = _read_header(path)
+    with opened(location) as source:
+        header, data_size = _read_header(source)
     parsed = _parse_json(header)
     metadata = parsed.get("__metadata__")
     if metadata is not None and (
@@ -206,11 +204,12 @@ def tensors_from_safetensors(path: Path) -> dict[str, TensorInfo]:
     return {name: TensorInfo(shape=shape, dtype=dtype) for name, dtype, shape, *_ in entries}
 
 
-def read_safetensors(path: Path) -> list[ModelDescription]:
+def read_safetensors(location: Location) -> list[ModelDescription]:
     """Describe the one weight set of a safetensors file (format ``"safetensors"``).
 
     The header's order is sorted (by dtype, then name), not the modules' registration order,
     so the state-dict rules run with ``registration_order=False``.
     """
-    tensors = tensors_from_safetensors(path)
-    return [describe_state_dict(tensors, path=str(path), format=FORMAT, registration_order=False)]
+    with opened(location) as source:
+        tensors = tensors_from_safetensors(source)
+        return [describe_state_dict(tensors, path=source.name, format=FORMAT, registration_order=False)]

@@ -27,37 +27,29 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import cast
 
 from biasinspect import limits
-from biasinspect.detect import INDEX_SUFFIXES, SAFETENSORS_INDEX_SUFFIX
 from biasinspect.errors import (
     BiasInspectError,
     MalformedModelError,
     ResourceLimitError,
-    UnreadableFileError,
     UnsupportedFormatError,
 )
 from biasinspect.model import ModelDescription
-from biasinspect.readers.files import open_regular_file, parse_json_object, quote
+from biasinspect.readers.files import parse_json_object, quote
 from biasinspect.readers.safetensors_reader import tensors_from_safetensors
 from biasinspect.readers.state_dict import describe_state_dict, natural_sort_key
 from biasinspect.readers.tensors import TensorInfo
+from biasinspect.registry import INDEX_SUFFIXES, SAFETENSORS_INDEX_SUFFIX, base_name
+from biasinspect.source import ByteSource, Location, NotFoundError, OutsideFolderError, opened
 
-TensorReader = Callable[[Path], dict[str, TensorInfo]]
+TensorReader = Callable[[ByteSource], dict[str, TensorInfo]]
 
 
-def _load_index(index_path: Path) -> dict[str, str]:
+def _load_index(source: ByteSource) -> dict[str, str]:
     """The validated ``weight_map`` of an index file."""
-    try:
-        with open_regular_file(index_path) as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size > limits.MAX_JSON_BYTES:
-                raise ResourceLimitError(
-                    f"index JSON of {size} bytes exceeds the {limits.MAX_JSON_BYTES}-byte limit"
-                )
-            raw = handle.read(limits.MAX_JSON_BYTES + 1)
-    except OSError as error:
-        raise UnreadableFileError(f"cannot read file: {error.strerror or error}") from error
-    if len(raw) > limits.MAX_JSON_BYTES:
-        raise ResourceLimitError(f"index JSON exceeds the {limits.MAX_JSON_BYTES}-byte limit")
+    size = source.size
+    if size > limits.MAX_JSON_BYTES:
+        raise ResourceLimitError(f"index JSON of {size} bytes exceeds the {limits.MAX_JSON_BYTES}-byte limit")
+    raw = source.read_at(0, size)
     parsed = parse_json_object(raw, "index")
     weight_map = parsed.get("weight_map")
     if not isinstance(weight_map, dict):
@@ -68,8 +60,8 @@ def _load_index(index_path: Path) -> dict[str, str]:
     return cast(dict[str, str], weight_map)
 
 
-def _check_shard_path(folder: Path, shard: str) -> Path:
-    """The shard's path under ``folder``; MalformedModelError if it could lead outside."""
+def _check_shard_name(shard: str) -> None:
+    """MalformedModelError for a shard name that is empty, absolute or climbs with ``..``."""
     if not shard or "\x00" in shard:
         raise MalformedModelError(f"shard {quote(shard)}: empty or invalid file name")
     posix, windows = PurePosixPath(shard), PureWindowsPath(shard)
@@ -77,6 +69,24 @@ def _check_shard_path(folder: Path, shard: str) -> Path:
         raise MalformedModelError(f"shard {quote(shard)}: absolute paths are not allowed")
     if ".." in posix.parts or ".." in windows.parts:
         raise MalformedModelError(f"shard {quote(shard)}: '..' is not allowed in shard paths")
+
+
+def _open_shard(index: ByteSource, shard: str) -> ByteSource:
+    """The shard next to the index (a local file or a URL relative to the index's URL)."""
+    _check_shard_name(shard)
+    try:
+        return index.sibling(shard)
+    except OutsideFolderError as error:
+        raise MalformedModelError(f"shard {quote(shard)}: resolves outside the index's folder") from error
+    except NotFoundError as error:
+        raise MalformedModelError(f"shard {quote(shard)} listed in the index does not exist") from error
+    except BiasInspectError as error:
+        raise type(error)(f"shard {quote(shard)}: {error}") from error
+
+
+def _check_shard_path(folder: Path, shard: str) -> Path:
+    """The shard's path under ``folder``; MalformedModelError if it could lead outside."""
+    _check_shard_name(shard)
     candidate = folder / shard
     root = os.path.realpath(folder)
     resolved = os.path.realpath(candidate)
@@ -89,13 +99,13 @@ def _shard_names(weight_map: dict[str, str]) -> list[str]:
     return sorted(set(weight_map.values()), key=natural_sort_key)
 
 
-def _index_format(index_path: Path) -> str:
+def _index_format(index_name: str) -> str:
     """``"safetensors"`` or ``"pytorch"``, from the index's name.
 
     Only names ending in one of :data:`INDEX_SUFFIXES` are read as indexes (the format sniffer
     sends nothing else here), so the name always tells.
     """
-    name = index_path.name.lower()
+    name = base_name(index_name)
     if name.endswith(SAFETENSORS_INDEX_SUFFIX):
         return "safetensors"
     if name.endswith(INDEX_SUFFIXES):
@@ -105,13 +115,23 @@ def _index_format(index_path: Path) -> str:
     )
 
 
+def shard_names(location: Location) -> list[str]:
+    """The shard names an index lists (relative to the index), validated, in natural order."""
+    with opened(location) as source:
+        names = _shard_names(_load_index(source))
+    for name in names:
+        _check_shard_name(name)
+    return names
+
+
 def shard_files(index_path: Path) -> list[Path]:
-    """The shard files an index covers (``index folder / name``), in natural order.
+    """The shard files a local index covers (``index folder / name``), in natural order.
 
     Paths are validated (nothing may resolve outside the index's folder) but not required to
     exist, so that a folder scanner can skip them whatever their state.
     """
-    weight_map = _load_index(index_path)
+    with opened(index_path) as source:
+        weight_map = _load_index(source)
     folder = index_path.parent
     return [_check_shard_path(folder, shard) for shard in _shard_names(weight_map)]
 
@@ -135,35 +155,37 @@ def _names_sample(names: list[str]) -> str:
     return f"{len(names)} tensor{'s' if len(names) != 1 else ''} ({shown}{more})"
 
 
-def read_sharded_index(index_path: Path) -> list[ModelDescription]:
+def read_sharded_index(location: Location) -> list[ModelDescription]:
     """Describe the one model a sharded checkpoint's index describes.
 
-    All shard paths are validated first.  A missing shard, a shard that cannot be read, or a
-    tensor listed in ``weight_map`` but absent from its shard raises a
-    :class:`BiasInspectError` naming the shard or tensor.  ``path`` in the result is the index.
+    All shard names are validated first; shards are opened next to the index (for a URL index:
+    relative to its URL).  A missing shard, a shard that cannot be read, or a tensor listed in
+    ``weight_map`` but absent from its shard raises a :class:`BiasInspectError` naming the
+    shard or tensor.  ``path`` in the result is the index.
     """
-    weight_map = _load_index(index_path)
-    folder = index_path.parent
-    format_name = _index_format(index_path)
+    with opened(location) as index:
+        return _read_sharded(index)
+
+
+def _read_sharded(index: ByteSource) -> list[ModelDescription]:
+    weight_map = _load_index(index)
+    format_name = _index_format(index.name)
     shards = _shard_names(weight_map)
-    paths = {shard: _check_shard_path(folder, shard) for shard in shards}
+    for shard in shards:
+        _check_shard_name(shard)
     reader: TensorReader = (
         tensors_from_safetensors if format_name == "safetensors" else _torch_tensor_reader()
     )
     merged: dict[str, TensorInfo] = {}
     warnings: list[str] = []
     for shard in shards:
-        path = paths[shard]
+        shard_source = _open_shard(index, shard)
         try:
-            tensors = reader(path)  # opened without blocking and checked on the descriptor
-        except UnreadableFileError as error:
-            if isinstance(error.__cause__, FileNotFoundError) and not path.is_symlink():
-                raise MalformedModelError(
-                    f"shard {quote(shard)} listed in the index does not exist"
-                ) from error
-            raise UnreadableFileError(f"shard {quote(shard)}: {error}") from error
+            tensors = reader(shard_source)
         except BiasInspectError as error:
             raise type(error)(f"shard {quote(shard)}: {error}") from error
+        finally:
+            shard_source.close()
         # One warning per kind per shard, not one per tensor: a shard that repeats another's
         # tensors may hold millions of them.
         elsewhere: list[str] = []
@@ -197,7 +219,7 @@ def read_sharded_index(index_path: Path) -> list[ModelDescription]:
             )
     description = describe_state_dict(
         merged,
-        path=str(index_path),
+        path=index.name,
         format=format_name,
         warnings=warnings,
         registration_order=format_name == "pytorch",

@@ -140,7 +140,7 @@ _STORED_KINDS = frozenset({"parameter", "tensor_constant"})
 """Placeholder kinds that may act as a separately added bias (buffers are state, not weights)."""
 
 
-def read_torch_export(path: Path, archive: Archive) -> list[ModelDescription]:
+def read_torch_export(path: str | Path, archive: Archive) -> list[ModelDescription]:
     """Describe every exported program in a torch.export archive, from its JSON graph only.
 
     Returns one :class:`ModelDescription` per ``models/<name>.json`` (``location`` is the

@@ -21,18 +21,14 @@ Where the weights are
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 
 from biasinspect import limits
 from biasinspect.errors import (
     MalformedModelError,
-    UnreadableFileError,
     UnsupportedFormatError,
 )
 from biasinspect.model import ModelDescription
 from biasinspect.readers.archive import Archive
-from biasinspect.readers.files import open_regular_file
 from biasinspect.readers.module_tree import (
     ModuleNode,
     describe_module_tree,
@@ -54,6 +50,7 @@ from biasinspect.readers.pickle_inert import (
 )
 from biasinspect.readers.safe_zip import SafeZip
 from biasinspect.readers.tensors import TensorInfo
+from biasinspect.source import ByteSource, Location, buffered, opened
 
 __all__ = ["describe_unpickled", "read_pickle_file", "read_torch_zip", "tensors_from_torch_file"]
 
@@ -70,12 +67,13 @@ _MAX_NAMES_IN_WARNING = 10
 # Public API
 
 
-def read_torch_zip(path: Path) -> list[ModelDescription]:
+def read_torch_zip(location: Location) -> list[ModelDescription]:
     """Read a zip-format PyTorch file: torch.save checkpoint, TorchScript, or torch.export archive.
 
     A zip that is none of these raises UnsupportedFormatError.
     """
-    with SafeZip(path) as archive:
+    with SafeZip(location) as archive:
+        path = archive.name
         names = archive.names()
         kind, prefix = classify_zip(names)
         if kind == "torch-export":
@@ -84,32 +82,34 @@ def read_torch_zip(path: Path) -> list[ModelDescription]:
             return _with_hidden_pickles(read_torch_export(path, archive), archive, names)
         pickle = _read_data_pickle(archive, prefix)
         if kind == "torchscript":
-            return _describe_torchscript(archive, prefix, pickle, str(path))
-        return describe_unpickled(pickle, path=str(path), format="pytorch")
+            return _describe_torchscript(archive, prefix, pickle, path)
+        return describe_unpickled(pickle, path=path, format="pytorch")
 
 
-def read_pickle_file(path: Path) -> list[ModelDescription]:
+def read_pickle_file(location: Location) -> list[ModelDescription]:
     """Read a non-zip pickle file: a legacy ``torch.save`` file (format ``pytorch``) or a plain
     pickle holding tensors / state dicts (format ``pickle``).  Only pickles are read; the raw
     storages that follow them in a legacy file are never touched."""
-    pickle, legacy = _load_pickle_file(path)
-    return describe_unpickled(pickle, path=str(path), format="pytorch" if legacy else "pickle")
+    with opened(location) as source:
+        pickle, legacy = _load_pickle_file(source)
+        return describe_unpickled(pickle, path=source.name, format="pytorch" if legacy else "pickle")
 
 
-def tensors_from_torch_file(path: Path) -> dict[str, TensorInfo]:
+def tensors_from_torch_file(location: Location) -> dict[str, TensorInfo]:
     """The flat ``name -> TensorInfo`` state dict of one checkpoint shard (zip, legacy or pickle).
 
     For sharded-index readers: the first weight set found is returned (a module's parameters and
     buffers under their dotted names).  MalformedModelError if the file holds no state dict.
     """
-    if _is_zip(path):
-        with SafeZip(path) as archive:
-            kind, prefix = classify_zip(archive.names())
-            if kind != "pytorch":
-                raise UnsupportedFormatError(f"shard is a {kind} archive, not a torch.save state dict")
-            pickle = _read_data_pickle(archive, prefix)
-    else:
-        pickle, _legacy = _load_pickle_file(path)
+    with opened(location) as source:
+        if source.read_at(0, 4) == b"PK\x03\x04":
+            with SafeZip(source) as archive:
+                kind, prefix = classify_zip(archive.names())
+                if kind != "pytorch":
+                    raise UnsupportedFormatError(f"shard is a {kind} archive, not a torch.save state dict")
+                pickle = _read_data_pickle(archive, prefix)
+        else:
+            pickle, _legacy = _load_pickle_file(source)
     sets, _warnings = find_weight_sets(pickle.root)
     if not sets:
         raise MalformedModelError("no state dict found in the file")
@@ -188,14 +188,6 @@ def _with_hidden_pickles(
 # Reading pickles
 
 
-def _is_zip(path: Path) -> bool:
-    try:
-        with open_regular_file(path) as handle:
-            return handle.read(4) == b"PK\x03\x04"
-    except OSError as e:
-        raise UnreadableFileError(f"cannot open: {e.strerror or e}") from e
-
-
 def _read_data_pickle(archive: SafeZip, prefix: str) -> InertPickle:
     member = prefix + "data.pkl"
     data = archive.read(member, limits.MAX_PICKLE_BYTES)
@@ -219,14 +211,11 @@ def _check_storages(archive: Archive, prefix: str, storages: list[StorageRef]) -
             )
 
 
-def _load_pickle_file(path: Path) -> tuple[InertPickle, bool]:
-    """Interpret a pickle file; ``(pickle, is_legacy_torch_save)``."""
-    with open_regular_file(path) as handle:
-        try:
-            available = os.fstat(handle.fileno()).st_size
-        except OSError as e:
-            raise UnreadableFileError(f"cannot stat: {e.strerror or e}") from e
-        unpickler = InertUnpickler.from_file(handle, available=available)
+def _load_pickle_file(source: ByteSource) -> tuple[InertPickle, bool]:
+    """Interpret a pickle file; ``(pickle, is_legacy_torch_save)``.  Read through a small buffer,
+    so that only the pickles are read (never the storages after them, beyond one buffer)."""
+    with buffered(source) as handle:
+        unpickler = InertUnpickler.from_file(handle, available=source.size)
         first = guard(unpickler.load)
         if isinstance(first, int) and not isinstance(first, bool) and first == LEGACY_MAGIC:
             version = guard(unpickler.load)
