@@ -149,9 +149,12 @@ class LocalSource:
         resolved = os.path.realpath(candidate)
         if os.path.commonpath([resolved_folder, resolved]) != resolved_folder:
             raise OutsideFolderError(f"{relative!r} lies outside the model's folder")
-        if not candidate.exists():
-            raise NotFoundError("no such file or directory")
-        return LocalSource(candidate)
+        try:
+            return LocalSource(candidate)  # opened first, never checked by name first
+        except UnreadableFileError as error:
+            if isinstance(error.__cause__, FileNotFoundError):
+                raise NotFoundError(str(error)) from error
+            raise
 
     def close(self) -> None:
         """Close the map and the descriptor."""

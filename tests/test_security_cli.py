@@ -132,8 +132,16 @@ needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs (
 _SWAP_RACE = """
 import os, sys, threading
 from pathlib import Path
-from biasinspect.detect import sniff
 from biasinspect.errors import BiasInspectError
+from biasinspect.registry import reader_for
+from biasinspect.source import open_source
+
+def sniff(path):
+    source = open_source(path)
+    try:
+        return reader_for(source)
+    finally:
+        source.close()
 folder = Path(sys.argv[1])
 regular = folder / "regular"
 regular.write_bytes(b"\\x80\\x02}q\\x00.")
@@ -151,7 +159,7 @@ threading.Thread(target=swap, daemon=True).start()
 seen = set()
 for _ in range(3000):
     try:
-        seen.add(sniff(target).value)
+        seen.add(sniff(target).name)
     except BiasInspectError as error:
         seen.add(str(error))
 stop = True
