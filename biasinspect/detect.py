@@ -13,9 +13,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from biasinspect.errors import BiasInspectError, UnreadableFileError, UnsupportedFormatError
+from biasinspect.errors import (
+    BiasInspectError,
+    MalformedModelError,
+    UnreadableFileError,
+    UnsupportedFormatError,
+)
 from biasinspect.limits import MAX_SAFETENSORS_HEADER_BYTES, MAX_SCAN_FILES
-from biasinspect.readers.files import check_file_mode, unreadable
+from biasinspect.readers.files import REFUSED_TAR, check_file_mode, is_tar_header, unreadable
 
 
 class FileFormat(str, enum.Enum):
@@ -128,6 +133,10 @@ def sniff(path: Path) -> FileFormat:
         raise UnsupportedFormatError("empty file (0 bytes)")
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return FileFormat.ZIP
+    if is_tar_header(head):
+        # torch.load tries tar before anything else: a header that also reads as a harmless
+        # pickle, ONNX or safetensors file must not hide the tar members torch would unpickle.
+        raise MalformedModelError(REFUSED_TAR)
     # safetensors first: a header length of 640, 896, 1152 or 1408 (mod 65536) starts with the
     # bytes of a pickle PROTO opcode, while no pickle has a '{' at byte 8 after a plausible length.
     if _safetensors_header_plausible(head, info.st_size):

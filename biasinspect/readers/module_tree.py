@@ -35,9 +35,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from biasinspect import limits
-from biasinspect.errors import ResourceLimitError
+from biasinspect.errors import ResourceLimitError, UnsupportedFormatError
 from biasinspect.model import BiasSource, BiasTerm, ConvNode, ModelDescription
-from biasinspect.readers.pickle_inert import Call, TensorRef, tensor_of
+from biasinspect.readers.pickle_inert import Call, TensorRef, describe_value, tensor_of
 from biasinspect.readers.tensors import join_name, untied_width
 
 __all__ = ["ModuleNode", "describe_module_tree", "is_module_object", "module_from_pickle"]
@@ -266,6 +266,11 @@ def _int_attr(node: ModuleNode, name: str) -> int | None:
     value = node.attrs.get(name, node.forward_conv.get(name))
     if isinstance(value, bool) or not isinstance(value, int):
         return None
+    if not -limits.MAX_MODEL_INT <= value <= limits.MAX_MODEL_INT:
+        raise UnsupportedFormatError(
+            f"unsupported: module {node.path or '<root>'!r} has {name} = {describe_value(value)}, "
+            f"outside the 64-bit range torch itself can hold"
+        )
     return value
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from biasinspect import limits
-from biasinspect.errors import MalformedModelError, ResourceLimitError
+from biasinspect.errors import MalformedModelError, ResourceLimitError, UnsupportedFormatError
 from biasinspect.readers.tensors import TensorInfo
 
 __all__ = [
@@ -46,7 +46,9 @@ __all__ = [
     "StorageRef",
     "TensorRef",
     "classify_global",
+    "describe_value",
     "guard",
+    "is_plain_value",
     "itemsize",
     "load_inert",
     "tensor_of",
@@ -62,6 +64,19 @@ NESTED_BLOB_NOT_INSPECTED = "<nested storage blob not inspected>"
 MAX_NESTED_BLOBS = 2
 """Deepest nesting of ``torch.storage._load_from_bytes`` blobs followed (plain pickles of
 tensors embed a legacy torch.save stream per storage; a blob inside a blob is followed once)."""
+
+ZIP_BLOB_NOT_INSPECTED = "<zip storage blob not inspected>"
+"""Reported as an unsafe callable for a ``torch.storage._load_from_bytes`` blob in the zip format:
+torch.load would read it as a whole zip checkpoint (its data.pkl unpickled); torch never writes
+one, and the inert reader does not open it."""
+
+OTHER_BLOB_NOT_INSPECTED = "<storage blob torch.load would read differently>"
+"""Reported as an unsafe callable for a storage blob that is not a byte string, or whose first
+pickle is computed (a call or a global that may equal the legacy magic number): torch.load would
+go on reading it where the inert reader stops."""
+
+_MAX_INT_TEXT = int(limits.MAX_PICKLE_INT_BYTES * 8 * 0.302) + 2
+"""Decimal digits of the largest integer a text (protocol 0) INT/LONG may spell."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -1047,6 +1062,8 @@ class InertUnpickler:
                 (n,) = unpack("<i", read(4))
                 if n < 0:
                     raise MalformedModelError("malformed pickle: LONG4 with negative length")
+                if n > limits.MAX_PICKLE_INT_BYTES:
+                    raise _int_too_large(f"{n * 8:,} bits")
                 stack.append(int.from_bytes(read(n), "little", signed=True))
             elif op == 0x53:  # S STRING
                 stack.append(_parse_string(readline()))
@@ -1255,8 +1272,11 @@ class InertUnpickler:
         handler = _REBUILDERS.get(name)
         if handler is not None:
             return handler(self, args)
-        if name == "torch.storage._load_from_bytes" and len(args) == 1 and isinstance(args[0], bytes):
-            return self._storage_from_bytes(args[0])
+        if name == "torch.storage._load_from_bytes":
+            # torch.load(io.BytesIO(blob), weights_only=False) on whatever it is given.
+            if len(args) == 1 and isinstance(args[0], (bytes, bytearray)):
+                return self._storage_from_bytes(bytes(args[0]))
+            self.dynamic_calls.append(OTHER_BLOB_NOT_INSPECTED)
         return Call(func, args)
 
     def _persistent(self, pid: object) -> object:
@@ -1288,6 +1308,10 @@ class InertUnpickler:
             # torch.load would unpickle this blob too (running whatever it names): never go quiet.
             self.dynamic_calls.append(NESTED_BLOB_NOT_INSPECTED)
             return OpaqueRef("nested storage blob")
+        if blob.startswith(b"PK\x03\x04"):
+            # torch.load checks for a zip first (torch.serialization._is_zipfile).
+            self.dynamic_calls.append(ZIP_BLOB_NOT_INSPECTED)
+            return OpaqueRef("zip storage blob")
         self._budget.blobs += 1
         blob_number = self._budget.blobs
         nested = InertUnpickler(
@@ -1295,8 +1319,13 @@ class InertUnpickler:
         )
         try:
             magic = nested.load()
-            if magic != LEGACY_MAGIC:
-                # torch.load would still unpickle it: whatever the first pickle named is merged below.
+            if not is_plain_value(magic):
+                # A computed first value may equal the magic number under torch.load, which would
+                # then unpickle the rest of the blob: never go quiet.
+                nested.dynamic_calls.append(OTHER_BLOB_NOT_INSPECTED)
+                return OpaqueRef("storage blob")
+            if magic != LEGACY_MAGIC or isinstance(magic, bool):
+                # torch.load raises after this first pickle, whose globals are merged below.
                 return OpaqueRef("storage blob")
             nested.load()  # protocol version
             nested.load()  # sys_info
@@ -1513,11 +1542,20 @@ def _raw_unicode(raw: bytes) -> str:
         raise MalformedModelError("malformed pickle: bad UNICODE argument") from e
 
 
+def _int_too_large(size: str) -> Exception:
+    return UnsupportedFormatError(
+        f"unsupported: the pickle holds an integer of {size}, over the "
+        f"{limits.MAX_PICKLE_INT_BYTES * 8:,}-bit limit (no model value is that large)"
+    )
+
+
 def _parse_int(raw: bytes) -> int:
     if raw == b"00":
         return 0
     if raw == b"01":
         return 1
+    if len(raw) > _MAX_INT_TEXT:
+        raise _int_too_large(f"{len(raw):,} digits")
     try:
         return int(raw)
     except ValueError as e:
@@ -1547,11 +1585,37 @@ def _parse_string(raw: bytes) -> str:
 # Entry points
 
 
+def is_plain_value(obj: object) -> bool:
+    """True for values that equal an integer only when they are that integer: literals and
+    containers.  False for call results, globals and stubs, whose real value (under torch.load)
+    is unknown here."""
+    return obj is None or isinstance(
+        obj, (bool, int, float, complex, str, bytes, bytearray, tuple, list, dict)
+    )
+
+
+def describe_value(value: object) -> str:
+    """A short, always-printable description of a pickled value for an error message (huge
+    integers are not printable in full: ``str`` refuses past 4,300 digits)."""
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, int):
+        if value.bit_length() <= 64:
+            return repr(value)
+        return f"(an integer of {value.bit_length():,} bits)"
+    if isinstance(value, (str, bytes)):
+        text = repr(value[:40])
+        return text if len(value) <= 40 else text + "..."
+    if isinstance(value, (Call, GlobalRef)):
+        return f"(computed by {value.func_name if isinstance(value, Call) else value.dotted})"
+    return f"(a {type(value).__name__})"
+
+
 def guard(action: Callable[[], object]) -> object:
     """Run an interpreter action mapping stray low-level errors to MalformedModelError."""
     try:
         return action()
-    except (MalformedModelError, ResourceLimitError):
+    except (MalformedModelError, ResourceLimitError, UnsupportedFormatError):
         raise
     except (struct.error, IndexError, ValueError, OverflowError, UnicodeError, TypeError) as e:
         raise MalformedModelError(f"malformed pickle: {type(e).__name__}: {_one_line(e)}") from e
