@@ -1004,3 +1004,87 @@ def random_mutations(rng: random.Random, max_count: int = 4) -> list[Mutation]:
 def all_fuzz_donors() -> tuple[bytes, ...]:
     """Every seed of every format: splices may cross formats."""
     return tuple(seed for fmt in FUZZ_FORMATS for seed in fuzz_seeds(fmt))
+
+
+# ---------------------------------------------------------------------------------------------
+# Archive differentials: files torch.load reads differently from a naive inert reader
+# ---------------------------------------------------------------------------------------------
+
+
+def mkdir_pickle(target: str, protocol: int = 2) -> bytes:
+    """A whole pickle whose loading runs ``os.mkdir(target)`` (text GLOBAL + REDUCE)."""
+    raw = target.encode()
+    call = b"cos\nmkdir\n(X" + len(raw).to_bytes(4, "little") + raw + b"tR"
+    return bytes([0x80, protocol]) + call + b"."
+
+
+def torch_zip_with_data_pkl(data_pkl: bytes) -> bytes:
+    """The seed torch.save zip with its data.pkl replaced (stored members, as torch writes)."""
+    return replace_zip_member(seed_torch_zip(), "/data.pkl", lambda _old: data_pkl)
+
+
+def zip_blob_stopping_early(archive: bytes) -> bytes:
+    """``archive`` with its first local header's modification time set to ``b"\\n."``: read as a
+    pickle, ``PK`` is a PERSID whose line ends there and ``.`` a STOP -- a reader that treats any
+    storage blob as a pickle stops after 12 harmless bytes.  Zip readers ignore the time field."""
+    assert archive[:4] == b"PK\x03\x04"
+    return archive[:10] + b"\n." + archive[12:]
+
+
+def storage_blob_pickle(blob: bytes) -> bytes:
+    """A plain pickle ``{"w": torch.storage._load_from_bytes(blob)}`` (protocol 3 BINBYTES)."""
+    call = b"ctorch.storage\n_load_from_bytes\n(B" + len(blob).to_bytes(4, "little") + blob + b"tR"
+    return b"\x80\x03}X\x01\x00\x00\x00w" + call + b"s."
+
+
+def two_end_records(harmless: bytes, evil: bytes) -> bytes:
+    """``harmless`` (a whole zip) followed by the members and directory of ``evil`` (another zip)
+    and ``evil``'s end record, whose comment length (65,535) runs past the end of the file.
+
+    torch's miniz and Python's zipfile take the last end record (``evil``); a reader that skips
+    records whose comment does not fit falls back to ``harmless``'s."""
+    source = zipfile.ZipFile(io.BytesIO(evil))
+    entries = [stored_entry(info.filename, source.read(info)) for info in source.infolist()]
+    tail = bytearray(build_zip(entries, central_offset_delta=len(harmless)))
+    end = len(tail) - 22
+    (cd_offset,) = struct.unpack_from("<I", tail, end + 16)
+    struct.pack_into("<IH", tail, end + 16, cd_offset + len(harmless), 0xFFFF)
+    return harmless + bytes(tail)
+
+
+def legacy_tar(pickle_member: bytes, disguise: str = "}.") -> bytes:
+    """A legacy tar-format torch checkpoint (torch < 0.1.10): members ``storages`` and
+    ``tensors`` (empty) and ``pickle`` (``pickle_member``), preceded by a member named
+    ``disguise``.  The default name ``}.`` makes the first header block read as a harmless
+    pickle (EMPTY_DICT, STOP) to anything that does not check for tar first."""
+    import pickle
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        members = [
+            (disguise, b""),
+            ("storages", pickle.dumps(0, 2) + pickle.dumps([], 2)),
+            ("tensors", pickle.dumps(0, 2)),
+            ("pickle", pickle_member),
+        ]
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def computed_magic_legacy(payload: bytes) -> bytes:
+    """A legacy-format stream whose magic number is the global ``torch.serialization.MAGIC_NUMBER``
+    (torch.load resolves it to the very number it compares with), then the protocol version,
+    sys_info, ``payload`` as the object pickle, and the storage keys."""
+    import pickle
+
+    return (
+        b"\x80\x02ctorch.serialization\nMAGIC_NUMBER\n."
+        + pickle.dumps(1001, 2)
+        + pickle.dumps({"protocol_version": 1001, "little_endian": True}, 2)
+        + payload
+        + pickle.dumps([], 2)
+    )
