@@ -913,8 +913,12 @@ FUZZ_FORMATS: dict[str, str] = {
     "torch-zip-pickle": ".pt",
     "legacy-pickle": ".pt",
     "safetensors": ".safetensors",
+    "module-tree": ".pkl",
+    "archive-differential": ".pt",
 }
-"""Fuzzed formats and the file suffix their mutants get.  ``torch-zip-pickle`` mutates the
+"""Fuzzed formats and the file suffix their mutants get.  ``module-tree`` mutates pickles of deep
+(nested convs) and wide module trees; ``archive-differential`` mutates the files torch.load reads
+differently from a naive reader (two end records, zip storage blob, legacy tar, computed magic).  ``torch-zip-pickle`` mutates the
 data.pkl member of a torch zip and re-zips it (valid zip, CRCs included), so mutations reach the
 pickle reader instead of stopping at the zip layer."""
 
@@ -935,7 +939,65 @@ def fuzz_seeds(fmt: str) -> tuple[bytes, ...]:
         return (seed_torch_legacy(), seed_plain_pickle(2), seed_plain_pickle(4))
     if fmt == "safetensors":
         return (seed_safetensors(),)
+    if fmt == "module-tree":
+        return (module_tree_pickle(depth=40, leaves=60), module_tree_pickle(depth=1, leaves=150))
+    if fmt == "archive-differential":
+        return differential_seeds()
     raise ValueError(fmt)
+
+
+FUZZ_MARKER = "/nonexistent-biasinspect-fuzz/PAYLOAD_RAN"
+"""Where the differential seeds' payloads would write (a path that cannot be created)."""
+
+
+@functools.cache
+def differential_seeds() -> tuple[bytes, ...]:
+    """The archive-differential files, each with a payload torch.load(weights_only=False) runs."""
+    payload = mkdir_pickle(FUZZ_MARKER)
+    evil_zip = torch_zip_with_data_pkl(payload)
+    return (
+        two_end_records(seed_torch_zip(), evil_zip),
+        storage_blob_pickle(zip_blob_stopping_early(evil_zip)),
+        legacy_tar(payload),
+        computed_magic_legacy(payload),
+    )
+
+
+@functools.cache
+def module_tree_pickle(depth: int, leaves: int) -> bytes:
+    """A pickled module tree: ``depth`` bias-less Conv2d nested inside each other, the innermost
+    holding ``leaves`` children alternating Conv2d and BatchNorm2d (module objects made without
+    ``__init__``, two shared weights).  ``depth=1`` is a wide, flat tree."""
+    import pickle
+    import sys
+
+    import torch
+    from torch import nn
+
+    weight = nn.Parameter(torch.zeros(4, 4, 1, 1), requires_grad=False)
+    norm_weight = nn.Parameter(torch.zeros(4), requires_grad=False)
+
+    def module(cls: type, children: dict[str, object], param: object, **attrs: object) -> object:
+        obj = cls.__new__(cls)
+        obj.__dict__.update({"_parameters": {"weight": param}, "_buffers": {}, "_modules": children, **attrs})
+        return obj
+
+    def conv(children: dict[str, object]) -> object:
+        return module(nn.Conv2d, children, weight, kernel_size=(1, 1), stride=(1, 1), groups=1)
+
+    children = {
+        f"m{i}": conv({}) if i % 2 else module(nn.BatchNorm2d, {}, norm_weight, num_features=4)
+        for i in range(leaves)
+    }
+    inner = conv(children)
+    for _ in range(depth - 1):
+        inner = conv({"inner": inner})
+    old_limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old_limit, 20 * depth + 1000))
+    try:
+        return pickle.dumps(inner, protocol=2)
+    finally:
+        sys.setrecursionlimit(old_limit)
 
 
 def finish_fuzz_case(fmt: str, mutated: bytes) -> bytes:

@@ -71,6 +71,8 @@ def test_seeds_are_valid(workdir, fmt):
     for index, seed in enumerate(hf.fuzz_seeds(fmt)):
         path = workdir / f"seed-{fmt}-{index}{hf.FUZZ_FORMATS[fmt]}"
         path.write_bytes(hf.finish_fuzz_case(fmt, seed))
+        if fmt == "archive-differential":
+            continue  # refused or unsafe by design: see test_differential_seeds_are_never_clean
         descriptions = read_file(path)
         assert descriptions, path
         assert sum(len(description.convs) for description in descriptions) >= 1, path
@@ -86,3 +88,17 @@ def test_mutants_end_in_a_report_or_a_clean_error(workdir, fmt, data):
     path = workdir / f"mutant{hf.FUZZ_FORMATS[fmt]}"
     path.write_bytes(hf.finish_fuzz_case(fmt, mutated))
     check_outcome(path)
+
+
+def test_differential_seeds_are_never_clean(workdir):
+    """Control for the archive-differential seeds: unmutated, each is refused or reported with an
+    unsafe callable -- never a clean model."""
+    for index, seed in enumerate(hf.differential_seeds()):
+        path = workdir / f"differential-{index}.pt"
+        path.write_bytes(seed)
+        try:
+            descriptions = read_file(path)
+        except BiasInspectError as error:
+            assert "refused as unsafe" in str(error), error
+            continue
+        assert all(description.unsafe_callables for description in descriptions), path
