@@ -324,3 +324,31 @@ def test_deeply_nested_convs_cost_what_a_flat_tree_costs(tmp_path):
         if path is nested:
             assert followed == ["BatchNorm2d"] * (990 + 2_499) + [None]
     assert seconds["nested.pkl"] <= 2.5 * seconds["flat.pkl"] + 0.2, seconds
+
+
+def test_torch_export_sizes_past_int64_are_unsupported(tmp_path):
+    """A .pt2 whose weight size is a 4,000-digit integer (under JSON's 4,300-digit limit) was
+    reported, its parameter count printed with 4,000 digits; now "unsupported"."""
+    import re
+
+    import torch
+
+    real = tmp_path / "real.pt2"
+    torch.export.save(torch.export.export(torch.nn.Conv2d(3, 4, 3), (torch.zeros(1, 3, 8, 8),)), str(real))
+    source = zipfile.ZipFile(real)
+    for label, big, fragment in [("digits", "9" * 4000, "13,288 bits"), ("bits", str(2**100), "101 bits")]:
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as target:
+            for name in source.namelist():
+                data = source.read(name)
+                if name.endswith("models/model.json"):
+                    data, count = re.subn(
+                        rb'\{"as_int": ?4\}', b'{"as_int": ' + big.encode() + b"}", data, count=1
+                    )
+                    assert count == 1
+                target.writestr(name, data)
+        path = tmp_path / f"{label}.pt2"
+        path.write_bytes(out.getvalue())
+        code, _out, err = run_cli(path)
+        assert code == 2 and err.count("\n") == 1, err
+        assert "unsupported: " in err and fragment in err and "64-bit range" in err, err
