@@ -219,6 +219,11 @@ def test_computed_magic_number_refused(tmp_path):
     path = tmp_path / "magic.pt"
     path.write_bytes(computed_magic(tmp_path / "MARK"))
     refused_as_unsafe(path, "legacy magic number")
+    # The version pickle as a global (torch.serialization.PROTOCOL_VERSION equals 1001 too).
+    seed = hf.seed_torch_legacy()
+    (_, end1), (_, end2), *_ = hf.legacy_pickle_spans(seed)
+    path.write_bytes(seed[:end1] + b"\x80\x02ctorch.serialization\nPROTOCOL_VERSION\n." + seed[end2:])
+    refused_as_unsafe(path, "protocol version (computed by torch.serialization.PROTOCOL_VERSION)")
 
 
 def test_pickle_broken_after_a_payload_says_unsafe(tmp_path):

@@ -262,7 +262,7 @@ def _load_pickle_file(path: Path) -> tuple[InertPickle, bool]:
             if version != LEGACY_PROTOCOL_VERSION:
                 raise MalformedModelError(
                     f"legacy torch.save file with unsupported protocol version {describe_value(version)}"
-                    + ("" if isinstance(version, int) else f"; {_COMPUTED_VALUE}")
+                    + ("" if is_plain_value(version) else f"; {_COMPUTED_VALUE}")
                 )
             _load_next(unpickler)  # sys_info: byte order and type sizes
             root = _load_next(unpickler)
