@@ -1,4 +1,6 @@
-"""Long fuzz campaign: many mutated ONNX / torch-zip / legacy-pickle / safetensors files.
+"""Long fuzz campaign: many mutated ONNX / torch-zip / legacy-pickle / safetensors files, pickled
+module trees (deep nesting, wide) and archive differentials (two end records, zip storage blobs,
+legacy tar, computed magic numbers).
 
 The short, derandomized version of this runs in the test suite (tests/test_fuzz.py); this script
 runs the same mutations (tests/hostile_files.py) at scale, in worker processes supervised by this
