@@ -1,5 +1,7 @@
-"""Long fuzz campaign: many mutated ONNX / torch-zip / legacy-pickle / safetensors files, and
-generated folder trees (symbolic links in and out of the folder; control characters in names).
+"""Long fuzz campaign: many mutated ONNX / torch-zip / legacy-pickle / safetensors / NumPy /
+OpenVINO / CoreML files, pickled module trees (deep nesting, wide), archive differentials (two
+end records, zip storage blobs, legacy tar, computed magic numbers), and generated folder trees
+(symbolic links in and out of the folder; control characters in names).
 
 The short, derandomized version of this runs in the test suite (tests/test_fuzz.py); this script
 runs the same mutations (tests/hostile_files.py) at scale, in worker processes supervised by this

@@ -20,6 +20,12 @@ MAX_ZIP_RATIO = 200
 MAX_ZIP_MEMBERS = 1_000_000
 """Largest number of central-directory entries."""
 
+MAX_PICKLE_INT_BYTES = 1024
+"""Largest integer a pickle may hold (8,192 bits, about 2,466 digits); models need 64 bits."""
+
+MAX_MODEL_INT = (1 << 63) - 1
+"""Largest value accepted for a dim, groups or other size read from a file (torch's int64)."""
+
 MAX_PICKLE_OBJECTS = 5_000_000
 """Node budget for the inert unpickler and for walks over what it produced."""
 

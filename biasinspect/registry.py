@@ -31,8 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from biasinspect.errors import UnsupportedFormatError
+from biasinspect.errors import MalformedModelError, UnsupportedFormatError
 from biasinspect.limits import MAX_SAFETENSORS_HEADER_BYTES
+from biasinspect.readers.files import REFUSED_TAR, is_tar_header
 
 if TYPE_CHECKING:
     from biasinspect.model import ModelDescription
@@ -261,6 +262,10 @@ def sniff(head: bytes, name: str, size: int) -> FormatSpec:
     def best(stage: Stage) -> FormatSpec | None:
         return next((spec for claimed, _p, _i, spec in claims if claimed is stage), None)
 
+    if is_tar_header(head):
+        # torch.load tries tar before anything else: a header that also reads as a harmless
+        # pickle, ONNX or safetensors file must not hide the tar members torch would unpickle.
+        raise MalformedModelError(REFUSED_TAR)
     found = best(Stage.MAGIC)
     if found is not None:
         return found

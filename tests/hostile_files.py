@@ -917,8 +917,12 @@ FUZZ_FORMATS: dict[str, str] = {
     "npz-member": ".npz",
     "openvino": ".xml",
     "coreml": ".mlmodel",
+    "module-tree": ".pkl",
+    "archive-differential": ".pt",
 }
-"""Fuzzed formats and the file suffix their mutants get.  ``torch-zip-pickle`` mutates the
+"""Fuzzed formats and the file suffix their mutants get.  ``module-tree`` mutates pickles of deep
+(nested convs) and wide module trees; ``archive-differential`` mutates the files torch.load reads
+differently from a naive reader (two end records, zip storage blob, legacy tar, computed magic).  ``torch-zip-pickle`` mutates the
 data.pkl member of a torch zip and re-zips it (valid zip, CRCs included), so mutations reach the
 pickle reader instead of stopping at the zip layer; ``npz-member`` does the same with an .npy
 member of a Lasagne-style .npz."""
@@ -991,7 +995,65 @@ def fuzz_seeds(fmt: str) -> tuple[bytes, ...]:
         coreml = SAMPLES_DIR / "coreml"
         program = coreml / "program.mlpackage" / "Data" / "com.apple.CoreML" / "model.mlmodel"
         return (*(path.read_bytes() for path in sorted(coreml.glob("*.mlmodel"))), program.read_bytes())
+    if fmt == "module-tree":
+        return (module_tree_pickle(depth=40, leaves=60), module_tree_pickle(depth=1, leaves=150))
+    if fmt == "archive-differential":
+        return differential_seeds()
     raise ValueError(fmt)
+
+
+FUZZ_MARKER = "/nonexistent-biasinspect-fuzz/PAYLOAD_RAN"
+"""Where the differential seeds' payloads would write (a path that cannot be created)."""
+
+
+@functools.cache
+def differential_seeds() -> tuple[bytes, ...]:
+    """The archive-differential files, each with a payload torch.load(weights_only=False) runs."""
+    payload = mkdir_pickle(FUZZ_MARKER)
+    evil_zip = torch_zip_with_data_pkl(payload)
+    return (
+        two_end_records(seed_torch_zip(), evil_zip),
+        storage_blob_pickle(zip_blob_stopping_early(evil_zip)),
+        legacy_tar(payload),
+        computed_magic_legacy(payload),
+    )
+
+
+@functools.cache
+def module_tree_pickle(depth: int, leaves: int) -> bytes:
+    """A pickled module tree: ``depth`` bias-less Conv2d nested inside each other, the innermost
+    holding ``leaves`` children alternating Conv2d and BatchNorm2d (module objects made without
+    ``__init__``, two shared weights).  ``depth=1`` is a wide, flat tree."""
+    import pickle
+    import sys
+
+    import torch
+    from torch import nn
+
+    weight = nn.Parameter(torch.zeros(4, 4, 1, 1), requires_grad=False)
+    norm_weight = nn.Parameter(torch.zeros(4), requires_grad=False)
+
+    def module(cls: type, children: dict[str, object], param: object, **attrs: object) -> object:
+        obj = cls.__new__(cls)
+        obj.__dict__.update({"_parameters": {"weight": param}, "_buffers": {}, "_modules": children, **attrs})
+        return obj
+
+    def conv(children: dict[str, object]) -> object:
+        return module(nn.Conv2d, children, weight, kernel_size=(1, 1), stride=(1, 1), groups=1)
+
+    children = {
+        f"m{i}": conv({}) if i % 2 else module(nn.BatchNorm2d, {}, norm_weight, num_features=4)
+        for i in range(leaves)
+    }
+    inner = conv(children)
+    for _ in range(depth - 1):
+        inner = conv({"inner": inner})
+    old_limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old_limit, 20 * depth + 1000))
+    try:
+        return pickle.dumps(inner, protocol=2)
+    finally:
+        sys.setrecursionlimit(old_limit)
 
 
 def finish_fuzz_case(fmt: str, mutated: bytes) -> bytes:
@@ -1062,3 +1124,87 @@ def random_mutations(rng: random.Random, max_count: int = 4) -> list[Mutation]:
 def all_fuzz_donors() -> tuple[bytes, ...]:
     """Every seed of every format: splices may cross formats."""
     return tuple(seed for fmt in FUZZ_FORMATS for seed in fuzz_seeds(fmt))
+
+
+# ---------------------------------------------------------------------------------------------
+# Archive differentials: files torch.load reads differently from a naive inert reader
+# ---------------------------------------------------------------------------------------------
+
+
+def mkdir_pickle(target: str, protocol: int = 2) -> bytes:
+    """A whole pickle whose loading runs ``os.mkdir(target)`` (text GLOBAL + REDUCE)."""
+    raw = target.encode()
+    call = b"cos\nmkdir\n(X" + len(raw).to_bytes(4, "little") + raw + b"tR"
+    return bytes([0x80, protocol]) + call + b"."
+
+
+def torch_zip_with_data_pkl(data_pkl: bytes) -> bytes:
+    """The seed torch.save zip with its data.pkl replaced (stored members, as torch writes)."""
+    return replace_zip_member(seed_torch_zip(), "/data.pkl", lambda _old: data_pkl)
+
+
+def zip_blob_stopping_early(archive: bytes) -> bytes:
+    """``archive`` with its first local header's modification time set to ``b"\\n."``: read as a
+    pickle, ``PK`` is a PERSID whose line ends there and ``.`` a STOP -- a reader that treats any
+    storage blob as a pickle stops after 12 harmless bytes.  Zip readers ignore the time field."""
+    assert archive[:4] == b"PK\x03\x04"
+    return archive[:10] + b"\n." + archive[12:]
+
+
+def storage_blob_pickle(blob: bytes) -> bytes:
+    """A plain pickle ``{"w": torch.storage._load_from_bytes(blob)}`` (protocol 3 BINBYTES)."""
+    call = b"ctorch.storage\n_load_from_bytes\n(B" + len(blob).to_bytes(4, "little") + blob + b"tR"
+    return b"\x80\x03}X\x01\x00\x00\x00w" + call + b"s."
+
+
+def two_end_records(harmless: bytes, evil: bytes) -> bytes:
+    """``harmless`` (a whole zip) followed by the members and directory of ``evil`` (another zip)
+    and ``evil``'s end record, whose comment length (65,535) runs past the end of the file.
+
+    torch's miniz and Python's zipfile take the last end record (``evil``); a reader that skips
+    records whose comment does not fit falls back to ``harmless``'s."""
+    source = zipfile.ZipFile(io.BytesIO(evil))
+    entries = [stored_entry(info.filename, source.read(info)) for info in source.infolist()]
+    tail = bytearray(build_zip(entries, central_offset_delta=len(harmless)))
+    end = len(tail) - 22
+    (cd_offset,) = struct.unpack_from("<I", tail, end + 16)
+    struct.pack_into("<IH", tail, end + 16, cd_offset + len(harmless), 0xFFFF)
+    return harmless + bytes(tail)
+
+
+def legacy_tar(pickle_member: bytes, disguise: str = "}.") -> bytes:
+    """A legacy tar-format torch checkpoint (torch < 0.1.10): members ``storages`` and
+    ``tensors`` (empty) and ``pickle`` (``pickle_member``), preceded by a member named
+    ``disguise``.  The default name ``}.`` makes the first header block read as a harmless
+    pickle (EMPTY_DICT, STOP) to anything that does not check for tar first."""
+    import pickle
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        members = [
+            (disguise, b""),
+            ("storages", pickle.dumps(0, 2) + pickle.dumps([], 2)),
+            ("tensors", pickle.dumps(0, 2)),
+            ("pickle", pickle_member),
+        ]
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def computed_magic_legacy(payload: bytes) -> bytes:
+    """A legacy-format stream whose magic number is the global ``torch.serialization.MAGIC_NUMBER``
+    (torch.load resolves it to the very number it compares with), then the protocol version,
+    sys_info, ``payload`` as the object pickle, and the storage keys."""
+    import pickle
+
+    return (
+        b"\x80\x02ctorch.serialization\nMAGIC_NUMBER\n."
+        + pickle.dumps(1001, 2)
+        + pickle.dumps({"protocol_version": 1001, "little_endian": True}, 2)
+        + payload
+        + pickle.dumps([], 2)
+    )

@@ -71,6 +71,8 @@ def test_seeds_are_valid(workdir, fmt):
     for index, seed in enumerate(hf.fuzz_seeds(fmt)):
         path = workdir / f"seed-{fmt}-{index}{hf.FUZZ_FORMATS[fmt]}"
         path.write_bytes(hf.finish_fuzz_case(fmt, seed))
+        if fmt == "archive-differential":
+            continue  # refused or unsafe by design: see test_differential_seeds_are_never_clean
         descriptions = read_file(path)
         assert descriptions, path
         assert sum(len(description.convs) for description in descriptions) >= 1, path
@@ -106,3 +108,17 @@ def test_generated_trees_keep_every_cli_promise(kind, seed):
         build = tree_cases.build_link_tree if kind == "links" else tree_cases.build_control_tree
         tree = build(Path(base), rng)
         assert tree_cases.cli_violations(tree) == []
+
+
+def test_differential_seeds_are_never_clean(workdir):
+    """Control for the archive-differential seeds: unmutated, each is refused or reported with an
+    unsafe callable -- never a clean model."""
+    for index, seed in enumerate(hf.differential_seeds()):
+        path = workdir / f"differential-{index}.pt"
+        path.write_bytes(seed)
+        try:
+            descriptions = read_file(path)
+        except BiasInspectError as error:
+            assert "refused as unsafe" in str(error), error
+            continue
+        assert all(description.unsafe_callables for description in descriptions), path

@@ -184,3 +184,32 @@ def parse_json_object(
             # repr() shows the surrogate as a \udxxx escape, so the message stays printable.
             raise MalformedModelError(f"{what} is not valid JSON: lone surrogate in string {quote(bad)}")
     return parsed
+
+
+TAR_BLOCK = 512
+"""A tar header block."""
+
+REFUSED_TAR = (
+    "refused as unsafe: the file starts with a valid tar header, so torch.load reads it as a "
+    "legacy tar-format checkpoint (unpickling its members) whatever else it looks like; "
+    "biasinspect does not read that format"
+)
+
+
+def is_tar_header(head: bytes) -> bool:
+    """True when ``head`` starts with a block that Python's :mod:`tarfile` accepts as a first
+    header -- exactly the test ``torch.load`` makes (``tarfile.open``) on every file that does not
+    start with a zip local header, before it tries the legacy pickle format.  Only the header
+    bytes are parsed; nothing is extracted."""
+    import tarfile
+
+    block = head[:TAR_BLOCK]
+    if len(block) < TAR_BLOCK:
+        return False
+    try:
+        tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    except (ValueError, OverflowError, UnicodeError):  # header fields tarfile itself chokes on
+        return False
+    return True

@@ -31,13 +31,15 @@ model_params
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from biasinspect import limits
-from biasinspect.errors import ResourceLimitError
+from biasinspect.errors import ResourceLimitError, UnsupportedFormatError
 from biasinspect.model import BiasSource, BiasTerm, ConvNode, ModelDescription
-from biasinspect.readers.pickle_inert import Call, TensorRef, tensor_of
+from biasinspect.readers.pickle_inert import Call, TensorRef, describe_value, tensor_of
 from biasinspect.readers.tensors import join_name, untied_width
 
 __all__ = ["ModuleNode", "describe_module_tree", "is_module_object", "module_from_pickle"]
@@ -213,13 +215,26 @@ def _fill_quantized(node: ModuleNode, state: tuple[object, ...]) -> None:
 
 
 def _iter_preorder(root: ModuleNode) -> list[ModuleNode]:
-    out: list[ModuleNode] = []
-    work = [root]
+    return _preorder_spans(root)[0]
+
+
+def _preorder_spans(root: ModuleNode) -> tuple[list[ModuleNode], list[int]]:
+    """Nodes in pre-order (registration order), and for each the pre-order index just past its
+    subtree, in one iterative walk."""
+    order: list[ModuleNode] = []
+    ends: list[int] = []
+    work: list[tuple[ModuleNode, int]] = [(root, -1)]
     while work:
-        node = work.pop()
-        out.append(node)
-        work.extend(reversed(node.children))
-    return out
+        node, opened = work.pop()
+        if opened >= 0:
+            ends[opened] = len(order)
+            continue
+        index = len(order)
+        order.append(node)
+        ends.append(index + 1)
+        work.append((node, index))
+        work.extend((child, -1) for child in reversed(node.children))
+    return order, ends
 
 
 def _parametrized(node: ModuleNode, tensor_name: str) -> tuple[str, TensorRef] | None:
@@ -266,6 +281,11 @@ def _int_attr(node: ModuleNode, name: str) -> int | None:
     value = node.attrs.get(name, node.forward_conv.get(name))
     if isinstance(value, bool) or not isinstance(value, int):
         return None
+    if not -limits.MAX_MODEL_INT <= value <= limits.MAX_MODEL_INT:
+        raise UnsupportedFormatError(
+            f"unsupported: module {node.path or '<root>'!r} has {name} = {describe_value(value)}, "
+            f"outside the 64-bit range torch itself can hold"
+        )
     return value
 
 
@@ -345,7 +365,7 @@ def describe_module_tree(
     unsafe_callables: Sequence[str] = (),
 ) -> ModelDescription:
     """Report the convs of a module tree (see the module docstring for the rules)."""
-    order = _iter_preorder(root)
+    order, ends = _preorder_spans(root)
     notes_out: list[str] = list(warnings)
     found: dict[int, _Found] = {}
     for node in order:
@@ -400,7 +420,7 @@ def describe_module_tree(
         found[id(node)] = item
 
     _attach_parent_biases(order, found, notes_out)
-    _attach_followers(order, found)
+    _attach_followers(order, ends, found)
 
     convs: list[ConvNode] = []
     for node in order:
@@ -435,60 +455,107 @@ def describe_module_tree(
     )
 
 
+_MAX_NAMES_IN_WARNING = 5
+
+
 def _attach_parent_biases(order: list[ModuleNode], found: dict[int, _Found], warnings: list[str]) -> None:
+    """Attach bias-named parameters of a parent module to the one child conv they fit.
+
+    Linear in the tree: the child convs of a parent are indexed by (spatial rank, C_out), so each
+    parameter looks up the at most two keys its shape can fit instead of trying every child.
+    """
     for parent in order:
         child_convs = [found[id(c)] for c in parent.children if id(c) in found]
-        if not child_convs:
+        if not child_convs or id(parent) in found:
             continue
+        rank_of = {id(c): len(c.weight.info.shape) - 2 for c in child_convs}
+        position = {id(c): i for i, c in enumerate(child_convs)}
+        every: dict[tuple[int, int], list[_Found]] = {}
+        bare: dict[tuple[int, int], dict[int, _Found]] = {}
+        for conv in child_convs:
+            if conv.c_out is None:
+                continue
+            key = (rank_of[id(conv)], conv.c_out)
+            every.setdefault(key, []).append(conv)
+            if not conv.terms:
+                bare.setdefault(key, {})[id(conv)] = conv
+        ranks = sorted({key[0] for key in every})
         for name, tensor in parent.params.items():
-            if tensor is None or "bias" not in name.lower() or id(parent) in found:
+            if tensor is None or "bias" not in name.lower():
                 continue
             shape = tensor.info.shape
-            fits = [
-                c for c in child_convs if _spatial_bias_fits(shape, c.c_out, len(c.weight.info.shape) - 2)
-            ]
-            bare = [c for c in fits if not c.terms]
-            pick = bare if bare else fits
-            if not fits and len(child_convs) == 1:
-                # Bias-named but not [C_out, *spatial]: the shape is known, not how it meets the
-                # conv output -- an unaligned term (classified "other"), never dropped.
-                child_convs[0].terms.append(
-                    BiasTerm(join_name(parent.path, name), shape, BiasSource.ADD, aligned=False)
-                )
-            elif len(pick) == 1:
-                pick[0].terms.append(BiasTerm(join_name(parent.path, name), shape, BiasSource.ADD))
-            elif len(pick) > 1:
-                warnings.append(
-                    f"bias parameter {join_name(parent.path, name)!r} fits several convs "
-                    f"({', '.join(c.node.path for c in pick)}); attached to none"
-                )
+            keys = []
+            for rank in ranks:
+                width = untied_width(shape, rank)
+                if width is not None and (rank, width) in every:
+                    keys.append((rank, width))
+            fit_count = sum(len(every[key]) for key in keys)
+            bare_count = sum(len(bare.get(key, {})) for key in keys)
+            term_name = join_name(parent.path, name)
+            if fit_count == 0:
+                if len(child_convs) == 1:
+                    # Bias-named but not [C_out, *spatial]: the shape is known, not how it meets
+                    # the conv output -- an unaligned term (classified "other"), never dropped.
+                    only = child_convs[0]
+                    only.terms.append(BiasTerm(term_name, shape, BiasSource.ADD, aligned=False))
+                    bare.get((rank_of[id(only)], only.c_out or 0), {}).pop(id(only), None)
+                continue
+            use_bare = bare_count > 0
+            count = bare_count if use_bare else fit_count
+            firsts: list[_Found] = []
+            for key in keys:
+                pool = bare.get(key, {}).values() if use_bare else every[key]
+                firsts.extend(itertools.islice(pool, _MAX_NAMES_IN_WARNING))
+            firsts.sort(key=lambda c: position[id(c)])
+            if count == 1:
+                chosen = firsts[0]
+                chosen.terms.append(BiasTerm(term_name, shape, BiasSource.ADD))
+                bare.get((rank_of[id(chosen)], chosen.c_out or 0), {}).pop(id(chosen), None)
+                continue
+            names = ", ".join(c.node.path for c in firsts[:_MAX_NAMES_IN_WARNING])
+            more = count - min(count, _MAX_NAMES_IN_WARNING)
+            warnings.append(
+                f"bias parameter {term_name!r} fits several convs "
+                f"({names}{f' and {more} more' if more else ''}); attached to none"
+            )
 
 
-def _attach_followers(order: list[ModuleNode], found: dict[int, _Found]) -> None:
-    leaves = [n for n in order if not n.children or id(n) in found]
-    index = {id(n): i for i, n in enumerate(leaves)}
-    for node in order:
+def _attach_followers(order: list[ModuleNode], ends: list[int], found: dict[int, _Found]) -> None:
+    """Name the norm after each bias-less conv (see the module docstring).
+
+    Linear in the tree (plus a logarithmic lookup per conv): ``ends[i]`` is the pre-order index
+    past node ``i``'s subtree, so "the first norm inside the conv" is a search among the norms of
+    that width, and "the next leaf after the conv" is the first leaf at or past ``ends[i]``,
+    transparent leaves skipped through a precomputed next-solid-leaf table.  No conv re-walks
+    its subtree, however deeply convs nest.
+    """
+    norms_at: dict[int, list[int]] = {}  # norm width -> pre-order positions, ascending
+    leaf_at: list[int] = []  # pre-order positions of leaves (convs count as leaves)
+    for i, node in enumerate(order):
+        if node.leaf_class in _NORM_CLASSES:
+            width = _norm_width(node)
+            if width is not None and _is_norm(node, width):
+                norms_at.setdefault(width, []).append(i)
+        if not node.children or id(node) in found:
+            leaf_at.append(i)
+    next_solid = [len(leaf_at)] * (len(leaf_at) + 1)
+    for k in range(len(leaf_at) - 1, -1, -1):
+        transparent = any(word in order[leaf_at[k]].leaf_class for word in _TRANSPARENT)
+        next_solid[k] = next_solid[k + 1] if transparent else k
+    for i, node in enumerate(order):
         item = found.get(id(node))
-        if item is None or item.terms:
+        if item is None or item.terms or item.c_out is None:
             continue
-        subtree_nodes = _iter_preorder(node)  # computed once per conv
-        for child in subtree_nodes[1:]:
-            if _is_norm(child, item.c_out):
-                item.followed_by = child.leaf_class
-                break
-        if item.followed_by is not None:
+        inside = norms_at.get(item.c_out, [])
+        j = bisect.bisect_right(inside, i)
+        if j < len(inside) and inside[j] < ends[i]:
+            item.followed_by = order[inside[j]].leaf_class
             continue
-        subtree = {id(n) for n in subtree_nodes}
-        # Walk indices, not a slice: copying the tail of ``leaves`` per conv is quadratic.
-        for i in range(index[id(node)] + 1, len(leaves)):
-            nxt = leaves[i]
-            if id(nxt) in subtree:
-                continue
-            if any(word in nxt.leaf_class for word in _TRANSPARENT):
-                continue
+        k = next_solid[bisect.bisect_left(leaf_at, ends[i])]
+        if k < len(leaf_at):
+            nxt = order[leaf_at[k]]
             if _is_norm(nxt, item.c_out):
                 item.followed_by = nxt.leaf_class
-            break
 
 
 def model_params(order: list[ModuleNode]) -> int:

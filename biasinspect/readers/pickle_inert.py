@@ -15,6 +15,10 @@ Python containers and inert stubs:
 Every referenced global is recorded and classified (:func:`classify_global`) so that readers can
 warn about pickles that would run code under ``torch.load(weights_only=False)``.
 
+The stubs and text-argument decoding live in :mod:`~biasinspect.readers.pickle_values`, the
+global classification in :mod:`~biasinspect.readers.pickle_globals` and the tensor rebuild
+helpers in :mod:`~biasinspect.readers.pickle_tensors`; every public name is re-exported here.
+
 Caps: the stream length is bounded by ``limits.MAX_PICKLE_BYTES`` and the number of opcodes plus
 created objects by ``limits.MAX_PICKLE_OBJECTS``.  The interpreter has no recursion; objects are
 shared references (``DUP``/``GET`` never copy), so memo and ``DUP`` bombs cost one reference each.
@@ -24,7 +28,6 @@ Anything structurally wrong (truncation, unknown opcode, stack underflow, missin
 
 from __future__ import annotations
 
-import codecs
 import io
 import struct
 from collections.abc import Callable
@@ -32,8 +35,32 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from biasinspect import limits
-from biasinspect.errors import MalformedModelError, ResourceLimitError
-from biasinspect.readers.tensors import TensorInfo
+from biasinspect.errors import MalformedModelError, ResourceLimitError, UnsupportedFormatError
+from biasinspect.readers.pickle_globals import (
+    PY2_MODULES,
+    STORAGE_DTYPES,
+    TS_LIST_BUILDERS,
+    classify_global,
+    itemsize,
+)
+from biasinspect.readers.pickle_tensors import NUMPY_RECONSTRUCT, REBUILDERS, numpy_tensor
+from biasinspect.readers.pickle_values import (
+    Call,
+    GlobalRef,
+    IdKey,
+    OpaqueRef,
+    PDict,
+    StorageRef,
+    TensorRef,
+    int_too_large,
+    latin,
+    parse_float,
+    parse_int,
+    parse_string,
+    raw_unicode,
+    tensor_of,
+    utf8,
+)
 
 __all__ = [
     "LEGACY_MAGIC",
@@ -46,7 +73,9 @@ __all__ = [
     "StorageRef",
     "TensorRef",
     "classify_global",
+    "describe_value",
     "guard",
+    "is_plain_value",
     "itemsize",
     "load_inert",
     "tensor_of",
@@ -63,626 +92,15 @@ MAX_NESTED_BLOBS = 2
 """Deepest nesting of ``torch.storage._load_from_bytes`` blobs followed (plain pickles of
 tensors embed a legacy torch.save stream per storage; a blob inside a blob is followed once)."""
 
+ZIP_BLOB_NOT_INSPECTED = "<zip storage blob not inspected>"
+"""Reported as an unsafe callable for a ``torch.storage._load_from_bytes`` blob in the zip format:
+torch.load would read it as a whole zip checkpoint (its data.pkl unpickled); torch never writes
+one, and the inert reader does not open it."""
 
-# --------------------------------------------------------------------------------------------
-# Stubs
-
-
-@dataclass(frozen=True)
-class GlobalRef:
-    """A global a pickle names (``module``, ``name``); never imported."""
-
-    module: str
-    name: str
-
-    @property
-    def dotted(self) -> str:
-        """``module.name``."""
-        return f"{self.module}.{self.name}"
-
-
-class Call:
-    """The inert result of ``func(*args)`` / ``cls.__new__(cls, *args)`` in a pickle.
-
-    ``state`` is what ``BUILD`` would have passed to ``__setstate__`` (the last one wins);
-    ``items``/``listitems`` collect ``SETITEM``/``APPEND`` applied to the stub; ``tensor`` is set
-    when the stub denotes a recognised array (numpy ``_reconstruct`` + ``BUILD``).
-    """
-
-    __slots__ = ("args", "func", "items", "kwargs", "listitems", "state", "tensor")
-
-    def __init__(self, func: object, args: tuple[object, ...], kwargs: object = None) -> None:
-        self.func = func
-        self.args = args
-        self.kwargs = kwargs
-        self.state: object = None
-        self.items: list[tuple[object, object]] | None = None
-        self.listitems: list[object] | None = None
-        self.tensor: TensorRef | None = None
-
-    @property
-    def func_name(self) -> str | None:
-        """Dotted name of the callable when it is a plain global, else ``None``."""
-        return self.func.dotted if isinstance(self.func, GlobalRef) else None
-
-    def __repr__(self) -> str:  # shallow on purpose: never walk arbitrary (deep) arguments
-        return f"Call({self.func_name or '<dynamic>'})"
-
-
-class PDict(dict[object, object]):
-    """A dict built by a pickled ``collections.OrderedDict()``/``dict()`` call (keeps ``BUILD`` state)."""
-
-    __slots__ = ("cls", "state")
-
-    def __init__(self, cls: str) -> None:
-        super().__init__()
-        self.cls = cls
-        self.state: object = None
-
-
-class StorageRef:
-    """A torch storage named by a persistent id; its bytes are never read."""
-
-    __slots__ = ("dtype", "key", "numel", "type_name", "view_offset")
-
-    # The persistent id's device location is deliberately not kept: it may be any pickled object
-    # graph, and turning one into text can take minutes (str() of a deep / shared structure).
-    def __init__(self, type_name: str, dtype: str | None, key: str, numel: int | None) -> None:
-        self.type_name = type_name
-        self.dtype = dtype
-        self.key = key
-        self.numel = numel
-        self.view_offset = 0
-
-    def __repr__(self) -> str:
-        return f"StorageRef({self.type_name}, {self.key!r})"
-
-
-class TensorRef:
-    """A tensor rebuilt from a known torch helper: shape/dtype facts and whether it is a Parameter."""
-
-    __slots__ = ("info", "is_parameter", "storage")
-
-    def __init__(self, info: TensorInfo, is_parameter: bool, storage: StorageRef | None) -> None:
-        self.info = info
-        self.is_parameter = is_parameter
-        self.storage = storage
-
-    def __repr__(self) -> str:
-        return f"TensorRef({list(self.info.shape)}, {self.info.dtype})"
-
-
-class OpaqueRef:
-    """Something a pickle produced that we cannot and need not model (buffers, extensions, ids)."""
-
-    __slots__ = ("what",)
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-    def __repr__(self) -> str:
-        return f"OpaqueRef({self.what})"
-
-
-class _IdKey:
-    """Wraps a dict key that is not a plain scalar, hashed by identity.
-
-    Hashing arbitrary pickled objects (e.g. a 100k-deep tuple) recurses in C without a depth
-    check; readers only ever look up string keys, so other keys just need to be distinct.
-    """
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: object) -> None:
-        self.obj = obj
-
-
-def tensor_of(obj: object) -> TensorRef | None:
-    """The tensor an unpickled object denotes (a :class:`TensorRef` or an array-like stub), if any."""
-    if isinstance(obj, TensorRef):
-        return obj
-    if isinstance(obj, Call):
-        return obj.tensor
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# Global classification
-
-_UNSAFE_MODULES = frozenset(
-    {
-        "os",
-        "posix",
-        "nt",
-        "subprocess",
-        "_posixsubprocess",
-        "_winapi",
-        "runpy",
-        "importlib",
-        "imp",
-        "sys",
-        "shutil",
-        "socket",
-        "_socket",
-        "ssl",
-        "pty",
-        "webbrowser",
-        "code",
-        "codeop",
-        "ctypes",
-        "_ctypes",
-        "pickle",
-        "_pickle",
-        "cPickle",
-        "dill",
-        "cloudpickle",
-        "marshal",
-        "multiprocessing",
-        "_multiprocessing",
-        "concurrent",
-        "asyncio",
-        "threading",
-        "_thread",
-        "signal",
-        "timeit",
-        "cProfile",
-        "profile",
-        "pdb",
-        "bdb",
-        "trace",
-        "pydoc",
-        "doctest",
-        "pkgutil",
-        "zipimport",
-        "http",
-        "urllib",
-        "urllib2",
-        "ftplib",
-        "smtplib",
-        "telnetlib",
-        "xmlrpc",
-        "requests",
-        "tempfile",
-        "fileinput",
-        "platform",
-        "ensurepip",
-        "venv",
-        "pip",
-        "setuptools",
-        "distutils",
-        "tkinter",
-        "turtle",
-        "idlelib",
-        "commands",
-        "popen2",
-        "gc",
-        "inspect",
-        "torch.hub",
-        "torch.utils.cpp_extension",
-        "torch.package",
-        "torch.jit",
-        "torch._dynamo",
-        "numpy.testing",
-        "numpy.f2py",
-        "numpy.distutils",
-        "numpy.ctypeslib",
-    }
-)
-"""Module families (the module or any submodule) whose globals run code or touch the system."""
-
-_UNSAFE_EXACT = frozenset(
-    {
-        "builtins.exec",
-        "builtins.eval",
-        "builtins.compile",
-        "builtins.open",
-        "builtins.__import__",
-        "builtins.getattr",
-        "builtins.setattr",
-        "builtins.delattr",
-        "builtins.globals",
-        "builtins.locals",
-        "builtins.vars",
-        "builtins.input",
-        "builtins.breakpoint",
-        "builtins.exit",
-        "builtins.quit",
-        "builtins.help",
-        "builtins.execfile",
-        "builtins.file",
-        "builtins.reload",
-        "builtins.apply",
-        "builtins.__builtins__",
-        "builtins.memoryview",
-        "builtins.type",
-        "builtins.super",
-        "types.FunctionType",
-        "types.CodeType",
-        "types.LambdaType",
-        "types.MethodType",
-        "types.ModuleType",
-        "types.new_class",
-        "operator.attrgetter",
-        "operator.methodcaller",
-        "_operator.attrgetter",
-        "_operator.methodcaller",
-        "functools.reduce",
-        "_functools.reduce",
-        "codecs.open",
-        "io.open",
-        "_io.open",
-        "io.FileIO",
-        "_io.FileIO",
-        "io.open_code",
-        "_io.open_code",
-        "torch.load",
-        "torch.serialization.load",
-        "torch.serialization._load",
-        "torch.fx.graph_module.reduce_graph_module",
-        "torch.fx.graph_module.reduce_package_graph_module",
-        "torch.fx.graph_module.reduce_deploy_graph_module",
-        "torch.fx.graph_module._exec_with_source",
-        "torch.fx.graph_module._forward_from_src",
-        "numpy.load",
-        "numpy.lib.npyio.load",
-        "numpy.lib._npyio_impl.load",
-    }
-)
-"""Exact dotted names that run code (or open files) when called during unpickling."""
-
-_UNSAFE_LEAVES = frozenset(
-    {
-        "system",
-        "popen",
-        "popen2",
-        "popen3",
-        "popen4",
-        "Popen",
-        "exec",
-        "eval",
-        "execfile",
-        "__import__",
-        "execv",
-        "execve",
-        "execvp",
-        "execvpe",
-        "execl",
-        "execle",
-        "execlp",
-        "execlpe",
-        "spawnv",
-        "spawnve",
-        "spawnl",
-        "spawnle",
-        "spawnlp",
-        "spawnvp",
-        "posix_spawn",
-        "posix_spawnp",
-        "fork",
-        "forkpty",
-        "check_output",
-        "check_call",
-        "getoutput",
-        "getstatusoutput",
-        "run_path",
-        "run_module",
-        "_run_code",
-        "_run_module_code",
-        "import_module",
-        "load_inline",
-        "load_library",
-        "startfile",
-        "__getattribute__",
-        "__globals__",
-        "__builtins__",
-        "__subclasses__",
-        "__code__",
-        "__reduce__",
-        "__reduce_ex__",
-        "__setstate__",
-        "__init__",
-        "__new__",
-        "__class__",
-        "__dict__",
-    }
-)
-"""Attribute names that denote code execution whatever module they are reached through."""
-
-_ROOT_MODULE_NAMES = frozenset(
-    {"torch", "numpy", "np", "builtins", "__builtin__", "torchvision", "collections"}
-)
-"""Top-level package names that never appear inside a safe global's dotted path."""
-
-_SAFE_EXACT = frozenset(
-    {
-        "collections.OrderedDict",
-        "collections.defaultdict",
-        "collections.deque",
-        "collections.Counter",
-        "builtins.set",
-        "builtins.frozenset",
-        "builtins.dict",
-        "builtins.list",
-        "builtins.tuple",
-        "builtins.int",
-        "builtins.float",
-        "builtins.complex",
-        "builtins.bool",
-        "builtins.str",
-        "builtins.bytes",
-        "builtins.bytearray",
-        "builtins.slice",
-        "builtins.range",
-        "builtins.object",
-        "builtins.NoneType",
-        "builtins.Ellipsis",
-        "builtins.NotImplemented",
-        "copyreg._reconstructor",
-        "copyreg.__newobj__",
-        "copyreg.__newobj_ex__",
-        "_codecs.encode",
-        "codecs.encode",
-        "functools.partial",
-        "argparse.Namespace",
-        "pathlib.Path",
-        "pathlib.PosixPath",
-        "pathlib.WindowsPath",
-        "pathlib.PurePosixPath",
-        "pathlib.PureWindowsPath",
-        "datetime.datetime",
-        "datetime.date",
-        "datetime.time",
-        "datetime.timedelta",
-        "datetime.timezone",
-        "decimal.Decimal",
-        "fractions.Fraction",
-        "uuid.UUID",
-        "re._compile",
-        "torch.Size",
-        "torch.device",
-        "torch.Tensor",
-        "torch.storage._load_from_bytes",
-        "torch.storage.UntypedStorage",
-        "torch.storage.TypedStorage",
-        "torch.storage._LegacyStorage",
-        "torch._tensor._rebuild_from_type",
-        "torch._tensor._rebuild_from_type_v2",
-        "torch.serialization._get_layout",
-        "torch.nn.parameter.Parameter",
-        "torch.nn.parameter.Buffer",
-        "torch.nn.parameter.UninitializedParameter",
-        "torch.nn.parameter.UninitializedBuffer",
-        "torch.nn.utils.weight_norm.WeightNorm",
-        "torch.nn.utils.spectral_norm.SpectralNorm",
-        "torch.nn.utils.spectral_norm.SpectralNormStateDictHook",
-        "torch.nn.utils.spectral_norm.SpectralNormLoadStateDictPreHook",
-        "numpy.core.multiarray._reconstruct",
-        "numpy._core.multiarray._reconstruct",
-        "numpy.core.multiarray.scalar",
-        "numpy._core.multiarray.scalar",
-        # ndarray.__reduce_ex__(5): frombuffer(buf, dtype).reshape(shape, order), nothing else.
-        "numpy.core.numeric._frombuffer",
-        "numpy._core.numeric._frombuffer",
-        "numpy.ndarray",
-        "numpy.dtype",
-    }
-)
-"""Known-harmless constructors and rebuild helpers (exact dotted names)."""
-
-_SAFE_PREFIXES = (
-    "torch._utils._rebuild_",
-    "torch.nn.modules.",
-    "torch.ao.nn.",
-    "torch.nn.quantized.",
-    "torch.nn.intrinsic.",
-    "torch.nn.qat.",
-    "torch.ao.quantization.",
-    "torch.nn.utils.parametrize.",
-    "torch.nn.utils.parametrizations.",
-    "torch.nn.functional.",
-    "numpy.dtypes.",
-    "torchvision.models.",
-    "torchvision.ops.",
-)
-"""Module families of known nn-module classes and rebuild helpers."""
-
-_TORCH_DTYPES: dict[str, str] = {
-    "float32": "float32",
-    "float": "float32",
-    "float64": "float64",
-    "double": "float64",
-    "float16": "float16",
-    "half": "float16",
-    "bfloat16": "bfloat16",
-    "complex32": "complex32",
-    "chalf": "complex32",
-    "complex64": "complex64",
-    "cfloat": "complex64",
-    "complex128": "complex128",
-    "cdouble": "complex128",
-    "uint8": "uint8",
-    "int8": "int8",
-    "int16": "int16",
-    "short": "int16",
-    "int32": "int32",
-    "int": "int32",
-    "int64": "int64",
-    "long": "int64",
-    "bool": "bool",
-    "uint16": "uint16",
-    "uint32": "uint32",
-    "uint64": "uint64",
-    "qint8": "qint8",
-    "quint8": "quint8",
-    "qint32": "qint32",
-    "quint4x2": "quint4x2",
-    "quint2x4": "quint2x4",
-    "float8_e4m3fn": "float8_e4m3fn",
-    "float8_e4m3fnuz": "float8_e4m3fnuz",
-    "float8_e5m2": "float8_e5m2",
-    "float8_e5m2fnuz": "float8_e5m2fnuz",
-    "float8_e8m0fnu": "float8_e8m0fnu",
-    "float4_e2m1fn_x2": "float4_e2m1",
-}
-"""``torch.<name>`` dtype globals -> TensorInfo dtype names."""
-
-_STORAGE_DTYPES: dict[str, str] = {
-    "FloatStorage": "float32",
-    "DoubleStorage": "float64",
-    "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16",
-    "LongStorage": "int64",
-    "IntStorage": "int32",
-    "ShortStorage": "int16",
-    "CharStorage": "int8",
-    "ByteStorage": "uint8",
-    "BoolStorage": "bool",
-    "ComplexFloatStorage": "complex64",
-    "ComplexDoubleStorage": "complex128",
-    "QInt8Storage": "qint8",
-    "QUInt8Storage": "quint8",
-    "QInt32Storage": "qint32",
-    "QUInt4x2Storage": "quint4x2",
-    "QUInt2x4Storage": "quint2x4",
-    "UntypedStorage": "uint8",
-}
-"""Typed-storage class names -> element dtype."""
-
-_NUMPY_DTYPES: dict[str, str] = {
-    "f2": "float16",
-    "f4": "float32",
-    "f8": "float64",
-    "c8": "complex64",
-    "c16": "complex128",
-    "i1": "int8",
-    "i2": "int16",
-    "i4": "int32",
-    "i8": "int64",
-    "u1": "uint8",
-    "u2": "uint16",
-    "u4": "uint32",
-    "u8": "uint64",
-    "b1": "bool",
-    "float16": "float16",
-    "float32": "float32",
-    "float64": "float64",
-    "int8": "int8",
-    "int16": "int16",
-    "int32": "int32",
-    "int64": "int64",
-    "uint8": "uint8",
-    "bool": "bool",
-}
-
-_ITEMSIZE: dict[str, int] = {
-    "float64": 8,
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "complex32": 4,
-    "complex64": 8,
-    "complex128": 16,
-    "uint8": 1,
-    "int8": 1,
-    "int16": 2,
-    "int32": 4,
-    "int64": 8,
-    "bool": 1,
-    "uint16": 2,
-    "uint32": 4,
-    "uint64": 8,
-    "qint8": 1,
-    "quint8": 1,
-    "qint32": 4,
-    "quint4x2": 1,
-    "quint2x4": 1,
-    "float8_e4m3fn": 1,
-    "float8_e4m3fnuz": 1,
-    "float8_e5m2": 1,
-    "float8_e5m2fnuz": 1,
-    "float8_e8m0fnu": 1,
-}
-"""Bytes per element, for storage-bounds checks."""
-
-_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg", "exceptions": "builtins"}
-"""Python 2 module names that ``fix_imports`` maps (torch.load uses it for protocol < 3)."""
-
-
-def itemsize(dtype: str) -> int | None:
-    """Bytes per element of a dtype name, when known."""
-    return _ITEMSIZE.get(dtype)
-
-
-def classify_global(dotted: str, attribute: str | None = None) -> str:
-    """Classify a global a pickle names: ``"safe"``, ``"unsafe"`` or ``"unknown"``.
-
-    ``"unsafe"``: it would run code or touch the system under ``torch.load(weights_only=False)``
-    (os/subprocess/builtins.exec/... families, see ``_UNSAFE_*``).  ``"safe"``: a known torch /
-    numpy / collections rebuild helper or nn-module class.  Everything else is ``"unknown"``: it
-    would be imported (running that module's import-time code) and maybe called.
-
-    ``attribute`` is the name part of the GLOBAL / STACK_GLOBAL opcode when the caller knows it
-    (``dotted`` then ends with it).  Protocol >= 4 resolves a dotted attribute through module
-    attributes (``torch.nn.modules.conv`` + ``torch.hub.load`` reaches ``torch.hub.load``), so a
-    dotted attribute part is never safe, whatever module it starts from.  The path's prefixes and
-    every run inside the attribute walk are checked against the unsafe module families; runs that
-    start inside the module part are not (``mypkg.code.Net`` imports the user's ``mypkg.code``, not
-    the standard library's ``code``: unknown, not unsafe).
-    """
-    module, _, name = dotted.rpartition(".")
-    module = _PY2_MODULES.get(module, module)
-    full = f"{module}.{name}"
-    if full in _UNSAFE_EXACT:
-        return "unsafe"
-    if full in _TS_PICKLE_HELPERS and (attribute is None or "." not in attribute):
-        # TorchScript's own list/type-tag rebuilders (torch.jit is otherwise an unsafe family).
-        return "safe"
-    parts = full.split(".")
-    walk_start = len(parts) - attribute.count(".") - 1 if attribute and "." in attribute else len(parts)
-    for start in [0, *range(max(walk_start, 1), len(parts))]:
-        for end in range(start + 1, len(parts) + 1):
-            if ".".join(parts[start:end]) in _UNSAFE_MODULES or (
-                start > 0 and ".".join(parts[start:end]) in _UNSAFE_EXACT
-            ):
-                return "unsafe"
-    if any(part in _UNSAFE_LEAVES for part in parts[1:]):
-        return "unsafe"
-    if attribute is not None and "." in attribute:
-        return "unknown"
-    if any(part in _ROOT_MODULE_NAMES for part in parts[1:]):
-        # Without the attribute part (a caller that has only the dotted name), a top-level package
-        # name deeper in the path means an attribute walk out of the safe family.
-        return "unknown"
-    if full in _SAFE_EXACT or full.startswith(_SAFE_PREFIXES):
-        return "safe"
-    if module == "torch" and (name in _TORCH_DTYPES or name in _STORAGE_DTYPES or name in _TORCH_ENUMS):
-        return "safe"
-    if module == "torch.storage" and name.endswith("Storage"):
-        return "safe"
-    return "unknown"
-
-
-_TORCH_ENUMS = frozenset(
-    {
-        "strided",
-        "sparse_coo",
-        "sparse_csr",
-        "sparse_csc",
-        "sparse_bsr",
-        "sparse_bsc",
-        "_mkldnn",
-        "contiguous_format",
-        "channels_last",
-        "channels_last_3d",
-        "preserve_format",
-        "per_tensor_affine",
-        "per_channel_affine",
-        "per_channel_affine_float_qparams",
-        "per_tensor_symmetric",
-        "per_channel_symmetric",
-    }
-)
-"""Layout / memory-format / qscheme constants that pickles name as ``torch.<x>``."""
+OTHER_BLOB_NOT_INSPECTED = "<storage blob torch.load would read differently>"
+"""Reported as an unsafe callable for a storage blob that is not a byte string, or whose first
+pickle is computed (a call or a global that may equal the legacy magic number): torch.load would
+go on reading it where the inert reader stops."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -872,7 +290,7 @@ class InertUnpickler:
     # -- helpers -------------------------------------------------------------------------------
 
     def _global(self, module: str, name: str) -> GlobalRef:
-        module = _PY2_MODULES.get(module, module)
+        module = PY2_MODULES.get(module, module)
         ref = GlobalRef(module, name)
         dotted = ref.dotted
         self.globals[dotted] = self.globals.get(dotted, 0) + 1
@@ -891,7 +309,7 @@ class InertUnpickler:
     def _key(obj: object) -> object:
         if obj is None or isinstance(obj, (str, int, float, bytes, bool, GlobalRef)):
             return obj
-        return _IdKey(obj)
+        return IdKey(obj)
 
     # -- main loop -----------------------------------------------------------------------------
 
@@ -944,9 +362,9 @@ class InertUnpickler:
                 memo[len(memo)] = top()
             elif op == 0x58:  # X BINUNICODE
                 (n,) = unpack("<I", read(4))
-                stack.append(_utf8(read(n)))
+                stack.append(utf8(read(n)))
             elif op == 0x8C:  # SHORT_BINUNICODE
-                stack.append(_utf8(read(read(1)[0])))
+                stack.append(utf8(read(read(1)[0])))
             elif op == 0x4B:  # K BININT1
                 stack.append(read(1)[0])
             elif op == 0x4D:  # M BININT2
@@ -1038,33 +456,35 @@ class InertUnpickler:
             elif op == 0x47:  # G BINFLOAT
                 stack.append(unpack(">d", read(8))[0])
             elif op == 0x46:  # F FLOAT
-                stack.append(_parse_float(readline()))
+                stack.append(parse_float(readline()))
             elif op == 0x49:  # I INT
-                stack.append(_parse_int(readline()))
+                stack.append(parse_int(readline()))
             elif op == 0x4C:  # L LONG
                 line = readline()
-                stack.append(_parse_int(line[:-1] if line.endswith(b"L") else line))
+                stack.append(parse_int(line[:-1] if line.endswith(b"L") else line))
             elif op == 0x8A:  # LONG1
                 stack.append(int.from_bytes(read(read(1)[0]), "little", signed=True))
             elif op == 0x8B:  # LONG4
                 (n,) = unpack("<i", read(4))
                 if n < 0:
                     raise MalformedModelError("malformed pickle: LONG4 with negative length")
+                if n > limits.MAX_PICKLE_INT_BYTES:
+                    raise int_too_large(f"{n * 8:,} bits")
                 stack.append(int.from_bytes(read(n), "little", signed=True))
             elif op == 0x53:  # S STRING
-                stack.append(_parse_string(readline()))
+                stack.append(parse_string(readline()))
             elif op == 0x54:  # T BINSTRING
                 (n,) = unpack("<i", read(4))
                 if n < 0:
                     raise MalformedModelError("malformed pickle: BINSTRING with negative length")
-                stack.append(_latin(read(n)))
+                stack.append(latin(read(n)))
             elif op == 0x55:  # U SHORT_BINSTRING
-                stack.append(_latin(read(read(1)[0])))
+                stack.append(latin(read(read(1)[0])))
             elif op == 0x56:  # V UNICODE
-                stack.append(_raw_unicode(readline()))
+                stack.append(raw_unicode(readline()))
             elif op == 0x8D:  # BINUNICODE8
                 (n,) = unpack("<Q", read(8))
-                stack.append(_utf8(read(n)))
+                stack.append(utf8(read(n)))
             elif op == 0x42:  # B BINBYTES
                 (n,) = unpack("<I", read(4))
                 stack.append(read(n))
@@ -1090,11 +510,11 @@ class InertUnpickler:
             elif op == 0x32:  # 2 DUP
                 stack.append(top())
             elif op == 0x67:  # g GET
-                stack.append(get_memo(_parse_int(readline())))
+                stack.append(get_memo(parse_int(readline())))
             elif op == 0x6A:  # j LONG_BINGET
                 stack.append(get_memo(unpack("<I", read(4))[0]))
             elif op == 0x70:  # p PUT
-                memo[_parse_int(readline())] = top()
+                memo[parse_int(readline())] = top()
             elif op == 0x72:  # r LONG_BINPUT
                 memo[unpack("<I", read(4))[0]] = top()
             elif op == 0x6C:  # l LIST
@@ -1185,8 +605,8 @@ class InertUnpickler:
     def _build(self, target: object, state: object) -> None:
         if isinstance(target, Call):
             target.state = state
-            if target.func_name in _NUMPY_RECONSTRUCT:
-                target.tensor = _numpy_tensor(state)
+            if target.func_name in NUMPY_RECONSTRUCT:
+                target.tensor = numpy_tensor(state)
         elif isinstance(target, PDict):
             target.state = state
         # BUILD on anything else (plain containers, tensors) has no effect we need to model.
@@ -1238,7 +658,7 @@ class InertUnpickler:
             return self._new(args[0], args[1] if isinstance(args[1], tuple) else (), args[2])
         if name == "torch.Size" and len(args) == 1 and isinstance(args[0], (tuple, list)):
             return tuple(args[0])
-        if name in _TS_LIST_BUILDERS and len(args) == 1 and isinstance(args[0], list):
+        if name in TS_LIST_BUILDERS and len(args) == 1 and isinstance(args[0], list):
             return args[0]
         if name == "torch.jit._pickle.restore_type_tag" and len(args) == 2:
             return args[0]
@@ -1255,11 +675,14 @@ class InertUnpickler:
                 return args[0].encode("latin-1")
             except UnicodeEncodeError as e:
                 raise MalformedModelError("malformed pickle: bytes text is not latin-1") from e
-        handler = _REBUILDERS.get(name)
+        handler = REBUILDERS.get(name)
         if handler is not None:
             return handler(self, args)
-        if name == "torch.storage._load_from_bytes" and len(args) == 1 and isinstance(args[0], bytes):
-            return self._storage_from_bytes(args[0])
+        if name == "torch.storage._load_from_bytes":
+            # torch.load(io.BytesIO(blob), weights_only=False) on whatever it is given.
+            if len(args) == 1 and isinstance(args[0], (bytes, bytearray)):
+                return self._storage_from_bytes(bytes(args[0]))
+            self.dynamic_calls.append(OTHER_BLOB_NOT_INSPECTED)
         return Call(func, args)
 
     def _persistent(self, pid: object) -> object:
@@ -1269,7 +692,7 @@ class InertUnpickler:
             type_name = stype.name if isinstance(stype, GlobalRef) else str(type(stype).__name__)
             if not isinstance(key, (str, int)) or not isinstance(numel, int) or numel < 0:
                 raise MalformedModelError("malformed pickle: bad storage persistent id")
-            dtype = _STORAGE_DTYPES.get(type_name)
+            dtype = STORAGE_DTYPES.get(type_name)
             ref = StorageRef(type_name, dtype, str(key), numel)
             # Legacy format: ('storage', type, root_key, location, size, view_metadata)
             if len(pid) >= 6 and isinstance(pid[5], tuple) and len(pid[5]) == 3:
@@ -1291,6 +714,10 @@ class InertUnpickler:
             # torch.load would unpickle this blob too (running whatever it names): never go quiet.
             self.dynamic_calls.append(NESTED_BLOB_NOT_INSPECTED)
             return OpaqueRef("nested storage blob")
+        if blob.startswith(b"PK\x03\x04"):
+            # torch.load checks for a zip first (torch.serialization._is_zipfile).
+            self.dynamic_calls.append(ZIP_BLOB_NOT_INSPECTED)
+            return OpaqueRef("zip storage blob")
         self._budget.blobs += 1
         blob_number = self._budget.blobs
         nested = InertUnpickler(
@@ -1298,8 +725,13 @@ class InertUnpickler:
         )
         try:
             magic = nested.load()
-            if magic != LEGACY_MAGIC:
-                # torch.load would still unpickle it: whatever the first pickle named is merged below.
+            if not is_plain_value(magic):
+                # A computed first value may equal the magic number under torch.load, which would
+                # then unpickle the rest of the blob: never go quiet.
+                nested.dynamic_calls.append(OTHER_BLOB_NOT_INSPECTED)
+                return OpaqueRef("storage blob")
+            if magic != LEGACY_MAGIC or isinstance(magic, bool):
+                # torch.load raises after this first pickle, whose globals are merged below.
                 return OpaqueRef("storage blob")
             nested.load()  # protocol version
             nested.load()  # sys_info
@@ -1315,263 +747,41 @@ class InertUnpickler:
         return obj
 
 
-_TS_LIST_BUILDERS = frozenset(
-    {
-        "torch.jit._pickle.build_intlist",
-        "torch.jit._pickle.build_doublelist",
-        "torch.jit._pickle.build_boollist",
-        "torch.jit._pickle.build_tensorlist",
-        "torch.jit._pickle.build_complexlist",
-    }
-)
-"""TorchScript pickles wrap typed lists in these; the list itself is what they rebuild."""
-
-_TS_PICKLE_HELPERS = _TS_LIST_BUILDERS | {
-    "torch.jit._pickle.build_tensor_from_id",
-    "torch.jit._pickle.restore_type_tag",
-}
-"""The only torch.jit names a TorchScript data.pkl needs (exact names, never a prefix)."""
-
-_NUMPY_RECONSTRUCT = frozenset({"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"})
-
-
-# --------------------------------------------------------------------------------------------
-# Tensor rebuild helpers (argument layouts from torch/_utils.py; nothing here calls torch)
-
-
-def _shape(value: object, what: str) -> tuple[int, ...]:
-    if isinstance(value, Call) and value.func_name == "torch.Size" and len(value.args) == 1:
-        value = value.args[0]
-    if not isinstance(value, (tuple, list)):
-        raise MalformedModelError(f"malformed pickle: {what} of a tensor is not a tuple")
-    dims: list[int] = []
-    for dim in value:
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0 or dim >= 1 << 62:
-            raise MalformedModelError(f"malformed pickle: {what} of a tensor holds a non-size value")
-        dims.append(dim)
-    count = 1
-    for dim in dims:
-        count *= dim
-    if count >= 1 << 63:
-        raise MalformedModelError(f"malformed pickle: tensor shape {dims} has more than 2**63 elements")
-    return tuple(dims)
-
-
-def _offset(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise MalformedModelError("malformed pickle: tensor storage offset is not a non-negative int")
-    return value
-
-
-def _dtype_of_ref(value: object) -> str:
-    if isinstance(value, GlobalRef) and value.module == "torch" and value.name in _TORCH_DTYPES:
-        return _TORCH_DTYPES[value.name]
-    return "unknown"
-
-
-def _from_storage(
-    storage: object, offset: object, size: object, what: str
-) -> tuple[TensorInfo, StorageRef | None]:
-    shape = _shape(size, what)
-    off = _offset(offset)
-    if isinstance(storage, StorageRef):
-        dtype = storage.dtype or "unknown"
-        return TensorInfo(shape, dtype, storage.key, off + storage.view_offset), storage
-    # Storage we could not model (opaque blob, nested too deep): the shape is still a fact.
-    return TensorInfo(shape, "unknown", None, off), None
-
-
-def _rb_tensor_v2(u: InertUnpickler, args: tuple[object, ...]) -> object:
-    if len(args) < 4:
-        raise MalformedModelError("malformed pickle: _rebuild_tensor_v2 needs at least 4 arguments")
-    info, storage = _from_storage(args[0], args[1], args[2], "size")
-    _shape(args[3], "stride")
-    return TensorRef(info, False, storage)
-
-
-def _rb_tensor_v3(u: InertUnpickler, args: tuple[object, ...]) -> object:
-    # (storage [untyped], storage_offset, size, stride, requires_grad, backward_hooks, dtype[, metadata])
-    if len(args) < 7:
-        raise MalformedModelError("malformed pickle: _rebuild_tensor_v3 needs at least 7 arguments")
-    info, storage = _from_storage(args[0], args[1], args[2], "size")
-    _shape(args[3], "stride")
-    dtype = _dtype_of_ref(args[6])
-    return TensorRef(TensorInfo(info.shape, dtype, info.storage_key, info.storage_offset), False, storage)
-
-
-def _rb_device_tensor(u: InertUnpickler, args: tuple[object, ...]) -> object:
-    # (data [cpu tensor or numpy array], dtype, device, requires_grad)
-    data = tensor_of(args[0]) if args else None
-    if data is None or len(args) < 2:
-        return Call(GlobalRef("torch._utils", "_rebuild_device_tensor"), args)
-    dtype = _dtype_of_ref(args[1])
-    info = TensorInfo(
-        data.info.shape,
-        dtype if dtype != "unknown" else data.info.dtype,
-        data.info.storage_key,
-        data.info.storage_offset,
-    )
-    return TensorRef(info, False, data.storage)
-
-
-def _rb_qtensor(u: InertUnpickler, args: tuple[object, ...]) -> object:
-    if len(args) < 4:
-        raise MalformedModelError("malformed pickle: _rebuild_qtensor needs at least 4 arguments")
-    info, storage = _from_storage(args[0], args[1], args[2], "size")
-    return TensorRef(info, False, storage)
-
-
-def _rb_parameter(u: InertUnpickler, args: tuple[object, ...]) -> object:
-    if not args:
-        raise MalformedModelError("malformed pickle: _rebuild_parameter without data")
-    data = tensor_of(args[0])
-    if data is None:
-        return Call(GlobalRef("torch._utils", "_rebuild_parameter"), args)
-    return TensorRef(data.info, True, data.storage)
-
-
-def _rb_wrapper_subclass(u: InertUnpickler, args: tuple[object, ...]) -> object:
-    # (cls, dtype, size, stride, storage_offset, layout, device, requires_grad)
-    if len(args) < 5:
-        raise MalformedModelError("malformed pickle: _rebuild_wrapper_subclass needs at least 5 arguments")
-    info = TensorInfo(_shape(args[2], "size"), _dtype_of_ref(args[1]), None, _offset(args[4]))
-    return TensorRef(info, False, None)
-
-
-def _rb_meta(u: InertUnpickler, args: tuple[object, ...]) -> object:
-    # (dtype, size, stride, requires_grad)
-    if len(args) < 2:
-        raise MalformedModelError("malformed pickle: _rebuild_meta_tensor_no_storage needs 2 arguments")
-    return TensorRef(TensorInfo(_shape(args[1], "size"), _dtype_of_ref(args[0])), False, None)
-
-
-def _rb_from_type(u: InertUnpickler, args: tuple[object, ...]) -> object:
-    # (func, new_type, args, state): emulate only when func is itself a known rebuilder.
-    if len(args) >= 3 and isinstance(args[0], GlobalRef) and isinstance(args[2], tuple):
-        handler = _REBUILDERS.get(args[0].dotted)
-        if handler is not None and handler is not _rb_from_type:
-            inner = tensor_of(handler(u, args[2]))
-            if inner is not None:
-                is_param = isinstance(args[1], GlobalRef) and args[1].dotted in (
-                    "torch.nn.parameter.Parameter",
-                    "torch.nn.parameter.UninitializedParameter",
-                )
-                return TensorRef(inner.info, inner.is_parameter or is_param, inner.storage)
-    # The helper calls func(*args): whatever func is, it runs under torch.load.
-    if args:
-        u.note_indirect_call(args[0])
-    return Call(GlobalRef("torch._tensor", "_rebuild_from_type_v2"), args)
-
-
-_Rebuilder = Callable[[InertUnpickler, tuple[object, ...]], object]
-
-_REBUILDERS: dict[str, _Rebuilder] = {
-    "torch._utils._rebuild_tensor_v2": _rb_tensor_v2,
-    "torch._utils._rebuild_tensor": _rb_tensor_v2,
-    "torch._utils._rebuild_tensor_v3": _rb_tensor_v3,
-    "torch._utils._rebuild_device_tensor_from_cpu_tensor": _rb_device_tensor,
-    "torch._utils._rebuild_device_tensor_from_numpy": _rb_device_tensor,
-    "torch._utils._rebuild_qtensor": _rb_qtensor,
-    "torch._utils._rebuild_parameter": _rb_parameter,
-    "torch._utils._rebuild_parameter_with_state": _rb_parameter,
-    "torch._utils._rebuild_wrapper_subclass": _rb_wrapper_subclass,
-    "torch._utils._rebuild_meta_tensor_no_storage": _rb_meta,
-    "torch._tensor._rebuild_from_type_v2": _rb_from_type,
-    "torch._tensor._rebuild_from_type": _rb_from_type,
-    "numpy.core.numeric._frombuffer": lambda u, args: _numpy_from_buffer("numpy.core.numeric", args),
-    "numpy._core.numeric._frombuffer": lambda u, args: _numpy_from_buffer("numpy._core.numeric", args),
-}
-
-
-def _numpy_dtype_name(dtype_obj: object) -> str:
-    if isinstance(dtype_obj, Call) and dtype_obj.args and isinstance(dtype_obj.args[0], str):
-        return _NUMPY_DTYPES.get(dtype_obj.args[0], "unknown")
-    return "unknown"
-
-
-def _numpy_from_buffer(module: str, args: tuple[object, ...]) -> Call:
-    """numpy's protocol-5 array pickle, ``_frombuffer(buffer, dtype, shape, order)``: an array stub."""
-    stub = Call(GlobalRef(module, "_frombuffer"), args)
-    if len(args) == 4:
-        try:
-            shape = _shape(args[2], "shape")
-        except MalformedModelError:
-            return stub
-        stub.tensor = TensorRef(TensorInfo(shape, _numpy_dtype_name(args[1])), False, None)
-    return stub
-
-
-def _numpy_tensor(state: object) -> TensorRef | None:
-    """numpy ``ndarray.__setstate__`` state: (version, shape, dtype, is_fortran, rawdata)."""
-    if not isinstance(state, tuple) or len(state) != 5:
-        return None
-    shape_obj, dtype_obj = state[1], state[2]
-    try:
-        shape = _shape(shape_obj, "shape")
-    except MalformedModelError:
-        return None
-    return TensorRef(TensorInfo(shape, _numpy_dtype_name(dtype_obj)), False, None)
-
-
-# --------------------------------------------------------------------------------------------
-# Text-argument parsing (protocol 0)
-
-
-def _utf8(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogatepass")
-
-
-def _latin(raw: bytes) -> str:
-    # Python 2 ``str``; checkpoints keep ASCII names, latin-1 never fails.
-    return raw.decode("latin-1")
-
-
-def _raw_unicode(raw: bytes) -> str:
-    try:
-        return raw.decode("raw-unicode-escape")
-    except UnicodeDecodeError as e:
-        raise MalformedModelError("malformed pickle: bad UNICODE argument") from e
-
-
-def _parse_int(raw: bytes) -> int:
-    if raw == b"00":
-        return 0
-    if raw == b"01":
-        return 1
-    try:
-        return int(raw)
-    except ValueError as e:
-        raise MalformedModelError("malformed pickle: bad integer argument") from e
-
-
-def _parse_float(raw: bytes) -> float:
-    try:
-        return float(raw)
-    except ValueError as e:
-        raise MalformedModelError("malformed pickle: bad float argument") from e
-
-
-def _parse_string(raw: bytes) -> str:
-    if len(raw) >= 2 and raw[0] == raw[-1] and raw[:1] in (b"'", b'"'):
-        raw = raw[1:-1]
-    else:
-        raise MalformedModelError("malformed pickle: STRING argument is not quoted")
-    try:
-        decoded = codecs.escape_decode(raw)[0]
-    except ValueError as e:
-        raise MalformedModelError("malformed pickle: bad STRING escape") from e
-    return _latin(bytes(decoded))
-
-
 # --------------------------------------------------------------------------------------------
 # Entry points
+
+
+def is_plain_value(obj: object) -> bool:
+    """True for values that equal an integer only when they are that integer: literals and
+    containers.  False for call results, globals and stubs, whose real value (under torch.load)
+    is unknown here."""
+    return obj is None or isinstance(
+        obj, (bool, int, float, complex, str, bytes, bytearray, tuple, list, dict)
+    )
+
+
+def describe_value(value: object) -> str:
+    """A short, always-printable description of a pickled value for an error message (huge
+    integers are not printable in full: ``str`` refuses past 4,300 digits)."""
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, int):
+        if value.bit_length() <= 64:
+            return repr(value)
+        return f"(an integer of {value.bit_length():,} bits)"
+    if isinstance(value, (str, bytes)):
+        text = repr(value[:40])
+        return text if len(value) <= 40 else text + "..."
+    if isinstance(value, (Call, GlobalRef)):
+        return f"(computed by {value.func_name if isinstance(value, Call) else value.dotted})"
+    return f"(a {type(value).__name__})"
 
 
 def guard(action: Callable[[], object]) -> object:
     """Run an interpreter action mapping stray low-level errors to MalformedModelError."""
     try:
         return action()
-    except (MalformedModelError, ResourceLimitError):
+    except (MalformedModelError, ResourceLimitError, UnsupportedFormatError):
         raise
     except (struct.error, IndexError, ValueError, OverflowError, UnicodeError, TypeError) as e:
         raise MalformedModelError(f"malformed pickle: {type(e).__name__}: {_one_line(e)}") from e

@@ -28,7 +28,13 @@ from biasinspect.errors import (
 )
 from biasinspect.source import ByteSource, LocalSource, Location
 
-__all__ = ["MAX_CENTRAL_DIRECTORY_BYTES", "SafeZip", "ZipEntry"]
+__all__ = ["AMBIGUOUS_ZIP", "MAX_CENTRAL_DIRECTORY_BYTES", "SafeZip", "ZipEntry"]
+
+AMBIGUOUS_ZIP = (
+    "refused as unsafe: zip readers could disagree about this archive, and torch.load might run "
+    "what was not inspected"
+)
+"""How a refusal of an archive that other readers would read differently ends."""
 
 MAX_CENTRAL_DIRECTORY_BYTES = 256 * 1024 * 1024
 """Largest central directory read into memory (1M members with long names fit comfortably)."""
@@ -214,21 +220,30 @@ class SafeZip:
         return UnsupportedFormatError("not a zip archive")
 
     def _find_eocd(self) -> tuple[int, tuple[int, ...]]:
+        """The end record torch's zip reader (miniz) and :mod:`zipfile` both use: the last
+        signature in the file.  Its comment must end exactly at the end of the file; otherwise
+        readers disagree about which record counts (an earlier, harmless directory could be
+        shown to one reader and a later one to torch), and the archive is refused."""
         head = self._read_at(0, min(4, self._size), "header")
         if self._size < _EOCD.size:
             raise self._not_zip(head)
         span = min(self._size, _EOCD.size + 0xFFFF)
         tail = self._read_at(self._size - span, span, "end record")
-        pos = len(tail)
-        while True:
-            pos = tail.rfind(b"PK\x05\x06", 0, pos)
-            if pos < 0 or pos + _EOCD.size > len(tail):
-                if pos < 0:
-                    raise self._not_zip(head)
-                continue
-            fields = _EOCD.unpack_from(tail, pos)
-            if pos + _EOCD.size + fields[7] <= len(tail):
-                return self._size - span + pos, fields
+        pos = tail.rfind(b"PK\x05\x06")
+        if pos < 0:
+            raise self._not_zip(head)
+        if pos + _EOCD.size > len(tail):
+            raise MalformedModelError(
+                f"malformed zip: an end-of-central-directory record is cut short by the end of the "
+                f"file; {AMBIGUOUS_ZIP}"
+            )
+        fields = _EOCD.unpack_from(tail, pos)
+        if pos + _EOCD.size + fields[7] != len(tail):
+            raise MalformedModelError(
+                f"malformed zip: the last end record's comment length ({fields[7]:,} bytes) does not "
+                f"end at the end of the file; {AMBIGUOUS_ZIP}"
+            )
+        return self._size - span + pos, fields
 
     def _parse(self) -> list[ZipEntry]:
         eocd_at, (_sig, disk, cd_disk, _n_disk, count, cd_size, cd_offset, _clen) = self._find_eocd()
@@ -247,7 +262,9 @@ class SafeZip:
             if rec[0] != _ZIP64_EOCD_SIG:
                 raise MalformedModelError("malformed zip: bad zip64 end-of-central-directory record")
             if not needs_zip64 and (rec[7], rec[8], rec[9]) != (count, cd_size, cd_offset):
-                raise MalformedModelError("malformed zip: zip64 and classic end records disagree")
+                raise MalformedModelError(
+                    f"malformed zip: zip64 and classic end records disagree; {AMBIGUOUS_ZIP}"
+                )
             count, cd_size, cd_offset = rec[7], rec[8], rec[9]
             cd_end = eocd64_at
         elif needs_zip64:
@@ -265,7 +282,7 @@ class SafeZip:
             # Data prepended or removed: offsets no longer point where they claim.
             raise MalformedModelError(
                 "malformed zip: central directory does not end where the end record says "
-                "(truncated, or data added before the archive)"
+                f"(truncated, or data added before the archive); {AMBIGUOUS_ZIP}"
             )
         directory = self._read_at(cd_offset, cd_size, "central directory")
         entries = self._parse_directory(directory, count)
@@ -274,7 +291,7 @@ class SafeZip:
 
     def _parse_directory(self, directory: bytes, count: int) -> list[ZipEntry]:
         entries: list[ZipEntry] = []
-        seen: set[str] = set()
+        seen: set[bytes] = set()
         pos = 0
         for index in range(count):
             if pos + _CENTRAL.size > len(directory):
@@ -309,9 +326,15 @@ class SafeZip:
             pos = end
             name = _decode_name(raw_name, flags)
             usize, csize, offset = _zip64_sizes(extra, usize, csize, offset, disk_start, name)
-            if name in seen:
-                raise MalformedModelError(f"malformed zip: member {name!r} appears twice")
-            seen.add(name)
+            # torch's zip reader (miniz) looks names up ignoring ASCII case: ``a/DATA.PKL`` is
+            # ``a/data.pkl`` to it, so two names equal but for case are one name twice.
+            folded = raw_name.lower()
+            if folded in seen:
+                raise MalformedModelError(
+                    f"malformed zip: member {name!r} appears twice (names compared ignoring case, "
+                    f"as torch does); {AMBIGUOUS_ZIP}"
+                )
+            seen.add(folded)
             entries.append(ZipEntry(name, method, flags, crc, csize, usize, offset, -1))
         if pos != len(directory):
             raise MalformedModelError("malformed zip: central directory size disagrees with its entries")
@@ -345,7 +368,7 @@ class SafeZip:
             if problems:
                 raise MalformedModelError(
                     f"malformed zip: local header and central directory disagree for member "
-                    f"{entry.name!r} ({', '.join(problems)})"
+                    f"{entry.name!r} ({', '.join(problems)}); {AMBIGUOUS_ZIP}"
                 )
             data_offset = entry.header_offset + _LOCAL.size + nlen + xlen
             checked.append(
@@ -365,7 +388,9 @@ class SafeZip:
         for current, following in zip(ordered, [*ordered[1:], None], strict=True):
             limit = following.header_offset if following is not None else cd_offset
             if current.data_offset + current.compressed_size > limit:
-                raise MalformedModelError(f"malformed zip: member {current.name!r} overlaps other data")
+                raise MalformedModelError(
+                    f"malformed zip: member {current.name!r} overlaps other data; {AMBIGUOUS_ZIP}"
+                )
         entries[:] = checked
 
     def _inflate(self, entry: ZipEntry) -> bytes:

@@ -33,7 +33,7 @@ from biasinspect.errors import (
     ResourceLimitError,
     UnsupportedFormatError,
 )
-from biasinspect.limits import MAX_JSON_BYTES
+from biasinspect.limits import MAX_JSON_BYTES, MAX_MODEL_INT
 from biasinspect.model import BiasSource, BiasTerm, ConvNode, MaybeShape, ModelDescription
 from biasinspect.readers.archive import Archive
 from biasinspect.readers.files import parse_json_object
@@ -348,6 +348,11 @@ def _shape(scope: _Scope, tensor: str) -> MaybeShape:
         if key == "as_int":
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise MalformedModelError(f"{what}.sizes[{index}] is not a non-negative integer")
+            if value > MAX_MODEL_INT:
+                raise UnsupportedFormatError(
+                    f"unsupported: {what}.sizes[{index}] is an integer of {value.bit_length():,} bits, "
+                    "past the 64-bit range torch itself can hold"
+                )
             dims.append(value)
         else:  # as_expr: a symbolic size (dynamic dim); unknown by design
             dims.append(None)

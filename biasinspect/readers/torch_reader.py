@@ -24,11 +24,13 @@ import dataclasses
 
 from biasinspect import limits
 from biasinspect.errors import (
+    BiasInspectError,
     MalformedModelError,
     UnsupportedFormatError,
 )
 from biasinspect.model import ModelDescription
 from biasinspect.readers.archive import Archive
+from biasinspect.readers.files import REFUSED_TAR, TAR_BLOCK, is_tar_header
 from biasinspect.readers.module_tree import (
     ModuleNode,
     describe_module_tree,
@@ -43,12 +45,14 @@ from biasinspect.readers.pickle_inert import (
     PDict,
     StorageRef,
     TensorRef,
+    describe_value,
     guard,
+    is_plain_value,
     itemsize,
     load_inert,
     tensor_of,
 )
-from biasinspect.readers.safe_zip import SafeZip
+from biasinspect.readers.safe_zip import AMBIGUOUS_ZIP, SafeZip
 from biasinspect.readers.tensors import TensorInfo
 from biasinspect.source import ByteSource, Location, buffered, opened
 
@@ -135,12 +139,23 @@ def classify_zip(names: list[str]) -> tuple[str, str]:
             return "torch-export", parts[0] + "/"
         if len(parts) == 3 and parts[1] == "models" and parts[2].endswith(".json"):
             return "torch-export", parts[0] + "/"
-    folders = sorted({name.split("/")[0] for name in names if _is_record_pickle(name)})
+    records = [name for name in names if _is_record_pickle(name)]
+    folders = sorted({name.split("/")[0].lower() for name in records})
     if len(folders) > 1:
         # torch.load reads one record folder; which one is ambiguous, so refuse (torch does too).
         raise MalformedModelError(f"zip holds data.pkl in several top folders ({', '.join(folders[:5])})")
+    for name in names:
+        if (
+            name.count("/") == 1
+            and name.lower().endswith(_FIXED_RECORDS)
+            and not name.endswith(_FIXED_RECORDS)
+        ):
+            # torch finds record names ignoring case; we read only exact names.
+            raise MalformedModelError(
+                f"zip member {name!r} is a torch record name in other letter case; {AMBIGUOUS_ZIP}"
+            )
     if folders:
-        prefix = folders[0] + "/"
+        prefix = records[0].split("/")[0] + "/"
         if prefix + "constants.pkl" in name_set or any(n.startswith(prefix + "code/") for n in names):
             return "torchscript", prefix
         return "pytorch", prefix
@@ -149,9 +164,14 @@ def classify_zip(names: list[str]) -> tuple[str, str]:
     )
 
 
+_FIXED_RECORDS = ("/data.pkl", "/constants.pkl")
+"""Records torch reads by a fixed name (and finds ignoring letter case)."""
+
+
 def _is_record_pickle(name: str) -> bool:
-    """``<folder>/data.pkl``: the pickle of a torch.save record folder, which torch.load reads."""
-    return name.count("/") == 1 and name.endswith("/data.pkl")
+    """``<folder>/data.pkl``: the pickle of a torch.save record folder, which torch.load reads
+    (torch's zip reader matches names ignoring ASCII case)."""
+    return name.count("/") == 1 and name.lower().endswith("/data.pkl")
 
 
 def _with_hidden_pickles(
@@ -212,26 +232,61 @@ def _check_storages(archive: Archive, prefix: str, storages: list[StorageRef]) -
 
 
 def _load_pickle_file(source: ByteSource) -> tuple[InertPickle, bool]:
-    """Interpret a pickle file; ``(pickle, is_legacy_torch_save)``.  Read through a small buffer,
-    so that only the pickles are read (never the storages after them, beyond one buffer)."""
+    """Interpret a pickle file; ``(pickle, is_legacy_torch_save)``.
+
+    The file is read the way ``torch.load`` reads a non-zip file: a valid tar header first means
+    the legacy tar format (refused, see :data:`~biasinspect.readers.files.REFUSED_TAR`); then the
+    first pickle is the legacy magic number or the whole object.  Where torch's reading could
+    differ from ours, the file is refused as unsafe rather than reported clean.  Read through a
+    small buffer, so that only the pickles are read (never the storages after them, beyond one
+    buffer).
+    """
+    available = source.size
+    if is_tar_header(source.read_at(0, TAR_BLOCK)):
+        raise MalformedModelError(REFUSED_TAR)
     with buffered(source) as handle:
-        unpickler = InertUnpickler.from_file(handle, available=source.size)
-        first = guard(unpickler.load)
+        unpickler = InertUnpickler.from_file(handle, available=available)
+        first = _load_next(unpickler)
         if isinstance(first, int) and not isinstance(first, bool) and first == LEGACY_MAGIC:
-            version = guard(unpickler.load)
+            version = _load_next(unpickler)
             if version != LEGACY_PROTOCOL_VERSION:
                 raise MalformedModelError(
-                    f"legacy torch.save file with unsupported protocol version {version!r}"
-                    if isinstance(version, int)
-                    else "legacy torch.save file without a protocol version"
+                    f"legacy torch.save file with unsupported protocol version {describe_value(version)}"
+                    + ("" if is_plain_value(version) else f"; {_COMPUTED_VALUE}")
                 )
-            guard(unpickler.load)  # sys_info: byte order and type sizes
-            root = guard(unpickler.load)
+            _load_next(unpickler)  # sys_info: byte order and type sizes
+            root = _load_next(unpickler)
             # The storage-keys pickle: torch.load unpickles it too, so its globals count (it is a
             # short list of strings in a real file).
-            guard(unpickler.load)
+            _load_next(unpickler)
             return unpickler.result(root), True
+        if not is_plain_value(first) and unpickler.bytes_read < available:
+            # torch.load compares the first pickle's value with the legacy magic number: a value
+            # made by a call or named by a global (torch.serialization.MAGIC_NUMBER) may equal it,
+            # and torch would then unpickle the bytes that follow, which we would never read.
+            raise MalformedModelError(
+                "the first pickle is computed (by a call or a global) and more data follows; torch.load "
+                f"may take it for the legacy magic number and unpickle the rest; {_COMPUTED_VALUE}"
+            )
         return unpickler.result(first), False
+
+
+_COMPUTED_VALUE = "refused as unsafe: torch.load might run what was not inspected"
+
+
+def _load_next(unpickler: InertUnpickler) -> object:
+    """The next pickle of a file; a broken one still names the code-running callables met before
+    the break (torch.load would have run them by then)."""
+    try:
+        return guard(unpickler.load)
+    except BiasInspectError as error:
+        unsafe = unpickler.result(None).unsafe_callables()
+        if not unsafe:
+            raise
+        raise type(error)(
+            f"{error}; before that point the pickle calls {_name_list(unsafe)}, which "
+            "torch.load(weights_only=False) would already have run: treated as unsafe"
+        ) from error
 
 
 # --------------------------------------------------------------------------------------------
