@@ -240,7 +240,7 @@ class SafeZip:
         fields = _EOCD.unpack_from(tail, pos)
         if pos + _EOCD.size + fields[7] != len(tail):
             raise MalformedModelError(
-                f"malformed zip: the last end record's comment length ({fields[7]:,} bytes) does not "
+                f"malformed zip: the last end record's comment length does not "
                 f"end at the end of the file; {AMBIGUOUS_ZIP}"
             )
         return self._size - span + pos, fields
