@@ -38,5 +38,17 @@ MAX_PROTO_DEPTH = 100
 MAX_ONNX_STRIPPED_BYTES = 1024 * 1024 * 1024
 """Largest ONNX graph structure (after dropping tensor payloads) parsed; protobuf caps at 2 GiB."""
 
+MAX_ONNX_FUNCTION_INSTANCES = 10_000
+"""Cap on model-local function call sites after expanding nested calls (a function calling another
+twice, 30 levels deep, would otherwise mean 2**30 analyses -- and as many in ONNX shape inference)."""
+
+MAX_ONNX_WALK_NODES = 5_000_000
+"""Cap on nodes visited while walking the main graph, subgraphs and function instances."""
+
+MAX_ONNX_FUNCTION_INFERENCE_NODES = 1_000_000
+"""Cap on the function-body nodes given to shape inference over all call sites (each distinct
+call site infers its function with the functions it calls).  Past it, the remaining call sites
+are walked without inference (shapes there may be unknown) and a warning says so."""
+
 MAX_SCAN_FILES = 100_000
 """Most files a folder scan will look at."""
