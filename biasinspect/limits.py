@@ -50,5 +50,15 @@ MAX_ONNX_FUNCTION_INFERENCE_NODES = 1_000_000
 call site infers its function with the functions it calls).  Past it, the remaining call sites
 are walked without inference (shapes there may be unknown) and a warning says so."""
 
+MAX_ONNX_RANK = 64
+"""Largest tensor rank ONNX shape inference may build (numpy's own limit); past it inference is
+not run, or not with data propagation when only that could build it."""
+
+MAX_ONNX_PROPAGATED_ELEMENTS = 1_024
+"""Most values ONNX data propagation may hold for one tensor (shape vectors hold a handful)."""
+
+MAX_ONNX_INFERRED_DIMS = 10_000_000
+"""Most dims (and propagated values) ONNX shape inference may build over a whole model."""
+
 MAX_SCAN_FILES = 100_000
 """Most files a folder scan will look at."""

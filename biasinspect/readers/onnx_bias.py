@@ -16,6 +16,7 @@ from biasinspect.readers.onnx_proto import (
     _attr_ints,
     _ConvSpec,
     _is_default_domain,
+    _kernel_shape,
     _tensor_values,
 )
 from biasinspect.readers.onnx_shapes import _MAX_FOLLOW, _conv_output_spatial, _merge_shapes, _Scope
@@ -141,7 +142,7 @@ def _conv_node(scope: _Scope, index: int, spec: _ConvSpec) -> ConvNode:
         if weight_shape is None:
             notes.append(f"shape of weight '{weight_name}' is unknown")
 
-    kernel = _attr_ints(node, "kernel_shape")
+    kernel = _kernel_shape(node)
     if spec.channels_last and weight_shape is not None and len(weight_shape) >= 3:
         # ONNX Runtime stores NhwcConv weights as [M, k..., C/group]; report [M, C/group, k...].
         as_stored_oihw = kernel is not None and tuple(weight_shape[2:]) == kernel
@@ -324,6 +325,10 @@ def _undo_layout(shape: tuple[Dim, ...], rank: int, steps: Sequence[_LayoutStep]
     return tuple(mapped)
 
 
+_MAX_FOLLOWED_INPUTS = 8
+"""Most inputs of a node followed towards a bias Add (QLinearAdd, the widest, has 8)."""
+
+
 def _follow_output(
     scope: _Scope, output: str, op: str, conv_rank: int | None
 ) -> tuple[BiasTerm | None, str | None, str | None]:
@@ -343,6 +348,8 @@ def _follow_output(
         if consumer is None:
             return None, None, None
         kind = str(consumer.op_type)
+        if len(consumer.input) > _MAX_FOLLOWED_INPUTS:
+            return None, None, None  # (a Sum or Concat of many: copying its inputs per conv is quadratic)
         inputs = [str(i) for i in consumer.input]
         nxt = str(consumer.output[0]) if consumer.output else ""
         other = ""

@@ -33,10 +33,11 @@ class _OnnxApi:
     infer: Any
     """onnx_cpp2py_export.shape_inference.infer_shapes(bytes, check_type, strict_mode, data_prop)."""
 
-    def infer_shapes(self, model: Any) -> Any:
-        """ONNX shape inference with data propagation, non-strict; raises on failure."""
+    def infer_shapes(self, model: Any, data_propagation: bool = True) -> Any:
+        """ONNX shape inference (with data propagation unless told otherwise), non-strict; raises
+        on failure."""
         result = self.pb.ModelProto()
-        result.ParseFromString(self.infer(model.SerializeToString(), False, False, True))
+        result.ParseFromString(self.infer(model.SerializeToString(), False, False, data_propagation))
         return result
 
 

@@ -8,7 +8,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from biasinspect.errors import MalformedModelError
+from biasinspect import limits
+from biasinspect.errors import MalformedModelError, UnsupportedFormatError
 from biasinspect.model import Dim, MaybeShape
 
 _INT64_MAX = (1 << 63) - 1
@@ -55,18 +56,62 @@ _CONV_SPECS: dict[tuple[str, str], _ConvSpec] = {
 }
 
 
+def _dims_text(dims: Sequence[Dim]) -> str:
+    """A dims list for a message, shortened past eight dims (a hostile one may hold thousands)."""
+    shown = ", ".join("?" if d is None else str(d) for d in dims[:8])
+    return f"[{shown}, ... ({len(dims)} dims)]" if len(dims) > 8 else f"[{shown}]"
+
+
+def _check_dims(dims: Sequence[Dim], what: str) -> None:
+    """Refuse a shape past the caps: more than :data:`~biasinspect.limits.MAX_ONNX_RANK` dims, or
+    known dims whose product overflows int64 (no real tensor comes near either, and every later
+    product of dims stays bounded because of it)."""
+    if len(dims) > limits.MAX_ONNX_RANK:
+        raise UnsupportedFormatError(
+            f"{what} has {len(dims):,} dims, more than the {limits.MAX_ONNX_RANK} supported"
+        )
+    count = 1
+    for dim in dims:
+        if dim is not None and dim > 0:
+            count *= dim
+            if count > _INT64_MAX:
+                raise UnsupportedFormatError(
+                    f"{what} has dims {_dims_text(dims)} whose product overflows int64"
+                )
+
+
+def _kernel_shape(node: Any) -> tuple[int, ...] | None:
+    """A conv node's ``kernel_shape`` attribute, checked like a tensor's dims."""
+    kernel = _attr_ints(node, "kernel_shape")
+    if kernel is not None:
+        _check_dims(kernel, f"node '{node.name or node.op_type}': kernel_shape")
+    return kernel
+
+
+def _sane_shape(shape: MaybeShape) -> MaybeShape:
+    """``shape``, or None when it is past the caps of :func:`_check_dims` (a size computed here from
+    a file's values, which then counts as unknown rather than refusing the file)."""
+    if shape is None or len(shape) > limits.MAX_ONNX_RANK:
+        return None
+    count = 1
+    for dim in shape:
+        if dim is not None and dim > 0:
+            count *= dim
+            if count > _INT64_MAX:
+                return None
+    return shape
+
+
 def _dims_of_tensor(tensor: Any, what: str, name: str | None = None) -> tuple[int, ...]:
-    """A (Sparse)TensorProto's dims, checked: negative dims or an int64-overflowing size are malformed."""
+    """A (Sparse)TensorProto's dims, checked: negative dims are malformed, too many dims or an
+    int64-overflowing size unsupported."""
     if name is None:
         name = str(tensor.name)
     dims = tuple(int(d) for d in tensor.dims)
-    count = 1
     for dim in dims:
         if dim < 0:
             raise MalformedModelError(f"{what} '{name}' has a negative dimension {dim}")
-        count *= dim
-        if count > _INT64_MAX:
-            raise MalformedModelError(f"{what} '{name}' has dims {list(dims)} whose product overflows int64")
+    _check_dims(dims, f"{what} '{name}'")
     return dims
 
 
@@ -95,6 +140,11 @@ def _attr_ints(node: Any, name: str) -> tuple[int, ...] | None:
     attribute = _attr(node, name)
     if attribute is None or attribute.type != _A_INTS:
         return None
+    if len(attribute.ints) > 2 * limits.MAX_ONNX_RANK:  # pads hold two values per axis
+        raise UnsupportedFormatError(
+            f"node '{node.name or node.op_type}': attribute '{name}' has {len(attribute.ints):,} values, "
+            f"more than the {2 * limits.MAX_ONNX_RANK} supported"
+        )
     return tuple(int(v) for v in attribute.ints)
 
 
@@ -114,8 +164,9 @@ def _conv_spec(node: Any) -> _ConvSpec | None:
     return _CONV_SPECS.get((domain, str(node.op_type)))
 
 
-def _type_shape(type_proto: Any) -> tuple[int, MaybeShape]:
-    """(elem_type, shape) of a TypeProto; elem_type 0 and shape None when unknown."""
+def _type_shape(type_proto: Any, name: str = "") -> tuple[int, MaybeShape]:
+    """(elem_type, shape) of a TypeProto; elem_type 0 and shape None when unknown.  A shape past
+    the caps (see :func:`_check_dims`) is refused, naming value ``name``."""
     if type_proto.WhichOneof("value") != "tensor_type":
         return 0, None
     tensor_type = type_proto.tensor_type
@@ -127,6 +178,7 @@ def _type_shape(type_proto: Any) -> tuple[int, MaybeShape]:
             dims.append(int(dim.dim_value))
         else:
             dims.append(None)
+    _check_dims(dims, f"value '{name}'")
     return int(tensor_type.elem_type), tuple(dims)
 
 

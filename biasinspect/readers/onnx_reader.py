@@ -74,15 +74,16 @@ from biasinspect.readers.files import open_regular_file
 from biasinspect.readers.onnx_bias import _torch_module_path, _unique_module_names
 from biasinspect.readers.onnx_core import _onnx, allow_light_onnx_import
 from biasinspect.readers.onnx_params import _count_model_params
-from biasinspect.readers.onnx_proto import _first_line
+from biasinspect.readers.onnx_proto import _first_line, _nested_nodes
 from biasinspect.readers.onnx_shapes import _Scope
 from biasinspect.readers.onnx_walk import (
     _calls_within,
     _Context,
-    _count_function_instances,
     _drop_doc_strings,
+    _expansion,
     _function_key_of,
     _function_scope,
+    _infer_bounded,
     _walk,
 )
 from biasinspect.readers.protowire import decode_varint, strip_model_proto
@@ -160,21 +161,31 @@ def read_onnx(path: Path) -> list[ModelDescription]:
         ctx.functions.setdefault(_function_key_of(function), function)
     _drop_doc_strings(ctx.functions.values())
     ctx.calls = {key: _calls_within(function.node, ctx.functions) for key, function in ctx.functions.items()}
+    ctx.own_nodes = {key: sum(1 for _ in _nested_nodes(f.node)) for key, f in ctx.functions.items()}
+    # Checked before any shape inference: onnx expands every call of every function it infers.
     main_calls = _calls_within(model.graph.node, ctx.functions)
-    if _count_function_instances(main_calls, ctx.calls) > limits.MAX_ONNX_FUNCTION_INSTANCES:
+    instances, nodes = _expansion([*main_calls, *ctx.functions], ctx.calls, ctx.own_nodes)
+    if instances > limits.MAX_ONNX_FUNCTION_INSTANCES:
         raise ResourceLimitError(
             f"model-local functions expand to more than {limits.MAX_ONNX_FUNCTION_INSTANCES:,} call sites"
         )
-
-    try:
-        ctx.model = _onnx().infer_shapes(model)
-    except Exception as error:  # InferenceError, ValidationError, RuntimeError, ...
-        ctx.warn(f"shape inference failed: {_first_line(error)}")
-        ctx.model = model
+    if nodes > limits.MAX_ONNX_WALK_NODES:
+        raise ResourceLimitError(
+            f"model-local functions expand to more than {limits.MAX_ONNX_WALK_NODES:,} nodes"
+        )
+    ctx.model = _infer_bounded(ctx, model, "")
 
     try:
         _analyse(ctx)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeError) as error:
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        UnicodeError,
+        ArithmeticError,
+    ) as error:
         # A structure this walk did not anticipate; the file is at fault far more often than not.
         raise MalformedModelError(
             f"unexpected ONNX structure ({type(error).__name__}: {_first_line(error)})"

@@ -3,11 +3,13 @@ here for the few ops that matter)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from biasinspect.model import Dim, MaybeShape
 from biasinspect.readers.onnx_proto import (
+    _INT64_MAX,
     _MS_DOMAIN,
     _attr,
     _attr_int,
@@ -17,7 +19,9 @@ from biasinspect.readers.onnx_proto import (
     _ConvSpec,
     _dims_of_tensor,
     _is_default_domain,
+    _kernel_shape,
     _numel,
+    _sane_shape,
     _subgraphs,
     _tensor_values,
     _type_shape,
@@ -122,7 +126,7 @@ def _conv_output_spatial(
             out = (size - extent) // stride + 1
         else:
             out = (size + pads[axis] + pads[axis + rank] - extent) // stride + 1
-        result.append(out if out >= 0 else None)
+        result.append(out if 0 <= out <= _INT64_MAX else None)
     return tuple(result)
 
 
@@ -185,15 +189,26 @@ class _Scope:
         self.outputs = {name for name in outputs if name}
         self.types: dict[str, tuple[int, MaybeShape]] = {}
         for info in value_infos:
-            self.types[str(info.name)] = _type_shape(info.type)
+            self.types[str(info.name)] = _type_shape(info.type, str(info.name))
         self.producer: dict[str, tuple[int, int]] = {}
         self.consumers: dict[str, list[int]] = {}
+        self.used_twice: set[tuple[int, str]] = set()
+        """(node index, value) where the node takes the value as more than one input."""
+        self.with_subgraphs: set[int] = set()
+        """Indices of nodes with graph attributes."""
         for index, node in enumerate(self.nodes):
             for slot, name in enumerate(node.output):
                 if name:
                     self.producer.setdefault(str(name), (index, slot))
-            used = {str(name) for name in node.input if name}
+            used: set[str] = set()
+            for name in node.input:
+                if name:
+                    name = str(name)
+                    if name in used:
+                        self.used_twice.add((index, name))
+                    used.add(name)
             for _, sub in _subgraphs(node):
+                self.with_subgraphs.add(index)
                 used |= _free_names(sub)
             for name in used:
                 self.consumers.setdefault(name, []).append(index)
@@ -245,7 +260,7 @@ class _Scope:
         if name in scope._shape_memo:
             return scope._shape_memo[name]
         scope._shape_memo[name] = None  # provisional: a cycle back to this value knows nothing
-        result = scope._shape_uncached(name, depth)
+        result = _sane_shape(scope._shape_uncached(name, depth))
         scope._shape_memo[name] = result
         return result
 
@@ -418,7 +433,7 @@ class _Scope:
         weight = self.shape(inputs[spec.weight], depth) if inputs[spec.weight] else None
         if x_shape is None or len(x_shape) < 3:
             return None
-        kernel = _attr_ints(node, "kernel_shape")
+        kernel = _kernel_shape(node)
         if kernel is None and weight is not None and len(weight) > 2 and not spec.channels_last:
             # (An NhwcConv weight may be stored [M, k..., C/group]: its kernel is not weight[2:].)
             kernel = tuple(d for d in weight[2:] if d is not None)
@@ -426,7 +441,9 @@ class _Scope:
         groups = _attr_int(node, "group", 1)
         if weight is not None and len(weight) > 2 and groups > 0:
             channels = (
-                weight[0] if not spec.transposed else (None if weight[1] is None else weight[1] * groups)
+                weight[0]
+                if not spec.transposed
+                else (None if weight[1] is None or weight[1] * groups > _INT64_MAX else weight[1] * groups)
             )
         in_spatial = tuple(x_shape[1:-1]) if channels_last else tuple(x_shape[2:])
         spatial = _conv_output_spatial(node, spec.transposed, in_spatial, kernel)
@@ -445,7 +462,9 @@ class _Scope:
         sizes_name = inputs[3] if node.op_type == "Resize" and len(inputs) > 3 else ""
         if sizes_name:
             sizes = self.int_values(sizes_name)
-            return tuple(sizes) if sizes is not None and len(sizes) == len(base) else None
+            if sizes is None or len(sizes) != len(base):
+                return None
+            return tuple(size if 0 <= size <= _INT64_MAX else None for size in sizes)
         scales_name = inputs[2] if node.op_type == "Resize" and len(inputs) > 2 else ""
         if node.op_type == "Upsample" or len(inputs) == 2:
             scales_name = inputs[1] if len(inputs) > 1 else ""
@@ -455,10 +474,11 @@ class _Scope:
         elif node.op_type == "Upsample":
             attribute = _attr(node, "scales")
             scales = [float(v) for v in attribute.floats] if attribute is not None else None
-        if scales is None or len(scales) != len(base) or any(not v > 0 for v in scales):
-            return None
+        if scales is None or len(scales) != len(base) or any(not 0 < v < math.inf for v in scales):
+            return None  # NaN, infinite, zero or negative scales say nothing about the size
         return tuple(
-            None if dim is None else int(dim * scale) for dim, scale in zip(base, scales, strict=True)
+            None if dim is None or dim * scale > _INT64_MAX else int(dim * scale)
+            for dim, scale in zip(base, scales, strict=True)
         )
 
     def is_parameter(self, name: str, depth: int = 0) -> bool:
@@ -495,17 +515,17 @@ class _Scope:
         dynamic-shape models add them), so they do not count."""
         if name in self.outputs:
             return None
-        users = [
-            index
-            for index in self.consumers.get(name, [])
-            if not (self.nodes[index].op_type in ("Shape", "Size") and _is_default_domain(self.nodes[index]))
-        ]
-        if len(users) != 1:
+        users: list[int] = []
+        for index in self.consumers.get(name, ()):
+            if not (self.nodes[index].op_type in ("Shape", "Size") and _is_default_domain(self.nodes[index])):
+                users.append(index)
+                if len(users) > 1:
+                    return None
+        # Precomputed facts rather than a look through the node's inputs: a Sum of 20,000 conv
+        # outputs would otherwise be scanned once per conv.
+        if len(users) != 1 or (users[0], name) in self.used_twice or users[0] in self.with_subgraphs:
             return None
-        node = self.nodes[users[0]]
-        if sum(1 for i in node.input if i == name) != 1 or any(True for _ in _subgraphs(node)):
-            return None
-        return node
+        return self.nodes[users[0]]
 
 
 def _merge_shapes(first: MaybeShape, second: MaybeShape) -> MaybeShape:

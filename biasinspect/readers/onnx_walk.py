@@ -13,6 +13,7 @@ from biasinspect.errors import ResourceLimitError
 from biasinspect.model import ConvNode, MaybeShape
 from biasinspect.readers.onnx_bias import _conv_node
 from biasinspect.readers.onnx_core import _onnx
+from biasinspect.readers.onnx_guard import InferencePlan, inference_plan
 from biasinspect.readers.onnx_params import _external_location_problem
 from biasinspect.readers.onnx_proto import (
     _EXTERNAL,
@@ -57,43 +58,42 @@ def _calls_within(nodes: Iterable[Any], functions: dict[_FunctionKey, Any]) -> l
     return [key for node in _nested_nodes(nodes) if (key := _node_key(node)) in functions]
 
 
-def _count_function_instances(
-    main_calls: Sequence[_FunctionKey], calls: dict[_FunctionKey, list[_FunctionKey]]
-) -> int:
-    """How many function bodies a full expansion of nested model-local function calls analyses
-    (capped just past :data:`MAX_ONNX_FUNCTION_INSTANCES`); recursive calls count once.
+def _expansion(
+    roots: Iterable[_FunctionKey],
+    calls: dict[_FunctionKey, list[_FunctionKey]],
+    own_nodes: dict[_FunctionKey, int],
+) -> tuple[int, int]:
+    """(function instances, nodes) of a full expansion of nested model-local function calls from
+    ``roots`` -- what ONNX shape inference expands and the walk analyses -- counted call path by
+    call path (a function called twice at every level doubles per level, however deep), and
+    stopped as soon as either passes its cap.  A recursive call is not followed (onnx refuses
+    recursive functions; the walk stops there too).
 
-    ``calls`` maps each function to the functions its body calls (subgraphs included).  The
-    recursion below is bounded by :data:`_MAX_FUNCTION_DEPTH` frames, whatever the nesting.
+    ``calls`` maps each function to the functions its body calls (subgraphs included), once per
+    call site; ``own_nodes`` to its body's node count (subgraphs included).  Iterative: the work
+    is at most the capped number of instances, whatever the nesting.
     """
-    cap = limits.MAX_ONNX_FUNCTION_INSTANCES + 1
-    memo: dict[_FunctionKey, int] = {}
-
-    def expand(key: _FunctionKey, stack: frozenset[_FunctionKey]) -> int:
-        """Instances analysed below one call of ``key`` (``stack``: the callers, ``key`` excluded)."""
-        if key in memo:
-            return memo[key]
-        if len(stack) >= _MAX_FUNCTION_DEPTH:
-            return 0
-        inner = stack | {key}
-        total = 0
-        for callee in calls[key]:
-            total += 1 if callee in inner else 1 + expand(callee, inner)
-            if total >= cap:
-                break
-        memo[key] = min(total, cap)
-        return memo[key]
-
-    total = 0
-    for key in main_calls:
-        total += 1 + expand(key, frozenset())
-        if total >= cap:
-            return cap
-    for key in calls:  # uncalled functions are analysed once each, too
-        total += 1 + expand(key, frozenset())
-        if total >= cap:
-            return cap
-    return total
+    instances = nodes = 0
+    for root in roots:
+        path = [root]
+        on_path = {root}
+        pending = [iter(calls[root])]
+        instances += 1
+        nodes += own_nodes[root]
+        while pending:
+            if instances > limits.MAX_ONNX_FUNCTION_INSTANCES or nodes > limits.MAX_ONNX_WALK_NODES:
+                return instances, nodes
+            callee = next(pending[-1], None)
+            if callee is None:
+                pending.pop()
+                on_path.discard(path.pop())
+            elif callee not in on_path:
+                instances += 1
+                nodes += own_nodes[callee]
+                path.append(callee)
+                on_path.add(callee)
+                pending.append(iter(calls[callee]))
+    return instances, nodes
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,6 +123,8 @@ class _Context:
     """Inferred function bodies by (function, bound input types, call attributes)."""
     reachable: dict[_FunctionKey, list[_FunctionKey]] = field(default_factory=dict)
     sizes: dict[_FunctionKey, int] = field(default_factory=dict)
+    own_nodes: dict[_FunctionKey, int] = field(default_factory=dict)
+    """For each function, its body's nodes (subgraphs included)."""
     visited_nodes: int = 0
     inferred_function_nodes: int = 0
     external_files: set[str] = field(default_factory=set)
@@ -158,12 +160,35 @@ class _Context:
         return self.reachable[key]
 
     def inference_size(self, key: _FunctionKey) -> int:
-        """Nodes (subgraphs included) of ``key`` and the functions it reaches: one inference's work."""
+        """Nodes ONNX shape inference works through for one call of ``key``: its body and, expanded
+        call by call, the bodies of the functions it calls (subgraphs included)."""
         if key not in self.sizes:
-            self.sizes[key] = sum(
-                1 for k in self.reachable_from(key) for _ in _nested_nodes(self.functions[k].node)
-            )
+            # Iterative post-order over the call graph; a recursive call adds nothing (onnx
+            # refuses recursive functions before expanding anything).
+            frames = [(key, iter(self.calls[key]))]
+            on_path = {key}
+            totals = [self.own_nodes[key]]
+            while frames:
+                current, callees = frames[-1]
+                callee = next(callees, None)
+                if callee is None:
+                    frames.pop()
+                    on_path.discard(current)
+                    total = totals.pop()
+                    self.sizes[current] = total
+                    if totals:
+                        totals[-1] = min(totals[-1] + total, _SIZE_CEILING)
+                elif callee in self.sizes:
+                    totals[-1] = min(totals[-1] + self.sizes[callee], _SIZE_CEILING)
+                elif callee not in on_path:
+                    frames.append((callee, iter(self.calls[callee])))
+                    on_path.add(callee)
+                    totals.append(self.own_nodes[callee])
         return self.sizes[key]
+
+
+_SIZE_CEILING = 1 << 62
+"""Expanded sizes saturate here (they are compared with caps far below it)."""
 
 
 _Frame = Iterator[tuple[_Scope, tuple[_FunctionKey, ...]]]
@@ -234,6 +259,23 @@ def _scope_steps(ctx: _Context, scope: _Scope, stack: tuple[_FunctionKey, ...]) 
                 yield body, (*stack, key)
 
 
+def _infer_bounded(ctx: _Context, model: Any, where: str) -> Any:
+    """``model`` shape-inferred as far as :func:`~biasinspect.readers.onnx_guard.inference_plan`
+    allows (with data propagation, without it, or not at all; a warning says which and why), or
+    as it was when inference fails."""
+    plan, reason = inference_plan(model, ctx.functions, _node_key)
+    if plan is InferencePlan.SKIP:
+        ctx.warn(f"shape inference{where} was not run: {reason}")
+        return model
+    if plan is InferencePlan.WITHOUT_DATA_PROPAGATION:
+        ctx.warn(f"shape inference{where} ran without data propagation: {reason}")
+    try:
+        return _onnx().infer_shapes(model, data_propagation=plan is InferencePlan.WITH_DATA_PROPAGATION)
+    except Exception as error:  # InferenceError, ValidationError, RuntimeError, ...
+        ctx.warn(f"shape inference failed{where}: {_first_line(error)}")
+        return model
+
+
 def _substitute_attributes(nodes: Iterable[Any], call: Any | None, function: Any, depth: int = 0) -> None:
     """Replace attribute references (``ref_attr_name``) in a function body with the call's values."""
     defaults = {str(a.name): a for a in function.attribute_proto}
@@ -269,7 +311,6 @@ def _function_scope(
 ) -> _Scope | None:
     """A function body's scope for one call site (or, with no caller, with unknown inputs);
     None when the call is not followed (recursion, nesting too deep)."""
-    onnx = _onnx()
     label = f"{key[0]}.{key[1]}" if key[0] else key[1]
     if key in stack:
         ctx.warn(f"function '{label}' calls itself; the recursive call was not followed")
@@ -308,11 +349,7 @@ def _function_scope(
             body = model.graph
         else:
             ctx.inferred_function_nodes += size
-            try:
-                model = onnx.infer_shapes(model)
-            except Exception as error:  # onnx raises several unrelated types
-                ctx.warn(f"shape inference failed in function '{label}': {_first_line(error)}")
-            body = model.graph
+            body = _infer_bounded(ctx, model, f" in function '{label}'").graph
             ctx.inference_cache[cache_key] = body
     prefix = (
         f"{caller.prefix}{caller.node_name(call_index)}/"
