@@ -63,9 +63,9 @@ def _dims_text(dims: Sequence[Dim]) -> str:
 
 
 def _check_dims(dims: Sequence[Dim], what: str) -> None:
-    """Refuse a shape past the caps: more than :data:`~biasinspect.limits.MAX_ONNX_RANK` dims, or
-    known dims whose product overflows int64 (no real tensor comes near either, and every later
-    product of dims stays bounded because of it)."""
+    """Refuse a shape past the caps: more than :data:`~biasinspect.limits.MAX_ONNX_RANK` dims
+    (unsupported), or known dims whose product overflows int64 (malformed).  No real tensor comes
+    near either, and every later product of dims stays bounded because of it."""
     if len(dims) > limits.MAX_ONNX_RANK:
         raise UnsupportedFormatError(
             f"{what} has {len(dims):,} dims, more than the {limits.MAX_ONNX_RANK} supported"
@@ -75,9 +75,7 @@ def _check_dims(dims: Sequence[Dim], what: str) -> None:
         if dim is not None and dim > 0:
             count *= dim
             if count > _INT64_MAX:
-                raise UnsupportedFormatError(
-                    f"{what} has dims {_dims_text(dims)} whose product overflows int64"
-                )
+                raise MalformedModelError(f"{what} has dims {_dims_text(dims)} whose product overflows int64")
 
 
 def _kernel_shape(node: Any) -> tuple[int, ...] | None:
@@ -103,8 +101,8 @@ def _sane_shape(shape: MaybeShape) -> MaybeShape:
 
 
 def _dims_of_tensor(tensor: Any, what: str, name: str | None = None) -> tuple[int, ...]:
-    """A (Sparse)TensorProto's dims, checked: negative dims are malformed, too many dims or an
-    int64-overflowing size unsupported."""
+    """A (Sparse)TensorProto's dims, checked: negative dims or an int64-overflowing size are
+    malformed, too many dims unsupported."""
     if name is None:
         name = str(tensor.name)
     dims = tuple(int(d) for d in tensor.dims)
