@@ -6,15 +6,15 @@ input's rank, ``Concat`` adds lengths up, ``ConstantOfShape`` / ``Expand`` / ``R
 tensor whose rank is that length.  ``Shape`` followed by N chained ``Concat(s, s)`` makes a
 vector of 2**N elements from a file of a few hundred bytes; onnx's C++ code allocates it without
 any limit.  Data propagation also treats a 1-D integer tensor of static length L as L unknown
-values, so a declared input of shape [2**40] is enough.  Without data propagation, ranks come
-only from stored data, but a chain of ``Unsqueeze`` still grows them one node at a time.
+values, so a declared input of shape [2**40] is enough.  Even without data propagation, onnx
+makes a ``ConstantOfShape`` of a vector of static length L a tensor of rank L, and a chain of
+``Unsqueeze`` grows ranks one node at a time (each value keeping its own shape).
 
 :func:`inference_plan` walks the graph once (subgraphs and model-local function bodies included,
 the latter once per distinct input bounds) and computes, for every value, upper bounds for
 
 * its rank without data propagation, and with it;
-* the number of elements data propagation could hold for it (integer tensors only: onnx
-  propagates nothing else).
+* its number of elements (data propagation holds the values of integer scalars and vectors).
 
 and so decides how inference may run: with data propagation, without it, or not at all.  The
 bounds are deliberately coarse (an op not listed here keeps the largest rank of its inputs and
@@ -47,7 +47,9 @@ _UNKNOWN_TYPE = 0
 _SHAPE_FROM_VALUES = {"ConstantOfShape": 0, "Expand": 1, "Reshape": 1}
 # Ops whose integer output data propagation may hold, with how its length relates to the inputs.
 _SUMMED = frozenset({"Concat"})
-_SAME_AS_FIRST = frozenset({"Identity", "Cast", "CastLike", "Squeeze", "Unsqueeze", "Slice", "Neg", "Abs"})
+_INTEGER_PRODUCERS = frozenset({"Range", "NonZero", "TopK", "ArgMax", "ArgMin", "Unique", "OneHot"})
+"""Ops with integer outputs of a length not bounded here (at most one axis more than their inputs)."""
+_SAME_AS_FIRST = frozenset({"Identity", "CastLike", "Squeeze", "Unsqueeze", "Slice", "Neg", "Abs"})
 _BROADCAST = frozenset({"Add", "Sub", "Mul", "Div", "Mod", "Max", "Min", "Where", "Equal", "Less", "Greater"})
 
 
@@ -68,11 +70,9 @@ class _Bound:
     rank_propagated: int
     """Rank with data propagation."""
     length: int
-    """Elements data propagation could hold (0 for a value it cannot hold: not an integer)."""
+    """Elements (data propagation holds that many values of an integer scalar or vector, and a
+    vector given as a shape makes a tensor of that rank)."""
     integer: bool
-    stored: bool = False
-    """Its data is stored in the file (an initializer or a Constant): inference reads it even
-    without data propagation."""
 
 
 _NOTHING = _Bound(0, 0, 0, False)
@@ -98,7 +98,7 @@ def _declared(type_proto: Any, name: str) -> _Bound | None:
         return None if elem_type == _UNKNOWN_TYPE else _Bound(0, 0, 0, elem_type in _INTEGER_TYPES)
     integer = elem_type in _INTEGER_TYPES or elem_type == _UNKNOWN_TYPE
     # A declared 1-D integer tensor of static length L is L propagated values.
-    return _Bound(len(shape), len(shape), _numel_bound(shape) if integer else 0, integer)
+    return _Bound(len(shape), len(shape), _numel_bound(shape), integer)
 
 
 def _tensor_bound(tensor: Any) -> _Bound:
@@ -106,7 +106,7 @@ def _tensor_bound(tensor: Any) -> _Bound:
     dims = [int(d) for d in tensor.dims]
     data_type = tensor.values.data_type if hasattr(tensor, "values") else tensor.data_type
     integer = int(data_type) in _INTEGER_TYPES
-    return _Bound(len(dims), len(dims), _numel_bound(dims) if integer else 0, integer, stored=True)
+    return _Bound(len(dims), len(dims), _numel_bound(dims), integer)
 
 
 def _constant_bound(node: Any) -> _Bound:
@@ -114,11 +114,13 @@ def _constant_bound(node: Any) -> _Bound:
         if attribute.name == "value" and attribute.HasField("t"):
             return _tensor_bound(attribute.t)
         if attribute.name == "value_ints":
-            return _Bound(1, 1, _sat(len(attribute.ints)), True, stored=True)
+            return _Bound(1, 1, _sat(len(attribute.ints)), True)
         if attribute.name == "value_int":
-            return _Bound(0, 0, 1, True, stored=True)
-        if attribute.name in ("value_floats", "value_strings"):
-            return _Bound(1, 1, 0, False)
+            return _Bound(0, 0, 1, True)
+        if attribute.name == "value_floats":
+            return _Bound(1, 1, _sat(len(attribute.floats)), False)
+        if attribute.name == "value_strings":
+            return _Bound(1, 1, _sat(len(attribute.strings)), False)
         if attribute.name == "sparse_value" and attribute.HasField("sparse_tensor"):
             return _tensor_bound(attribute.sparse_tensor)
     return _Bound(1, 1, 0, False)
@@ -138,8 +140,8 @@ class _Evaluator:
 
     def note(self, bound: _Bound) -> None:
         worst = self.worst
-        # onnx propagates the values of scalars and 1-D tensors only.
-        length = bound.length if bound.rank_propagated <= 1 else 0
+        # onnx propagates the values of integer scalars and vectors only.
+        length = bound.length if bound.rank_propagated <= 1 and bound.integer else 0
         # Every inferred value keeps its own shape (and propagated values): the totals count.
         self.total_dims = _sat(self.total_dims + bound.rank)
         self.total_dims_propagated = _sat(self.total_dims_propagated + bound.rank_propagated + length)
@@ -214,20 +216,18 @@ class _Evaluator:
         op = str(node.op_type)
         widest = max((b.rank for b in inputs), default=0)
         widest_propagated = max((b.rank_propagated for b in inputs), default=0)
+        integer = any(b.integer for b in inputs)
         if subgraph_outputs:
             # If: a branch's output; Loop / Scan: a body output with one more axis.
             extra = 0 if op == "If" else 1
             ranks = [b.rank + extra for outs in subgraph_outputs for b in outs]
             ranks_propagated = [b.rank_propagated + extra for outs in subgraph_outputs for b in outs]
-            bound = _Bound(
-                max([widest, *ranks]),
-                max([widest_propagated, *ranks_propagated]),
-                max([b.length for outs in subgraph_outputs for b in outs] + [b.length for b in inputs]),
-                True,
-            )
-            return [bound] * count
-        if not _is_default_domain(node):
-            return [_Bound(widest, widest_propagated, 0, True)] * count
+            return [
+                _Bound(max([widest, *ranks]), max([widest_propagated, *ranks_propagated]), _SATURATED, True)
+            ] * count
+        if not _is_default_domain(node) and str(node.domain) != "ai.onnx.ml":
+            # onnx has no schema for other domains: it infers nothing about their outputs.
+            return [_Bound(widest, widest_propagated, 0, False)] * count
         first = inputs[0] if inputs else _NOTHING
         if op == "Constant":
             return [_constant_bound(node)]
@@ -236,17 +236,15 @@ class _Evaluator:
         if op == "Size":
             return [_Bound(0, 0, 1, True)]
         if op in _SHAPE_FROM_VALUES:
+            # The output's rank is the length of the shape vector: its stored length, its static
+            # length (onnx sets the rank from it even without data propagation) or the length of
+            # its propagated values.
             index = _SHAPE_FROM_VALUES[op]
             shape = inputs[index] if index < len(inputs) else _NOTHING
-            # Without data propagation the rank comes from stored data only (an initializer or a
-            # Constant); with it, from any propagated vector.
-            stored = shape.length if shape.stored else 0
-            rank = max(widest if op != "ConstantOfShape" else 0, stored)
-            rank_propagated = max(widest_propagated, shape.length, rank)
+            kept = widest if op != "ConstantOfShape" else 0
+            rank = max(kept, shape.length)
             return [
-                _Bound(
-                    rank, rank_propagated, _SATURATED if first.integer or op == "ConstantOfShape" else 0, True
-                )
+                _Bound(rank, max(widest_propagated, rank), _SATURATED, integer or op == "ConstantOfShape")
             ]
         if op == "Unsqueeze":
             axes = _attr(node, "axes")
@@ -259,31 +257,40 @@ class _Evaluator:
                 )
             ]
         if op in _SUMMED:
-            length = _sat(sum(b.length for b in inputs))
-            return [_Bound(widest, widest_propagated, length, any(b.integer for b in inputs))]
+            return [_Bound(widest, widest_propagated, _sat(sum(b.length for b in inputs)), integer)]
+        if op == "Cast":
+            to = _attr(node, "to")
+            casts_to_integer = to is not None and int(to.i) in _INTEGER_TYPES
+            return [_Bound(first.rank, first.rank_propagated, first.length, casts_to_integer)]
         if op in _SAME_AS_FIRST:
             return [_Bound(first.rank, first.rank_propagated, first.length, first.integer)] * count
-        if op in _BROADCAST:
-            length = max((b.length for b in inputs), default=0)
-            return [_Bound(widest, widest_propagated, length, any(b.integer for b in inputs))] * count
-        if op == "Gather" and len(inputs) > 1:
-            length = inputs[1].length if first.rank_propagated <= 1 else _SATURATED
-            return [
-                _Bound(
-                    _sat(first.rank + inputs[1].rank),
-                    _sat(first.rank_propagated + inputs[1].rank_propagated),
-                    length,
-                    first.integer,
+        if op in _BROADCAST or op == "Gather":
+            if all(b.rank_propagated <= 1 for b in inputs):  # vectors: the longest one
+                length = max((b.length for b in inputs), default=0)
+            else:
+                length = 1
+                for b in inputs:
+                    length = _sat(length * max(b.length, 1))
+            if op == "Gather":
+                rank = _sat(first.rank + (inputs[1].rank if len(inputs) > 1 else 0))
+                rank_propagated = _sat(
+                    first.rank_propagated + (inputs[1].rank_propagated if len(inputs) > 1 else 0)
                 )
-            ]
-        if op in ("Range", "NonZero", "TopK", "ArgMax", "ArgMin", "Tile", "Compress", "Unique", "OneHot"):
-            # Integer outputs whose length is not known here: unbounded (never propagated
-            # through Concat etc. in a model that stays under the caps).
+                return [_Bound(rank, rank_propagated, length, first.integer)]
+            return [_Bound(widest, widest_propagated, length, integer)] * count
+        if op in _INTEGER_PRODUCERS:
             return [_Bound(widest + 1, widest_propagated + 1, _SATURATED, True)] * count
         if op == "Einsum":
-            total = _sat(sum(b.rank for b in inputs))
-            return [_Bound(total, _sat(sum(b.rank_propagated for b in inputs)), 0, False)]
-        return [_Bound(widest, widest_propagated, 0, False)] * count
+            return [
+                _Bound(
+                    _sat(sum(b.rank for b in inputs)),
+                    _sat(sum(b.rank_propagated for b in inputs)),
+                    _SATURATED,
+                    integer,
+                )
+            ]
+        # Anything else: no more axes than its widest input, and a size not bounded here.
+        return [_Bound(widest, widest_propagated, _SATURATED, integer)] * count
 
     def call(self, key: tuple[str, str, str], inputs: list[_Bound], count: int) -> _Task:
         """Bounds of a function call's outputs: its body evaluated with the call's input bounds
