@@ -112,7 +112,9 @@ def function_bomb_reached_deep_first(depth: int = 32, levels: int = 20) -> bytes
         helper.make_node("d0", ["X"], ["D"], domain="local"),
         conv,
     ]
-    return _model(nodes, [_float_input("X", [1, 3, 8, 8])], ["A", "D", "Z"], [weight], functions).SerializeToString()
+    return _model(
+        nodes, [_float_input("X", [1, 3, 8, 8])], ["A", "D", "Z"], [weight], functions
+    ).SerializeToString()
 
 
 def random_function_bomb(rng: random.Random) -> bytes:
@@ -136,7 +138,10 @@ def random_function_bomb(rng: random.Random) -> bytes:
             if in_subgraph and j == 0:
                 branch = helper.make_graph([call], "then", [], [_float_input(f"t{j}", None)])
                 other = helper.make_graph(
-                    [helper.make_node("Identity", [previous], [f"e{j}"])], "else", [], [_float_input(f"e{j}", None)]
+                    [helper.make_node("Identity", [previous], [f"e{j}"])],
+                    "else",
+                    [],
+                    [_float_input(f"e{j}", None)],
                 )
                 call = helper.make_node("If", ["cond"], [f"t{j}"], then_branch=branch, else_branch=other)
             body.append(call)
@@ -208,7 +213,18 @@ def unsqueeze_chain(count: int) -> bytes:
     ).SerializeToString()
 
 
-_GROWTH_OPS = ("Concat", "Concat", "Concat", "Unsqueeze", "Identity", "Add", "Mul", "Gather", "Shape-of-COS", "Range")
+_GROWTH_OPS = (
+    "Concat",
+    "Concat",
+    "Concat",
+    "Unsqueeze",
+    "Identity",
+    "Add",
+    "Mul",
+    "Gather",
+    "Shape-of-COS",
+    "Range",
+)
 
 
 def random_propagation_growth(rng: random.Random) -> bytes:
@@ -217,7 +233,10 @@ def random_propagation_growth(rng: random.Random) -> bytes:
     ``Unsqueeze`` / ``Add`` / ``Mul`` / ``Gather`` / ``Shape(ConstantOfShape(.))`` / ``Range``
     steps, some results turned into shapes by ``ConstantOfShape``, ``Expand`` and ``Reshape``."""
     declared = rng.choice([1, 4, 64, 1 << 10, 1 << 20, 1 << 40])
-    inputs = [_float_input("X", [1, 3, 8, 8]), helper.make_tensor_value_info("L", TensorProto.INT64, [declared])]
+    inputs = [
+        _float_input("X", [1, 3, 8, 8]),
+        helper.make_tensor_value_info("L", TensorProto.INT64, [declared]),
+    ]
     initializers = [
         helper.make_tensor("k", TensorProto.INT64, [2], [rng.choice([1, 2, 1 << 20]), 2]),
         helper.make_tensor("idx", TensorProto.INT64, [2], [0, 0]),
