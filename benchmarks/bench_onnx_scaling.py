@@ -31,7 +31,7 @@ from onnx import ModelProto, TensorProto, helper
 
 sys.path.insert(0, str(REPO_ROOT))
 
-from biasinspect.readers.onnx_reader import read_onnx  # noqa: E402
+from biasinspect.readers.onnx_reader import read_onnx
 
 
 def _weight(name: str) -> TensorProto:
