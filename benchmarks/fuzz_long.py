@@ -19,6 +19,7 @@ status is 1 when any case crashed or hung, else 0.  Cases are reproducible: case
 Usage (from the repository root; needs the test extra -- torch builds the seeds)::
 
     python benchmarks/fuzz_long.py --cases 10000            # per format, 2 worker processes
+    python benchmarks/fuzz_long.py --cases 0 --generated-cases 2000   # generated ONNX graphs only
     python benchmarks/fuzz_long.py --cases 500 --formats onnx safetensors --jobs 1 --seed 7
 """
 
@@ -43,6 +44,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
 
 import hostile_files as hf  # noqa: E402  (needs the sys.path entries above)
+import hostile_onnx as ho  # noqa: E402
+
+FORMATS: dict[str, str] = {**hf.FUZZ_FORMATS, **dict.fromkeys(ho.STRUCTURED, ".onnx")}
+"""Every fuzzed kind and its file suffix: mutated seeds (hostile_files) and generated ONNX graphs
+(hostile_onnx: function bombs, data-propagation growth, fan-ins and long chains)."""
 
 CATEGORIES = ("ok", "clean-error", "safety-net", "CRASH", "HANG")
 WORKER_ADDRESS_SPACE = 4 * 1024**3
@@ -54,6 +60,8 @@ SAVE_PER_FORMAT = 5
 def case_bytes(fmt: str, index: int, seed: int) -> bytes:
     """The file of case ``index`` of format ``fmt`` (deterministic)."""
     rng = random.Random(f"{seed}:{fmt}:{index}")
+    if fmt in ho.STRUCTURED:
+        return ho.STRUCTURED[fmt](rng)
     seeds = hf.fuzz_seeds(fmt)
     base = seeds[rng.randrange(len(seeds))]
     mutated = hf.apply_mutations(base, hf.random_mutations(rng), hf.all_fuzz_donors())
@@ -88,7 +96,7 @@ def _worker(tasks: list[tuple[str, int]], seed: int, results: Any, workdir: str)
     folder = Path(tempfile.mkdtemp(dir=workdir))
     for fmt, index in tasks:
         results.send(("start", fmt, index, "", ""))
-        path = folder / f"case{hf.FUZZ_FORMATS[fmt]}"
+        path = folder / f"case{FORMATS[fmt]}"
         path.write_bytes(case_bytes(fmt, index, seed))
         category, detail = classify(path)
         results.send(("done", fmt, index, category, detail))
@@ -108,14 +116,28 @@ class _Slot:
 
 
 def run(
-    formats: list[str], cases: int, jobs: int, seed: int, timeout: float, save: Path
+    formats: list[str],
+    cases: int,
+    jobs: int,
+    seed: int,
+    timeout: float,
+    save: Path,
+    generated_cases: int = 0,
 ) -> dict[str, Counter[str]]:
-    """Run the campaign; return per-format counts (and print progress, crashes and a summary)."""
+    """Run the campaign; return per-format counts (and print progress, crashes and a summary).
+    Generated ONNX kinds get ``generated_cases`` cases each, the mutated formats ``cases``."""
     for fmt in formats:
-        hf.fuzz_seeds(fmt)  # build seeds once here (torch), before forking
+        if fmt in hf.FUZZ_FORMATS:
+            hf.fuzz_seeds(fmt)  # build seeds once here (torch), before forking
     hf.all_fuzz_donors()
     context = mp.get_context("fork")
-    tasks = [(fmt, index) for index in range(cases) for fmt in formats]
+    most = max(cases, generated_cases)
+    tasks = [
+        (fmt, index)
+        for index in range(most)
+        for fmt in formats
+        if index < (generated_cases if fmt in ho.STRUCTURED else cases)
+    ]
     chunks = [tasks[offset::jobs] for offset in range(jobs)]
     counts: dict[str, Counter[str]] = {fmt: Counter() for fmt in formats}
     saved: Counter[str] = Counter()
@@ -142,7 +164,7 @@ def run(
                 print(f"{category}: {fmt} case {index}: {detail}", flush=True)
                 if saved[fmt] < SAVE_PER_FORMAT:
                     save.mkdir(parents=True, exist_ok=True)
-                    target = save / f"{fmt}-seed{seed}-case{index}{hf.FUZZ_FORMATS[fmt]}"
+                    target = save / f"{fmt}-seed{seed}-case{index}{FORMATS[fmt]}"
                     target.write_bytes(case_bytes(fmt, index, seed))
                     saved[fmt] += 1
             if done % 1000 == 0:
@@ -204,7 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run, print the per-format table; 1 if anything crashed or hung."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=10_000, help="cases per format (10000)")
-    parser.add_argument("--formats", nargs="+", choices=list(hf.FUZZ_FORMATS), default=list(hf.FUZZ_FORMATS))
+    parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS))
+    parser.add_argument(
+        "--generated-cases",
+        type=int,
+        default=500,
+        help="cases per generated ONNX kind (500; each is a whole graph, slower than a mutant)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (2)")
     parser.add_argument("--seed", type=int, default=0, help="campaign seed (0)")
     parser.add_argument(
@@ -218,10 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     started = time.monotonic()
-    counts = run(args.formats, args.cases, max(1, args.jobs), args.seed, args.timeout, args.save)
+    counts = run(
+        args.formats, args.cases, max(1, args.jobs), args.seed, args.timeout, args.save, args.generated_cases
+    )
     elapsed = time.monotonic() - started
     width = max(len(fmt) for fmt in counts)
-    print(f"\nbiasinspect long fuzz: seed {args.seed}, {args.cases:,} cases per format, {elapsed:.0f} s")
+    print(
+        f"\nbiasinspect long fuzz: seed {args.seed}, {args.cases:,} cases per mutated format, "
+        f"{args.generated_cases:,} per generated ONNX kind, {elapsed:.0f} s"
+    )
     print(f"{'format':<{width}}  " + "  ".join(f"{name:>11}" for name in CATEGORIES))
     for fmt, counter in counts.items():
         print(f"{fmt:<{width}}  " + "  ".join(f"{counter[name]:>11,}" for name in CATEGORIES))
