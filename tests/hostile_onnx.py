@@ -117,6 +117,46 @@ def function_bomb_reached_deep_first(depth: int = 32, levels: int = 20) -> bytes
     ).SerializeToString()
 
 
+def function_bomb_cut_count(calls: int = 50, fanout: int = 20, levels: int = 11) -> bytes:
+    """``x`` calls the doubling function ``d0`` (``levels`` levels) ``fanout`` times.  The main graph
+    first calls ``x`` at the end of a 31-call chain -- where a count cut off at depth 32 caches
+    ``x`` as costing just its ``fanout`` calls -- then ``calls`` times directly, where each call
+    really expands ``fanout * 2**(levels-1)`` instances (a million in all with the defaults, which a
+    count cached per function puts at about 5,000)."""
+    functions = []
+    for k in range(31):
+        callee = f"c{k + 1}" if k < 30 else "x"
+        body = [
+            helper.make_node(callee, ["a"], ["b"], domain="local"),
+            helper.make_node("Identity", ["b"], ["y"]),
+        ]
+        functions.append(helper.make_function("local", f"c{k}", ["a"], ["y"], body, [OPSET, LOCAL]))
+    body = []
+    previous = "a"
+    for j in range(fanout):
+        body.append(helper.make_node("d0", [previous], [f"t{j}"], domain="local"))
+        previous = f"t{j}"
+    body.append(helper.make_node("Identity", [previous], ["y"]))
+    functions.append(helper.make_function("local", "x", ["a"], ["y"], body, [OPSET, LOCAL]))
+    for k in range(levels):
+        if k == levels - 1:
+            body = [helper.make_node("Relu", ["a"], ["y"])]
+        else:
+            body = [
+                helper.make_node(f"d{k + 1}", ["a"], ["t0"], domain="local"),
+                helper.make_node(f"d{k + 1}", ["t0"], ["t1"], domain="local"),
+                helper.make_node("Identity", ["t1"], ["y"]),
+            ]
+        functions.append(helper.make_function("local", f"d{k}", ["a"], ["y"], body, [OPSET, LOCAL]))
+    conv, weight = _conv_of_x()
+    nodes = [helper.make_node("c0", ["X"], ["C"], domain="local")]
+    nodes += [helper.make_node("x", ["X"], [f"Y{i}"], domain="local") for i in range(calls)]
+    outputs = ["C", *[f"Y{i}" for i in range(calls)], "Z"]
+    return _model(
+        [*nodes, conv], [_float_input("X", [1, 3, 8, 8])], outputs, [weight], functions
+    ).SerializeToString()
+
+
 def random_function_bomb(rng: random.Random) -> bytes:
     """A function-call graph of random shape: a chain, a fan-out per level, sometimes a recursive
     call, sometimes calls inside an ``If`` branch."""
