@@ -47,6 +47,9 @@ model_params
 
 Shapes
     ONNX shape inference (with data propagation) on the payload-free copy gives most shapes.
+    Before it runs, model-local function expansion is counted call path by call path and a
+    pre-pass (:mod:`biasinspect.readers.onnx_guard`) bounds the ranks and propagated values it
+    could build; past the caps it runs without data propagation or not at all, with a warning.
     Integer and floating tensors of at most 64 elements keep their values in that copy (shape
     vectors such as Reshape targets, and Resize/Upsample scales), so output sizes can be
     computed through them; larger tensors are shapes only.  Where inference leaves a size
