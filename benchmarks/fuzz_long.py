@@ -27,6 +27,7 @@ status is 1 when any case crashed or hung, else 0.  Cases are reproducible: case
 Usage (from the repository root; needs the test extra -- torch builds the seeds)::
 
     python benchmarks/fuzz_long.py --cases 10000            # per format, 2 worker processes
+    python benchmarks/fuzz_long.py --cases 0 --generated-cases 2000   # generated ONNX graphs only
     python benchmarks/fuzz_long.py --cases 500 --formats onnx safetensors --jobs 1 --seed 7
     python benchmarks/fuzz_long.py --formats link-tree control-tree --tree-cases 5000
 """
@@ -57,6 +58,11 @@ import tree_cases  # noqa: E402
 
 TREE_KINDS = {"link-tree": tree_cases.build_link_tree, "control-tree": tree_cases.build_control_tree}
 """Generated folder trees, run through the whole CLI (not byte mutations)."""
+import hostile_onnx as ho  # noqa: E402
+
+FORMATS: dict[str, str] = {**hf.FUZZ_FORMATS, **dict.fromkeys(ho.STRUCTURED, ".onnx")}
+"""Every fuzzed kind and its file suffix: mutated seeds (hostile_files) and generated ONNX graphs
+(hostile_onnx: function bombs, data-propagation growth, fan-ins and long chains)."""
 
 CATEGORIES = ("ok", "clean-error", "safety-net", "CRASH", "HANG")
 WORKER_ADDRESS_SPACE = 4 * 1024**3
@@ -68,6 +74,8 @@ SAVE_PER_FORMAT = 5
 def case_bytes(fmt: str, index: int, seed: int) -> bytes:
     """The file of case ``index`` of format ``fmt`` (deterministic)."""
     rng = random.Random(f"{seed}:{fmt}:{index}")
+    if fmt in ho.STRUCTURED:
+        return ho.STRUCTURED[fmt](rng)
     seeds = hf.fuzz_seeds(fmt)
     base = seeds[rng.randrange(len(seeds))]
     mutated = hf.apply_mutations(base, hf.random_mutations(rng), hf.all_fuzz_donors())
@@ -122,7 +130,7 @@ def _worker(tasks: list[tuple[str, int]], seed: int, results: Any, workdir: str)
             category, detail = classify_tree(fmt, index, seed, folder)
             results.send(("done", fmt, index, category, detail))
             continue
-        path = folder / f"case{hf.FUZZ_FORMATS[fmt]}"
+        path = folder / f"case{FORMATS[fmt]}"
         path.write_bytes(case_bytes(fmt, index, seed))
         category, detail = classify(path)
         results.send(("done", fmt, index, category, detail))
@@ -149,19 +157,21 @@ def run(
     timeout: float,
     save: Path,
     tree_cases_count: int = 1000,
+    generated_cases: int = 0,
 ) -> dict[str, Counter[str]]:
-    """Run the campaign; return per-format counts (and print progress, crashes and a summary)."""
+    """Run the campaign; return per-format counts (and print progress, crashes and a summary).
+    Generated ONNX kinds get ``generated_cases`` cases each, the mutated formats ``cases``."""
     for fmt in formats:
-        if fmt not in TREE_KINDS:
+        if fmt in hf.FUZZ_FORMATS:
             hf.fuzz_seeds(fmt)  # build seeds once here (torch), before forking
     hf.all_fuzz_donors()
     context = mp.get_context("fork")
-    tasks = [
-        (fmt, index)
-        for index in range(max(cases, tree_cases_count))
-        for fmt in formats
-        if index < (tree_cases_count if fmt in TREE_KINDS else cases)
-    ]
+
+    def count(fmt: str) -> int:
+        return tree_cases_count if fmt in TREE_KINDS else generated_cases if fmt in ho.STRUCTURED else cases
+
+    most = max((count(fmt) for fmt in formats), default=0)
+    tasks = [(fmt, index) for index in range(most) for fmt in formats if index < count(fmt)]
     chunks = [tasks[offset::jobs] for offset in range(jobs)]
     counts: dict[str, Counter[str]] = {fmt: Counter() for fmt in formats}
     saved: Counter[str] = Counter()
@@ -194,7 +204,7 @@ def run(
                             f"tests/tree_cases.py {fmt}: random.Random('{seed}:{fmt}:{index}')\n{detail}\n"
                         )
                     else:
-                        target = save / f"{fmt}-seed{seed}-case{index}{hf.FUZZ_FORMATS[fmt]}"
+                        target = save / f"{fmt}-seed{seed}-case{index}{FORMATS[fmt]}"
                         target.write_bytes(case_bytes(fmt, index, seed))
                     saved[fmt] += 1
             if done % 1000 == 0:
@@ -256,10 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run, print the per-format table; 1 if anything crashed or hung."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=10_000, help="cases per format (10000)")
-    choices = [*hf.FUZZ_FORMATS, *TREE_KINDS]
+    choices = [*FORMATS, *TREE_KINDS]
     parser.add_argument("--formats", nargs="+", choices=choices, default=choices)
     parser.add_argument(
         "--tree-cases", type=int, default=1000, help="cases per tree kind (1000; each runs the CLI 5 times)"
+    )
+    parser.add_argument(
+        "--generated-cases",
+        type=int,
+        default=500,
+        help="cases per generated ONNX kind (500; each is a whole graph, slower than a mutant)",
     )
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (2)")
     parser.add_argument("--seed", type=int, default=0, help="campaign seed (0)")
@@ -275,13 +291,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.monotonic()
     counts = run(
-        args.formats, args.cases, max(1, args.jobs), args.seed, args.timeout, args.save, args.tree_cases
+        args.formats,
+        args.cases,
+        max(1, args.jobs),
+        args.seed,
+        args.timeout,
+        args.save,
+        args.tree_cases,
+        args.generated_cases,
     )
     elapsed = time.monotonic() - started
     width = max(len(fmt) for fmt in counts)
     print(
-        f"\nbiasinspect long fuzz: seed {args.seed}, {args.cases:,} cases per format"
-        f" ({args.tree_cases:,} per tree kind), {elapsed:.0f} s"
+        f"\nbiasinspect long fuzz: seed {args.seed}, {args.cases:,} cases per mutated format, "
+        f"{args.generated_cases:,} per generated ONNX kind, {args.tree_cases:,} per tree kind, {elapsed:.0f} s"
     )
     print(f"{'format':<{width}}  " + "  ".join(f"{name:>11}" for name in CATEGORIES))
     for fmt, counter in counts.items():

@@ -46,6 +46,27 @@ MAX_ONNX_STRIPPED_BYTES = 1024 * 1024 * 1024
 
 MAX_XML_BYTES = 64 * 1024 * 1024
 """Largest OpenVINO IR XML read (the XML holds structure only; weights live in the .bin)."""
+MAX_ONNX_FUNCTION_INSTANCES = 10_000
+"""Cap on model-local function call sites after expanding nested calls (a function calling another
+twice, 30 levels deep, would otherwise mean 2**30 analyses -- and as many in ONNX shape inference)."""
+
+MAX_ONNX_WALK_NODES = 5_000_000
+"""Cap on nodes visited while walking the main graph, subgraphs and function instances."""
+
+MAX_ONNX_FUNCTION_INFERENCE_NODES = 1_000_000
+"""Cap on the function-body nodes given to shape inference over all call sites (each distinct
+call site infers its function with the functions it calls).  Past it, the remaining call sites
+are walked without inference (shapes there may be unknown) and a warning says so."""
+
+MAX_ONNX_RANK = 64
+"""Largest tensor rank ONNX shape inference may build (numpy's own limit); past it inference is
+not run, or not with data propagation when only that could build it."""
+
+MAX_ONNX_PROPAGATED_ELEMENTS = 1_024
+"""Most values ONNX data propagation may hold for one tensor (shape vectors hold a handful)."""
+
+MAX_ONNX_INFERRED_DIMS = 10_000_000
+"""Most dims (and propagated values) ONNX shape inference may build over a whole model."""
 
 MAX_SCAN_FILES = 100_000
 """Most files a folder scan will look at."""

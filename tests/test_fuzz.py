@@ -7,15 +7,19 @@ format).  The outcome of inspecting the mutant must be a report or a BiasInspect
 exception is a bug.  Examples are derandomized and bounded by the ``ci`` hypothesis profile
 (tests/conftest.py: 150 per format, no deadline); ``--hypothesis-profile=deep`` runs more, and
 ``python benchmarks/fuzz_long.py --cases 10000`` runs the long multi-process campaign.
+Generated ONNX graphs (tests/hostile_onnx.py: function bombs, data-propagation growth, fan-in and
+long chains) get 12 examples per kind here.
 """
 
 from __future__ import annotations
 
+import random
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import hostile_files as hf
+import hostile_onnx as ho
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -122,3 +126,15 @@ def test_differential_seeds_are_never_clean(workdir):
             assert "refused as unsafe" in str(error), error
             continue
         assert all(description.unsafe_callables for description in descriptions), path
+
+
+@pytest.mark.parametrize("kind", list(ho.STRUCTURED))
+@settings(max_examples=12)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_generated_onnx_graphs_end_in_a_report_or_a_clean_error(workdir, kind, seed):
+    """Generated (not mutated) ONNX graphs of hostile shape: function-call bombs of random depth
+    and fan-out, growth under shape inference's data propagation, very wide fan-ins and long
+    chains.  Each must end in a report or a clean error, within the module's timeout."""
+    path = workdir / f"{kind}.onnx"
+    path.write_bytes(ho.STRUCTURED[kind](random.Random(seed)))
+    check_outcome(path)

@@ -1422,9 +1422,7 @@ def test_many_function_call_sites_stay_small(tmp_path: Path) -> None:
 
 
 def test_function_inference_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from biasinspect.readers import onnx_reader
-
-    monkeypatch.setattr(onnx_reader, "MAX_ONNX_FUNCTION_INFERENCE_NODES", 4)
+    monkeypatch.setattr(limits, "MAX_ONNX_FUNCTION_INFERENCE_NODES", 4)
     desc = read(_many_call_sites_model(6, 0), tmp_path)
     # Four call sites are inferred (one node each); the rest are walked without inference, and
     # the conv arithmetic still gives their sizes from the bound input shapes.

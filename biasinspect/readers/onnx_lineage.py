@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from biasinspect.model import MaybeShape
 
 if TYPE_CHECKING:
-    from biasinspect.readers.onnx_reader import _Scope
+    from biasinspect.readers.onnx_shapes import _Scope
 
 __all__ = ["derived_from_parameter"]
 
