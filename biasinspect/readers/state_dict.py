@@ -111,7 +111,14 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 from biasinspect.model import BiasSource, BiasTerm, ConvNode, ModelDescription
-from biasinspect.readers.tensors import QUANTIZED_DTYPES, TensorInfo, join_name, untied_width
+from biasinspect.readers.tensors import (
+    QUANTIZED_DTYPES,
+    TensorInfo,
+    added_bias_layout,
+    join_name,
+    untied_spatial,
+    untied_width,
+)
 
 BUFFER_LEAVES = frozenset({"running_mean", "running_var", "num_batches_tracked", "position_ids"})
 """Last name components that are buffers, never parameters (excluded from model_params)."""
@@ -268,10 +275,29 @@ class _StateDict:
                     return None
             return "BatchNorm", width_shape[0]
         if set(shapes) == {"weight", "bias"}:
+            # GroupNorm, affine InstanceNorm: [C]; a LayerNorm over the whole conv output:
+            # [C, *spatial] (its bias is the norm's shift, not the conv's bias).
             weight, bias = shapes["weight"], shapes["bias"]
-            if len(weight) == 1 and weight == bias:
+            if len(weight) >= 1 and weight == bias:
                 return "Norm", weight[0]
         return None
+
+    def bias_only_modules(self, convs: Mapping[str, object]) -> set[str]:
+        """Modules (not convs, not the root) whose tensors are all bias-named and that have no
+        submodule tensors: a separate bias module such as ``SpatialBias`` (``x + self.bias``)."""
+        parents: set[str] = set()
+        for module in self.leaves:
+            while module:
+                module = _split(module)[0]
+                parents.add(module)
+        found: set[str] = set()
+        for module, leaves in self.leaves.items():
+            if not module or module in convs or module in parents:
+                continue
+            own = [leaf for leaf in leaves if leaf not in BUFFER_LEAVES]
+            if own and all("bias" in leaf.lower() for leaf in own):
+                found.add(module)
+        return found
 
 
 def _buffer_names(sd: _StateDict) -> set[str]:
@@ -579,6 +605,77 @@ def _parent_biases(sd: _StateDict, convs: dict[str, _Conv], warnings: list[str])
     warnings.extend(ambiguous.values())
 
 
+def _settle_from_following_norms(sd: _StateDict, convs: dict[str, _Conv], registration_order: bool) -> None:
+    """Settle Conv vs ConvTranspose from a norm that directly follows as a sibling, before any
+    bias is matched by width: a conv still open to being a ConvTranspose would otherwise make a
+    parent bias of another conv's width ambiguous (``bias_c`` [8, 6, 6] fits ``c`` [8, 3, 3, 3]
+    and, as a ConvTranspose, ``d`` [4, 8, 3, 3] until ``bn`` of width 4 after ``d`` makes it a
+    Conv).  The same sibling evidence :func:`_followed_by` uses to settle, taken earlier."""
+    for conv in convs.values():
+        if not conv.settleable:
+            continue
+        candidates = [(join_name(conv.module, "bn"), "its bn submodule")]
+        if registration_order:
+            follower = _next_registered(sd, conv)
+            if follower is not None and _split(follower)[0] == _split(conv.module)[0]:
+                candidates.append((follower, "registration order"))
+        following = _next_in_sequential(conv.module)
+        if following is not None:
+            candidates.append((following, "next in Sequential"))
+        for module, evidence in candidates:
+            found = sd.norm_kind(module) if module not in convs else None
+            if found is not None and found[1] in conv.widths():
+                conv.settle_by_width(found[1], f"the {found[0]} that follows ({evidence})")
+                break
+
+
+def _separate_biases(sd: _StateDict, convs: dict[str, _Conv], registration_order: bool) -> None:
+    """Attach the tensors of a separate bias module that follows a conv (``Sequential(conv,
+    SpatialBias)``, ``SpatialBias.forward`` being ``x + self.bias``).
+
+    A state dict does not record the order in which modules are applied, so this is inferred
+    from the order of the keys (the module registered right after the conv, when the key order
+    is the registration order) or from ``Sequential`` indices (``P.0`` conv, ``P.1`` bias module),
+    and from the shape: ``[C_out, *spatial]``/``[1, C_out, *spatial]`` (untied) or ``[C_out]``
+    (tied, in the output layout ``[C_out, 1, ...]``).  Each such term gets a note naming the
+    guess.  A module registered before the conv (a positional embedding added to its input)
+    is never taken."""
+    modules = sd.bias_only_modules(convs)
+    if not modules:
+        return
+    claimed: set[str] = set()
+    for conv in convs.values():
+        candidates: list[tuple[str | None, str]] = []
+        if registration_order:
+            candidates.append((_next_registered(sd, conv), "the module registered next"))
+        candidates.append(
+            (_next_in_sequential(conv.module) if conv.module else None, "the next Sequential index")
+        )
+        for module, evidence in candidates:
+            if module is None or module not in modules or module in claimed:
+                continue
+            spatial_rank = len(conv.shape) - 2
+            attached = False
+            for leaf, name in sd.leaves[module].items():
+                if leaf in BUFFER_LEAVES:
+                    continue
+                shape = sd.infos[name].shape
+                layout = added_bias_layout(shape, spatial_rank, conv.widths())
+                if layout is None:
+                    continue
+                width, term_shape = layout
+                conv.terms.append(BiasTerm(name, term_shape, BiasSource.ADD))
+                conv.settle_by_width(width, name)
+                conv.notes.append(
+                    f"bias {name} {list(shape)} taken as added to this conv's output, inferred from"
+                    f" {evidence} and its shape (a state dict does not record the order of application)"
+                )
+                attached = True
+            if attached:
+                claimed.add(module)
+                break
+
+
 def _paired_name(leaf: str) -> list[str]:
     """Sibling names a norm following conv ``leaf`` is likely to have (``conv1`` -> ``bn1``...)."""
     lowered = leaf.lower()
@@ -685,6 +782,17 @@ def _followed_by(sd: _StateDict, convs: dict[str, _Conv], registration_order: bo
                 take(conv, norms[width][0], False, "only match")
 
 
+def _output_spatial(conv: _Conv) -> tuple[int | None, ...] | None:
+    """The output size an attached untied bias fixes (nothing else in a state dict does)."""
+    spatial_rank = len(conv.shape) - 2
+    for term in conv.terms:
+        if term.source is BiasSource.ADD and term.aligned:
+            spatial = untied_spatial(term.shape, spatial_rank)
+            if spatial is not None:
+                return spatial
+    return None
+
+
 def _finish(conv: _Conv) -> ConvNode:
     if conv.settleable:
         what = "bias" if not conv.terms else "per-channel bias"
@@ -697,7 +805,7 @@ def _finish(conv: _Conv) -> ConvNode:
         transposed=conv.transposed,
         groups=conv.groups,
         kernel_shape=conv.shape[2:],
-        output_spatial=None,
+        output_spatial=_output_spatial(conv),
         bias_terms=tuple(conv.terms),
         followed_by=conv.followed_by,
         notes=tuple(conv.notes),
@@ -727,8 +835,10 @@ def describe_state_dict(
     convs = _find_convs(sd, own_warnings)
     for conv in convs.values():
         _own_bias(sd, conv)
-    _parent_biases(sd, convs, own_warnings)
     ordered = registration_order and sd.names != sorted(sd.names)
+    _settle_from_following_norms(sd, convs, ordered)
+    _separate_biases(sd, convs, ordered)
+    _parent_biases(sd, convs, own_warnings)
     _followed_by(sd, convs, ordered)
     found = list(convs.values())
     if ordered:
