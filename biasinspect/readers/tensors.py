@@ -78,15 +78,17 @@ def added_bias_layout(
     return None
 
 
-def untied_spatial(shape: tuple[int, ...] | None, spatial_rank: int) -> tuple[int | None, ...] | None:
+def untied_spatial(shape: tuple[int | None, ...] | None, spatial_rank: int) -> tuple[int | None, ...] | None:
     """The output size an untied bias term ``[(1,) C_out, *spatial]`` fixes: its spatial extents,
     with extents of 1 (which broadcast over any size) unknown; None when it fixes nothing."""
-    if shape is None or untied_width(shape, spatial_rank) is None or spatial_rank == 0:
+    if shape is None or spatial_rank == 0 or len(shape) not in (spatial_rank + 1, spatial_rank + 2):
+        return None
+    if len(shape) == spatial_rank + 2 and shape[0] != 1:
         return None
     spatial = shape[-spatial_rank:]
-    if not any(dim > 1 for dim in spatial):
+    if not any(dim is not None and dim > 1 for dim in spatial):
         return None
-    return tuple(dim if dim > 1 else None for dim in spatial)
+    return tuple(dim if dim is not None and dim > 1 else None for dim in spatial)
 
 
 def join_name(prefix: str, name: str) -> str:
