@@ -394,6 +394,11 @@ def _find_convs(sd: _StateDict, warnings: list[str]) -> dict[str, _Conv]:
                 " not parameters (possibly a packed quantized conv weight)"
             )
             continue
+        bias = sd.get(module, "bias")
+        if bias is not None and bias.shape == info.shape:
+            # A conv's bias is [C_out] (or [C_out, *spatial]), never the weight's shape: a weight
+            # and bias of one shape are an element-wise affine (LayerNorm over [C, H, W]).
+            continue
         if len(info.shape) == 3 and "expert" in module.lower():
             warnings.append(
                 f"{name}: rank-3 tensor under an experts module skipped: stacked expert matrices,"
