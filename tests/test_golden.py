@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"
 SAMPLE_NAMES = [
     "seed_tied.onnx", "seed_untied.onnx", "conv_bn.onnx", "conv_transpose.onnx", "depthwise.onnx",
-    "quantized_conv.onnx", "seed_tied.safetensors", "small_cnn.pt",
+    "quantized_conv.onnx", "seed_tied.safetensors", "small_cnn.pt", "separate_bias.pt",
 ]  # fmt: skip
 REGENERATE = os.environ.get("BIASINSPECT_REGEN_GOLDEN") == "1"
 
