@@ -78,7 +78,11 @@ def test_rows_add_up_to_totals(name):
 
 @pytest.mark.parametrize(
     "argv",
-    [["samples/seed_untied.onnx"], ["calc", "--input", "3x32x32", "--filters", "32x5x5"]],
+    [
+        ["samples/seed_untied.onnx"],
+        ["samples/separate_bias.pt"],
+        ["calc", "--input", "3x32x32", "--filters", "32x5x5"],
+    ],
 )
 def test_readme_shows_the_real_output(monkeypatch, argv):
     monkeypatch.chdir(ROOT)
