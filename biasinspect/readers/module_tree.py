@@ -18,10 +18,15 @@ Bias terms
     module whose name contains ``bias`` -> ADD; a parameter of the parent module whose name
     contains ``bias`` with shape [C_out, *spatial] or [1, C_out, *spatial] -> ADD on the one
     matching child conv (bias-less convs preferred; ambiguous -> attached to none, warned).
+    A separate bias added to the conv's output -> ADD (:func:`_attach_separate_biases`): with
+    TorchScript code, the parameters :attr:`ModuleNode.child_adds` records; without it, the
+    bias-only sibling registered right after the conv, when its shape fits ([C_out, *spatial],
+    [1, C_out, *spatial] or [C_out], the last reported as [C_out, 1, ...]); outside a
+    ``Sequential`` a note says the order was assumed.  An untied term gives ``output_spatial``.
 followed_by (bias-less convs only)
     A norm child of the conv (QAT ``ConvBn2d``), else the next leaf module in registration order
     (pre-order, observers/fake-quant/``Identity``/``Dropout`` skipped) when it is a BatchNorm /
-    SyncBatchNorm / GroupNorm / affine InstanceNorm of the conv's width: its class name.
+    SyncBatchNorm / GroupNorm / affine InstanceNorm / LayerNorm of the conv's width: its class name.
 model_params
     Elements of every distinct parameter tensor of every module (the ``_parameters`` dicts,
     or the TorchScript ``__parameters__`` lists) -- what ``sum(p.numel() for p in

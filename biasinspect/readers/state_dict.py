@@ -70,11 +70,26 @@ Bias terms
       any other shape -> ADD with ``aligned=False`` on the conv when it is ``P``'s only child
       conv, else attached to none (nothing says which conv it would belong to).  This is the
       rule :mod:`biasinspect.readers.module_tree` applies to pickled modules.
+    * a separate bias module (not a conv, no submodule tensors, every tensor bias-named, e.g.
+      ``SpatialBias`` whose forward is ``x + self.bias``) that follows the conv -- the module
+      registered right after it when the key order is the registration order, or the next
+      ``Sequential`` index -- with a tensor shaped [C_out, *spatial] / [1, C_out, *spatial]
+      (stored shape) or [C_out] (reported as [C_out, 1, ...], the way it meets the output) ->
+      ADD, with a note naming the guess (:func:`_separate_biases`).  A module before the conv
+      is never taken: it adds to the conv's input (a positional embedding).
+    * an untied term fixes the output size (``output_spatial``), which nothing else in a state
+      dict does.
+
+    A ``weight`` and ``bias`` of one shape of rank >= 2 are an element-wise affine (LayerNorm
+    over [C, H, W]), not a conv.  Before any bias is matched by width, a norm that directly
+    follows a bias-free conv as a sibling settles Conv vs ConvTranspose
+    (:func:`_settle_from_following_norms`).
 
 followed_by (only for convs with no bias term at all)
     ``"BatchNorm"``: a module with 1-D ``running_mean`` and ``running_var`` (and, if present,
-    ``weight``/``bias``) of the conv's width.  ``"Norm"``: a module whose only tensors are a 1-D
-    ``weight`` and ``bias`` of that width (GroupNorm, LayerNorm, affine InstanceNorm...).
+    ``weight``/``bias``) of the conv's width.  ``"Norm"``: a module whose only tensors are a
+    ``weight`` and ``bias`` of one shape [C] or [C, *spatial] with C the conv's width
+    (GroupNorm, LayerNorm, affine InstanceNorm...).
     Which module "follows":
 
     * always: the conv's own child ``X.bn`` (QAT ConvBn{1,2,3}d keeps its BatchNorm there);
