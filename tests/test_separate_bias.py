@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -225,3 +226,24 @@ def test_seed_builder_is_the_seed() -> None:
     model = seed_separate_bias()
     assert sum(p.numel() for p in model.parameters()) == 27_488
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 32, 28, 28)
+
+
+def test_forward_nested_past_the_stack_is_read_without_its_adds(
+    saved: dict[str, dict[str, Path]], tmp_path: Path
+) -> None:
+    """Hostile TorchScript code: a forward whose expression nests deeper than Python's stack.
+    ``ast.parse`` accepts it, the dataflow gives up on it, the file is still reported."""
+    source = saved["seed"]["script"]
+    target = tmp_path / "deep.pt"
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w") as rewritten:
+        for info in original.infolist():
+            data = original.read(info)
+            if info.filename.endswith("code/__torch__/torch/nn/modules/container.py"):
+                text = data.decode()
+                assert "input0 = (_0).forward(input, )" in text
+                deep = "input0 = (_0).forward(input, )" + " + input" * 1_500
+                data = text.replace("input0 = (_0).forward(input, )", deep).encode()
+            rewritten.writestr(info, data)
+    model = report(target)
+    assert rows(model) == [("0", "absent", 0, None)]
+    assert model.totals.model_params == 27_488

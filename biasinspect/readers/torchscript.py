@@ -316,7 +316,10 @@ def forward_flow(func: ast.FunctionDef) -> ForwardFlow:
     (``conv(x + self.pos)``) adds to the conv's input, never its output."""
     flow = ForwardFlow()
     evaluator = _Flow(func)
-    returned = evaluator.run(func.body)
+    try:
+        returned = evaluator.run(func.body)
+    except RecursionError:
+        return flow  # an expression nested past Python's stack (hostile code): nothing learned
     for call, other, only in evaluator.adds:
         attr = _attribute(other)
         if only and attr is not None:
