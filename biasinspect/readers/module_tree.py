@@ -513,11 +513,12 @@ def _attach_separate_biases(order: list[ModuleNode], found: dict[int, _Found]) -
             item = found.get(id(child))
             if item is None:
                 continue
+            # Indices, not a slice of the tail: a copy per conv would be quadratic.
             following = next(
                 (
-                    nxt
-                    for nxt in parent.children[index + 1 :]
-                    if not any(word in nxt.leaf_class for word in _TRANSPARENT)
+                    parent.children[later]
+                    for later in range(index + 1, len(parent.children))
+                    if not any(word in parent.children[later].leaf_class for word in _TRANSPARENT)
                 ),
                 None,
             )
