@@ -69,6 +69,20 @@ class PositionalEmbedding(nn.Module):
         return out
 
 
+class PositionalBias(nn.Module):
+    """Distractor with a misleading name: ``pos_bias`` [8, 16, 16] added to the conv's input, a
+    state dict indistinguishable from ``conv(x) + self.pos_bias`` (an untied bias)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos_bias = nn.Parameter(torch.zeros(8, 16, 16))
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.conv(x + self.pos_bias)
+        return out
+
+
 class Residual(nn.Module):
     """Distractor: a residual add of activations, no parameter."""
 
@@ -127,6 +141,7 @@ def make_patterns() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
             small_input,
         ),
         "pos_param": (PositionalEmbedding(), small_input),
+        "pos_bias_named": (PositionalBias(), small_input),
         "residual": (Residual(), small_input),
         "layer_norm": (
             nn.Sequential(nn.Conv2d(3, 32, 5, bias=False), nn.LayerNorm([32, 28, 28])),

@@ -110,6 +110,14 @@ EXPECTED: dict[str, tuple[list[Row], int, dict[str, list[Row]]]] = {
     ),
     "pos_module": ([("1", "absent", 0, None)], 2_624, {}),
     "pos_param": ([("conv", "absent", 0, None)], 2_624, {}),
+    # Named like a bias and shaped like the conv's output: where only names and shapes are
+    # known (state dicts, a pickled module) it is the parent-bias rule's untied bias, as
+    # ``conv(x) + self.pos_bias`` would be; code and graphs show it is added to the input.
+    "pos_bias_named": (
+        [("conv", "absent", 0, None)],
+        2_624,
+        {key: [("conv", "untied", 2_048, None)] for key in (*STATE_DICTS, "full")},
+    ),
     "residual": ([("conv", "absent", 0, None)], 576, {}),
     "layer_norm": (
         [("0", "absent", 0, "LayerNorm")],

@@ -17,7 +17,8 @@ Bias terms
     ``<conv>.bias`` of rank 1 -> CONV term (any other rank -> ADD); other parameters of the conv
     module whose name contains ``bias`` -> ADD; a parameter of the parent module whose name
     contains ``bias`` with shape [C_out, *spatial] or [1, C_out, *spatial] -> ADD on the one
-    matching child conv (bias-less convs preferred; ambiguous -> attached to none, warned).
+    matching child conv (bias-less convs preferred; ambiguous -> attached to none, warned),
+    unless TorchScript code adds it to the module's input (a positional embedding).
     A separate bias added to the conv's output -> ADD (:func:`_attach_separate_biases`): with
     TorchScript code, the parameters :attr:`ModuleNode.child_adds` records; without it, the
     bias-only sibling registered right after the conv, when its shape fits ([C_out, *spatial],
@@ -94,6 +95,9 @@ class ModuleNode:
     """What this module's code adds to a child's output: child name -> tensors relative to this
     module (``bias`` for its own parameter, ``1.bias`` for the parameter that child ``1`` adds to
     its input).  ``None`` when no code says (pickled modules): then module order is used."""
+    input_adds: set[str] = field(default_factory=set)
+    """Parameters this module's code adds to its input (a positional embedding); the bias-name
+    rule does not attach them to a conv."""
 
     @property
     def leaf_class(self) -> str:
@@ -547,7 +551,7 @@ def _attach_parent_biases(order: list[ModuleNode], found: dict[int, _Found], war
         for name, tensor in parent.params.items():
             if tensor is None or "bias" not in name.lower() or id(parent) in found:
                 continue
-            if join_name(parent.path, name) in attached:
+            if join_name(parent.path, name) in attached or name in parent.input_adds:
                 continue
             shape = tensor.info.shape
             fits = [

@@ -70,6 +70,9 @@ class ForwardFlow:
     which is used nowhere else."""
     feeds: list[tuple[str, str]] = field(default_factory=list)
     """(child, next): the output of ``self.<child>`` goes only into ``self.<next>.forward``."""
+    input_adds: list[str] = field(default_factory=list)
+    """Attributes added to an input of the forward (a positional embedding), which the
+    bias-name rule must then not attach to a conv."""
 
 
 def plain_class_name(qualname: str) -> str:
@@ -215,6 +218,7 @@ class _Flow:
         self.bound: dict[int, str] = {}  # id(call value) -> the local name holding it
         self.calls: list[_Value] = []
         self.adds: list[tuple[_Value, _Value, bool]] = []  # (call side, other side, only use)
+        self.to_inputs: list[_Value] = []  # operands added to an input of the forward
 
     def value(self, expr: ast.expr) -> _Value:
         if isinstance(expr, ast.Name):
@@ -271,6 +275,8 @@ class _Flow:
         for side, other in ((left, right), (right, left)):
             if side[0] == "call":
                 self.adds.append((side, other, self.only_use(side, in_place)))
+            elif side[0] == "arg":
+                self.to_inputs.append(other)
         return ("add", left, right)
 
     def run(self, body: list[ast.stmt]) -> _Value:
@@ -324,6 +330,10 @@ def forward_flow(func: ast.FunctionDef) -> ForwardFlow:
         attr = _attribute(other)
         if only and attr is not None:
             flow.child_adds.append((str(call[1]), attr))
+    for operand in evaluator.to_inputs:
+        attr = _attribute(operand)
+        if attr is not None:
+            flow.input_adds.append(attr)
     for call in evaluator.calls:
         inner = call[2]
         if isinstance(inner, tuple) and inner[0] == "call" and evaluator.only_use(inner, in_place=False):
@@ -395,6 +405,7 @@ def module_from_torchscript(root: Call, classes: dict[str, ClassInfo], warnings:
             node.forward_conv = dict(info.conv_facts)
             if info.forward is not None:
                 node.child_adds = _child_adds(info.forward, child_classes, classes)
+                node.input_adds = set(info.forward.input_adds)
         work.extend(reversed(pending))
     if opaque:
         warnings.append(
