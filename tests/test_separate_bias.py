@@ -5,7 +5,9 @@ LayerNorm/GroupNorm after the conv)."""
 
 from __future__ import annotations
 
+import ast
 import json
+import textwrap
 import warnings
 import zipfile
 from pathlib import Path
@@ -255,3 +257,65 @@ def test_forward_nested_past_the_stack_is_read_without_its_adds(
     model = report(target)
     assert rows(model) == [("0", "absent", 0, None)]
     assert model.totals.model_params == 27_488
+
+
+def flow_of(code: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[str], list[str]]:
+    from biasinspect.readers.torchscript import forward_flow
+
+    (function,) = ast.parse(textwrap.dedent(code)).body
+    assert isinstance(function, ast.FunctionDef)
+    flow = forward_flow(function)
+    return flow.child_adds, flow.feeds, flow.adds_to_input, flow.input_adds
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        # TorchScript's own spellings: an add on the conv output, inline or through names.
+        (
+            "def forward(self, x):\n  conv = self.conv\n  return torch.add((conv).forward(x, ), self.b)",
+            [("conv", "b")],
+        ),
+        (
+            "def forward(self, x):\n  y = (self.conv).forward(x, )\n  b = self.b\n  return torch.add(b, y)",
+            [("conv", "b")],
+        ),
+        (
+            "def forward(self, x):\n  return (self.conv).forward(x, ) + torch.view(self.b, [1, -1, 1, 1])",
+            [("conv", "b")],
+        ),
+        # In place: taken when it is the output's first use, not after another use.
+        (
+            "def forward(self, x):\n  y = (self.conv).forward(x, )\n  _0 = torch.add_(y, self.b)\n  return y",
+            [("conv", "b")],
+        ),
+        (
+            "def forward(self, x):\n  y = (self.conv).forward(x, )\n  z = torch.mul(y, 2)\n  _0 = torch.add_(y, self.b)\n  return z",
+            [],
+        ),
+        # The output used twice (the add is not the only use), or the name assigned twice.
+        (
+            "def forward(self, x):\n  y = (self.conv).forward(x, )\n  return torch.add(torch.add(y, self.b), y)",
+            [],
+        ),
+        (
+            "def forward(self, x):\n  y = (self.conv).forward(x, )\n  y = torch.relu(x)\n  return torch.add(y, self.b)",
+            [],
+        ),
+        # An alpha other than the default is not a plain add.
+        ("def forward(self, x):\n  return torch.add((self.conv).forward(x, ), self.b, alpha=2)", []),
+    ],
+)
+def test_forward_flow_takes_only_adds_on_a_conv_output(code: str, expected: list[tuple[str, str]]) -> None:
+    assert flow_of(code)[0] == expected
+
+
+def test_forward_flow_feeds_and_input_adds() -> None:
+    sequential = "def forward(self, input):\n  _0 = getattr(self, '0')\n  _1 = getattr(self, '1')\n  input0 = (_0).forward(input, )\n  return (_1).forward(input0, )"
+    assert flow_of(sequential)[1] == [("0", "1")]
+    bias_module = "def forward(self, argument_1):\n  bias = self.bias\n  return torch.add(argument_1, bias)"
+    assert flow_of(bias_module)[2:] == (["bias"], ["bias"])
+    positional = (
+        "def forward(self, x):\n  conv = self.conv\n  return (conv).forward(torch.add(x, self.pos), )"
+    )
+    assert flow_of(positional) == ([], [], [], ["pos"])
