@@ -20,6 +20,7 @@ from torch import nn
 
 from biasinspect.api import inspect
 from biasinspect.model import BiasSource, ModelReport
+from biasinspect.readers.torchscript import MAX_FORWARD_NESTING
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit")
 
@@ -241,8 +242,8 @@ def test_seed_builder_is_the_seed() -> None:
 def test_forward_nested_past_the_stack_is_read_without_its_adds(
     saved: dict[str, dict[str, Path]], tmp_path: Path
 ) -> None:
-    """Hostile TorchScript code: a forward whose expression nests deeper than Python's stack.
-    ``ast.parse`` accepts it, the dataflow gives up on it, the file is still reported."""
+    """Hostile TorchScript code: a forward nested past the dataflow's cap (its evaluation
+    recurses).  ``ast.parse`` accepts it, the dataflow skips it, the file is still reported."""
     source = saved["seed"]["script"]
     target = tmp_path / "deep.pt"
     with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w") as rewritten:
@@ -251,12 +252,13 @@ def test_forward_nested_past_the_stack_is_read_without_its_adds(
             if info.filename.endswith("code/__torch__/torch/nn/modules/container.py"):
                 text = data.decode()
                 assert "input0 = (_0).forward(input, )" in text
-                deep = "input0 = (_0).forward(input, )" + " + input" * 1_500
+                deep = "input0 = (_0).forward(input, )" + " + input" * (MAX_FORWARD_NESTING + 50)
                 data = text.replace("input0 = (_0).forward(input, )", deep).encode()
             rewritten.writestr(info, data)
     model = report(target)
     assert rows(model) == [("0", "absent", 0, None)]
     assert model.totals.model_params == 27_488
+    assert model.warnings == ()
 
 
 def flow_of(code: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[str], list[str]]:

@@ -103,18 +103,8 @@ followed_by (only for convs with no bias term at all)
       only unmatched bias-less conv of that width in the parent (``conv_stem``/``bn1``).
 
 model_params
-    Sum of elements of every floating/quantized tensor except buffers: names whose last
-    component is ``running_mean``, ``running_var``, ``num_batches_tracked`` or
-    ``position_ids``; old spectral-norm ``X.weight_u``/``X.weight_v`` (when ``X.weight_orig``
-    exists); new spectral-norm ``X.parametrizations.<p>.<i>._u``/``._v``.  Names that share
-    one storage (same ``storage_key``, offset, shape and dtype) are counted once, as
-    ``model.parameters()`` does for tied weights.  The ``scale`` / ``zero_point`` of an
-    eager-mode quantized module (beside a quantized weight, or alone in a converted QuantStub)
-    are buffers too; the quantized weights and biases themselves count, as for pickled modules.
-    So are the tensors of torch.ao.quantization observers and fake-quantize modules (modules
-    named ``activation_post_process*`` or ``weight_fake_quant`` by ``prepare``/``prepare_qat``:
-    ``scale``, ``zero_point``, ``min_val``, ``max_val``, ``eps``...), except the ``scale`` and
-    ``zero_point`` of a learnable fake-quantize (it has ``learning_enabled``): parameters.
+    Every floating/quantized tensor except buffers, tied names once: the rules are in
+    :mod:`biasinspect.readers.state_dict_params`.
 """
 
 from __future__ import annotations
@@ -126,17 +116,15 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 from biasinspect.model import BiasSource, BiasTerm, ConvNode, ModelDescription
+from biasinspect.readers.state_dict_params import BUFFER_LEAVES, count_model_params
 from biasinspect.readers.tensors import (
-    QUANTIZED_DTYPES,
     TensorInfo,
     added_bias_layout,
     join_name,
+    split_name,
     untied_spatial,
     untied_width,
 )
-
-BUFFER_LEAVES = frozenset({"running_mean", "running_var", "num_batches_tracked", "position_ids"})
-"""Last name components that are buffers, never parameters (excluded from model_params)."""
 
 TRANSPOSE_HINTS = ("transpose", "deconv", "upconv")
 """Substrings of a module path taken as a hint that the conv is a ConvTranspose."""
@@ -175,18 +163,12 @@ def natural_sort_key(name: str) -> NaturalKey:
     return tuple(key)
 
 
-def _split(name: str) -> tuple[str, str]:
-    """``"a.b.c"`` -> ``("a.b", "c")``; a name without a dot lives in the root module ``""``."""
-    module, _, leaf = name.rpartition(".")
-    return module, leaf
-
-
 def _owner_module(name: str) -> str:
     """The module a key belongs to, folding ``X.parametrizations.*`` into ``X``."""
     match = _PARAMETRIZATION_RE.match(name)
     if match is not None:
         return match.group(1)
-    return _split(name)[0]
+    return split_name(name)[0]
 
 
 def _is_valid(info: object) -> bool:
@@ -266,7 +248,7 @@ class _StateDict:
         # module -> {leaf: full name} for the module's direct tensors.
         self.leaves: dict[str, dict[str, str]] = {}
         for name in self.names:
-            module, leaf = _split(name)
+            module, leaf = split_name(name)
             self.leaves.setdefault(module, {})[leaf] = name
 
     def get(self, module: str, leaf: str) -> TensorInfo | None:
@@ -303,7 +285,7 @@ class _StateDict:
         parents: set[str] = set()
         for module in self.leaves:
             while module:
-                module = _split(module)[0]
+                module = split_name(module)[0]
                 parents.add(module)
         found: set[str] = set()
         for module, leaves in self.leaves.items():
@@ -315,69 +297,9 @@ class _StateDict:
         return found
 
 
-def _buffer_names(sd: _StateDict) -> set[str]:
-    """Names of floating buffers that must not count as parameters."""
-    buffers: set[str] = set()
-    for name in sd.names:
-        module, leaf = _split(name)
-        spectral_old = leaf in ("weight_u", "weight_v") and sd.get(module, "weight_orig") is not None
-        spectral_new = leaf in ("_u", "_v") and ".parametrizations." in f".{name}"
-        if (
-            leaf in BUFFER_LEAVES
-            or spectral_old
-            or spectral_new
-            or _is_quantization_param(sd, module, leaf)
-            or _is_observer_state(sd, module, leaf)
-        ):
-            buffers.add(name)
-    return buffers
-
-
-def _is_observer_state(sd: _StateDict, module: str, leaf: str) -> bool:
-    """A tensor of a torch.ao.quantization observer or fake-quantize module, which hold only
-    buffers (a QAT or calibrated checkpoint: ``conv.weight_fake_quant.scale``,
-    ``conv.activation_post_process.activation_post_process.min_val``; FX mode names them
-    ``activation_post_process_3``).  ``prepare``/``prepare_qat`` fix these module names.  The
-    exception is the learnable fake-quantize (LSQ, it has a ``learning_enabled`` flag), whose
-    ``scale`` and ``zero_point`` are parameters."""
-    owner = _split(module)[1]
-    if owner != "weight_fake_quant" and not owner.startswith("activation_post_process"):
-        return False
-    return not (leaf in ("scale", "zero_point") and "learning_enabled" in sd.leaves.get(module, {}))
-
-
-def _is_quantization_param(sd: _StateDict, module: str, leaf: str) -> bool:
-    """``X.scale`` / ``X.zero_point`` of an eager-mode quantized module (a quantized conv or
-    linear beside a quantized weight, or a converted QuantStub holding only those two): its
-    output quantization parameters, a buffer in PyTorch, not a parameter."""
-    if leaf not in ("scale", "zero_point"):
-        return False
-    leaves = sd.leaves.get(module, {})
-    if set(leaves) <= {"scale", "zero_point"}:
-        return "zero_point" in leaves
-    return any(sd.infos[name].dtype in QUANTIZED_DTYPES for name in leaves.values())
-
-
-def _model_params(sd: _StateDict) -> int:
-    buffers = _buffer_names(sd)
-    seen: set[tuple[str, int, tuple[int, ...], str]] = set()
-    total = 0
-    for name in sd.names:
-        info = sd.infos[name]
-        if name in buffers or not info.is_parameter_dtype:
-            continue
-        if info.storage_key is not None:
-            alias = (info.storage_key, info.storage_offset, info.shape, info.dtype)
-            if alias in seen:
-                continue
-            seen.add(alias)
-        total += info.numel()
-    return total
-
-
 def _conv_weight(sd: _StateDict, name: str) -> tuple[str, str] | None:
     """``(module, weight_name)`` when ``name`` is the full-size weight of a conv."""
-    module, leaf = _split(name)
+    module, leaf = split_name(name)
     if leaf == "weight":
         return module, name
     if leaf == "weight_v" and sd.get(module, "weight_g") is not None:
@@ -555,7 +477,7 @@ def _parent_biases(sd: _StateDict, convs: dict[str, _Conv], warnings: list[str])
     parents: dict[str, list[_Conv]] = {}
     for conv in convs.values():
         if conv.module:
-            parent = _split(conv.module)[0]
+            parent = split_name(conv.module)[0]
             parents.setdefault(parent, []).append(conv)
             for width in conv.widths():
                 slot = slots.setdefault((parent, len(conv.shape) - 2, width), _WidthSlot())
@@ -637,7 +559,7 @@ def _settle_from_following_norms(sd: _StateDict, convs: dict[str, _Conv], regist
         candidates = [(join_name(conv.module, "bn"), "its bn submodule")]
         if registration_order:
             follower = _next_registered(sd, conv)
-            if follower is not None and _split(follower)[0] == _split(conv.module)[0]:
+            if follower is not None and split_name(follower)[0] == split_name(conv.module)[0]:
                 candidates.append((follower, "registration order"))
         following = _next_in_sequential(conv.module)
         if following is not None:
@@ -709,7 +631,7 @@ def _paired_name(leaf: str) -> list[str]:
 
 
 def _next_in_sequential(module: str) -> str | None:
-    parent, leaf = _split(module)
+    parent, leaf = split_name(module)
     if leaf.isascii() and leaf.isdecimal() and len(leaf) <= _MAX_INDEX_DIGITS:
         return join_name(parent, str(int(leaf) + 1))
     return None
@@ -765,14 +687,14 @@ def _followed_by(sd: _StateDict, convs: dict[str, _Conv], registration_order: bo
             # that block's input, a concatenation wider than the conv's output, and its width
             # may equal the conv's C_in.  From another module it may still be the follower of
             # the width the analysis takes, but it must not make the conv a ConvTranspose.
-            sibling = follower is not None and _split(follower)[0] == _split(conv.module)[0]
+            sibling = follower is not None and split_name(follower)[0] == split_name(conv.module)[0]
             take(conv, follower, sibling, "registration order")
     for conv in absent:
         if conv.followed_by is not None:
             continue
         if take(conv, _next_in_sequential(conv.module), True, "next in Sequential"):
             continue
-        parent, leaf = _split(conv.module)
+        parent, leaf = split_name(conv.module)
         for candidate in _paired_name(leaf):
             if take(conv, join_name(parent, candidate), False, "name"):
                 break
@@ -782,11 +704,11 @@ def _followed_by(sd: _StateDict, convs: dict[str, _Conv], registration_order: bo
     pending: dict[str, list[_Conv]] = {}
     for conv in absent:
         if conv.followed_by is None and conv.module:
-            pending.setdefault(_split(conv.module)[0], []).append(conv)
+            pending.setdefault(split_name(conv.module)[0], []).append(conv)
     siblings: dict[str, list[str]] = {}
     for module in sd.leaves:
         if module:
-            siblings.setdefault(_split(module)[0], []).append(module)
+            siblings.setdefault(split_name(module)[0], []).append(module)
     for parent, kids in pending.items():
         norms: dict[int, list[str]] = {}
         for module in siblings.get(parent, []):
@@ -869,7 +791,7 @@ def describe_state_dict(
         path=path,
         format=format,
         convs=tuple(_finish(conv) for conv in found),
-        model_params=_model_params(sd),
+        model_params=count_model_params(sd.names, sd.infos, sd.leaves),
         warnings=tuple(own_warnings),
         location=location,
         unsafe_callables=tuple(unsafe_callables),

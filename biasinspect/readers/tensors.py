@@ -91,6 +91,12 @@ def untied_spatial(shape: tuple[int | None, ...] | None, spatial_rank: int) -> t
     return tuple(dim if dim is not None and dim > 1 else None for dim in spatial)
 
 
+def split_name(name: str) -> tuple[str, str]:
+    """``"a.b.c"`` -> ``("a.b", "c")``; a name without a dot lives in the root module ``""``."""
+    module, _, leaf = name.rpartition(".")
+    return module, leaf
+
+
 def join_name(prefix: str, name: str) -> str:
     """``prefix.name``, or ``name`` alone at the root (dotted module and tensor names)."""
     return f"{prefix}.{name}" if prefix else name

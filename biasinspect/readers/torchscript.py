@@ -311,6 +311,22 @@ def _attribute(operand: _Value) -> str | None:
     return operand[1] if operand[0] == "attr" and isinstance(operand[1], str) else None
 
 
+MAX_FORWARD_NESTING = 200
+"""Deepest syntax nesting of a ``forward`` whose adds are followed; generated TorchScript code
+nests a few levels, a deeper one is read without its adds."""
+
+
+def _nesting(func: ast.FunctionDef) -> int:
+    """Depth of the deepest node under ``func`` (iteratively, so any depth is measured)."""
+    deepest = 0
+    stack: list[tuple[ast.AST, int]] = [(func, 0)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
+
+
 def forward_flow(func: ast.FunctionDef) -> ForwardFlow:
     """Which attributes ``func`` (a TorchScript ``forward``) adds to its input or to a child's output.
 
@@ -321,11 +337,13 @@ def forward_flow(func: ast.FunctionDef) -> ForwardFlow:
     its first use), so a residual ``x + conv(x)`` is not a bias, and an add before a conv
     (``conv(x + self.pos)``) adds to the conv's input, never its output."""
     flow = ForwardFlow()
+    if _nesting(func) > MAX_FORWARD_NESTING:
+        return flow  # hostile code: nothing learned (the evaluation below recurses)
     evaluator = _Flow(func)
     try:
         returned = evaluator.run(func.body)
     except RecursionError:
-        return flow  # an expression nested past Python's stack (hostile code): nothing learned
+        return flow  # a safety net: the nesting cap keeps the evaluation far from the stack limit
     for call, other, only in evaluator.adds:
         attr = _attribute(other)
         if only and attr is not None:
