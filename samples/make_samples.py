@@ -5,8 +5,8 @@ Usage::
     python samples/make_samples.py            # rewrite the samples in samples/
     python samples/make_samples.py --out DIR  # write them somewhere else
 
-Every file is a few KB (the largest, ``seed_untied.onnx``, is ~110 KB because its untied bias
-really has 32x28x28 floats).  The models are built with fixed seeds and exported with the
+Every file is a few KB except the two untied seeds (``seed_untied.onnx`` and
+``separate_bias.pt``, ~110 KB each, because their untied bias really has 32x28x28 floats).  The models are built with fixed seeds and exported with the
 classic (TorchScript-based) ONNX exporter, ``torch.onnx.export(..., dynamo=False)``: it works
 offline, emits plain ``Conv`` nodes whose weights are graph initializers, and its output is
 byte-identical from run to run with the same torch version.  The quantized sample is built
@@ -72,6 +72,17 @@ class SeedUntied(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.conv(x) + self.bias
         return out
+
+
+class SpatialBias(nn.Module):
+    """A separate bias module, the way modern code writes a per-location bias: ``x + self.bias``."""
+
+    def __init__(self, *shape: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(*shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias
 
 
 class ConvBN(nn.Module):
@@ -338,6 +349,18 @@ def make_lasagne_untied(out_dir: Path) -> Path:
     return path
 
 
+def make_separate_bias(out_dir: Path) -> Path:
+    """``separate_bias.pt``: the seed's untied layer as a bias-free ``Conv2d(3, 32, 5)`` followed by
+    a separate ``[32, 28, 28]`` bias module in a ``Sequential``; ``torch.save`` of its state_dict."""
+    torch.manual_seed(SEED)
+    model = nn.Sequential(nn.Conv2d(3, 32, 5, bias=False), SpatialBias(32, 28, 28))
+    with torch.no_grad():
+        model[1].bias.normal_(0.0, 0.1)  # a trained bias is not zero
+    path = out_dir / "separate_bias.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "seed_tied.onnx": make_seed_tied,
     "seed_untied.onnx": make_seed_untied,
@@ -348,6 +371,7 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "seed_tied.safetensors": make_seed_tied_safetensors,
     "small_cnn.pt": make_small_cnn,
     "lasagne_untied.npz": make_lasagne_untied,
+    "separate_bias.pt": make_separate_bias,
 }
 """Sample file name -> builder that writes it into a folder and returns its path."""
 

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"
 SAMPLE_NAMES = [
     "seed_tied.onnx", "seed_untied.onnx", "conv_bn.onnx", "conv_transpose.onnx", "depthwise.onnx",
-    "quantized_conv.onnx", "seed_tied.safetensors", "small_cnn.pt",
+    "quantized_conv.onnx", "seed_tied.safetensors", "small_cnn.pt", "separate_bias.pt",
 ]  # fmt: skip
 REGENERATE = os.environ.get("BIASINSPECT_REGEN_GOLDEN") == "1"
 
@@ -78,7 +78,11 @@ def test_rows_add_up_to_totals(name):
 
 @pytest.mark.parametrize(
     "argv",
-    [["samples/seed_untied.onnx"], ["calc", "--input", "3x32x32", "--filters", "32x5x5"]],
+    [
+        ["samples/seed_untied.onnx"],
+        ["samples/separate_bias.pt"],
+        ["calc", "--input", "3x32x32", "--filters", "32x5x5"],
+    ],
 )
 def test_readme_shows_the_real_output(monkeypatch, argv):
     monkeypatch.chdir(ROOT)

@@ -17,11 +17,17 @@ Bias terms
     ``<conv>.bias`` of rank 1 -> CONV term (any other rank -> ADD); other parameters of the conv
     module whose name contains ``bias`` -> ADD; a parameter of the parent module whose name
     contains ``bias`` with shape [C_out, *spatial] or [1, C_out, *spatial] -> ADD on the one
-    matching child conv (bias-less convs preferred; ambiguous -> attached to none, warned).
+    matching child conv (bias-less convs preferred; ambiguous -> attached to none, warned),
+    unless TorchScript code adds it to the module's input (a positional embedding).
+    A separate bias added to the conv's output -> ADD (:func:`_attach_separate_biases`): with
+    TorchScript code, the parameters :attr:`ModuleNode.child_adds` records; without it, the
+    bias-only sibling registered right after the conv, when its shape fits ([C_out, *spatial],
+    [1, C_out, *spatial] or [C_out], the last reported as [C_out, 1, ...]); outside a
+    ``Sequential`` a note says the order was assumed.  An untied term gives ``output_spatial``.
 followed_by (bias-less convs only)
     A norm child of the conv (QAT ``ConvBn2d``), else the next leaf module in registration order
     (pre-order, observers/fake-quant/``Identity``/``Dropout`` skipped) when it is a BatchNorm /
-    SyncBatchNorm / GroupNorm / affine InstanceNorm of the conv's width: its class name.
+    SyncBatchNorm / GroupNorm / affine InstanceNorm / LayerNorm of the conv's width: its class name.
 model_params
     Elements of every distinct parameter tensor of every module (the ``_parameters`` dicts,
     or the TorchScript ``__parameters__`` lists) -- what ``sum(p.numel() for p in
@@ -40,7 +46,7 @@ from biasinspect import limits
 from biasinspect.errors import ResourceLimitError, UnsupportedFormatError
 from biasinspect.model import BiasSource, BiasTerm, ConvNode, ModelDescription
 from biasinspect.readers.pickle_inert import Call, TensorRef, describe_value, tensor_of
-from biasinspect.readers.tensors import join_name, untied_width
+from biasinspect.readers.tensors import added_bias_layout, join_name, untied_spatial, untied_width
 
 __all__ = ["ModuleNode", "describe_module_tree", "is_module_object", "module_from_pickle"]
 
@@ -58,9 +64,11 @@ _NORM_CLASSES = frozenset(
         "InstanceNorm2d",
         "InstanceNorm3d",
         "FrozenBatchNorm2d",
+        "LayerNorm",
     }
 )
-"""Norm layers whose shift plays the tied-bias role after a bias-less conv."""
+"""Norm layers whose shift plays the tied-bias role after a bias-less conv (a LayerNorm over
+the conv output ``[C, *spatial]`` has a ``[C, *spatial]`` shift: still the norm's, not a bias)."""
 
 _TRANSPARENT = ("Observer", "FakeQuantize", "QuantStub", "Identity", "Dropout")
 """Leaf modules that do not separate a conv from the norm after it (substrings of class names)."""
@@ -85,6 +93,13 @@ class ModuleNode:
     """Facts parsed from a TorchScript forward (``groups``, ``transposed``), when known."""
     unresolved: list[str] = field(default_factory=list)
     """Parameter names whose value is not a tensor we can size (e.g. UninitializedParameter)."""
+    child_adds: dict[str, list[str]] | None = None
+    """What this module's code adds to a child's output: child name -> tensors relative to this
+    module (``bias`` for its own parameter, ``1.bias`` for the parameter that child ``1`` adds to
+    its input).  ``None`` when no code says (pickled modules): then module order is used."""
+    input_adds: set[str] = field(default_factory=set)
+    """Parameters this module's code adds to its input (a positional embedding); the bias-name
+    rule does not attach them to a conv."""
 
     @property
     def leaf_class(self) -> str:
@@ -315,7 +330,8 @@ def _norm_width(node: ModuleNode) -> int | None:
     for tensors in (node.params, node.buffers):
         for key in ("weight", "bias", "running_mean"):
             tensor = tensors.get(key)
-            if tensor is not None and len(tensor.info.shape) == 1:
+            # [C] for most norms; [C, *spatial] for a LayerNorm over the whole conv output.
+            if tensor is not None and len(tensor.info.shape) >= 1:
                 return tensor.info.shape[0]
     return None
 
@@ -419,6 +435,7 @@ def describe_module_tree(
             item.notes.append("spectral norm: weight shape taken from weight_orig")
         found[id(node)] = item
 
+    _attach_separate_biases(order, found)
     _attach_parent_biases(order, found, notes_out)
     _attach_followers(order, ends, found)
 
@@ -437,7 +454,7 @@ def describe_module_tree(
                 transposed=conv.transposed,
                 groups=conv.groups,
                 kernel_shape=shape[2:],
-                output_spatial=None,
+                output_spatial=_output_spatial(conv.terms, len(shape) - 2),
                 bias_terms=tuple(conv.terms),
                 followed_by=conv.followed_by if not conv.terms else None,
                 notes=tuple(conv.notes),
@@ -455,6 +472,95 @@ def describe_module_tree(
     )
 
 
+def _output_spatial(terms: list[BiasTerm], spatial_rank: int) -> tuple[int | None, ...] | None:
+    """The output size an untied bias term fixes (nothing else in a module tree does)."""
+    for term in terms:
+        if term.source is BiasSource.ADD and term.aligned:
+            spatial = untied_spatial(term.shape, spatial_rank)
+            if spatial is not None:
+                return spatial
+    return None
+
+
+def _is_bias_module(node: ModuleNode) -> bool:
+    """A leaf module holding only bias-named parameters (``SpatialBias``: ``x + self.bias``)."""
+    if node.children or not node.params or node.leaf_class in _NORM_CLASSES:
+        return False
+    return all("bias" in name.lower() for name in node.params)
+
+
+def _add_separate_term(item: _Found, name: str, tensor: TensorRef | None, proven: bool) -> bool:
+    """Attach ``tensor`` (added to ``item``'s output) in the conv output's layout.  A shape that
+    does not fit C_out is kept as an unaligned term when the code proves the add (``proven``),
+    else not attached.  True when attached."""
+    if tensor is None or any(term.name == name for term in item.terms):
+        return False
+    shape = tensor.info.shape
+    widths = () if item.c_out is None else (item.c_out,)
+    layout = added_bias_layout(shape, len(item.weight.info.shape) - 2, widths)
+    if layout is not None:
+        item.terms.append(BiasTerm(name, layout[1], BiasSource.ADD))
+        return True
+    if proven:
+        item.terms.append(BiasTerm(name, shape, BiasSource.ADD, aligned=False))
+        return True
+    return False
+
+
+def _attach_separate_biases(order: list[ModuleNode], found: dict[int, _Found]) -> None:
+    """Bias terms that a separate module or parameter adds to a conv's output.
+
+    With code (TorchScript), exactly what :attr:`ModuleNode.child_adds` records.  Without it
+    (pickled modules), the sibling registered right after the conv (observers, ``Identity``,
+    ``Dropout`` skipped) when it is a bias-only module (:func:`_is_bias_module`) of a fitting
+    shape: a ``Sequential`` applies its children in that order; any other module is assumed
+    to, which a note says.  A module before the conv (a positional embedding) is never taken."""
+    for parent in order:
+        if not any(id(child) in found for child in parent.children):
+            continue
+        by_name = {child.path.rsplit(".", 1)[-1]: child for child in parent.children}
+        if parent.child_adds is not None:
+            for child_name, added in parent.child_adds.items():
+                conv_node = by_name.get(child_name)
+                if conv_node is None or id(conv_node) not in found:
+                    continue
+                for relative in added:
+                    owner_name, _, param = relative.rpartition(".")
+                    owner = by_name.get(owner_name) if owner_name else parent
+                    if owner is not None:
+                        _add_separate_term(
+                            found[id(conv_node)], join_name(owner.path, param), owner.params.get(param), True
+                        )
+            continue
+        sequential = parent.leaf_class.endswith("Sequential")
+        for index, child in enumerate(parent.children):
+            item = found.get(id(child))
+            if item is None:
+                continue
+            # Indices, not a slice of the tail: a copy per conv would be quadratic.
+            following = next(
+                (
+                    parent.children[later]
+                    for later in range(index + 1, len(parent.children))
+                    if not any(word in parent.children[later].leaf_class for word in _TRANSPARENT)
+                ),
+                None,
+            )
+            if following is None or not _is_bias_module(following):
+                continue
+            attached = [
+                name
+                for name, tensor in following.params.items()
+                if _add_separate_term(item, join_name(following.path, name), tensor, False)
+            ]
+            if attached and not sequential:
+                item.notes.append(
+                    f"{', '.join(join_name(following.path, name) for name in attached)} taken as added"
+                    " to this conv's output: the module registered after it holds only a bias"
+                    " (module order, not recorded application order)"
+                )
+
+
 _MAX_NAMES_IN_WARNING = 5
 
 
@@ -468,6 +574,8 @@ def _attach_parent_biases(order: list[ModuleNode], found: dict[int, _Found], war
         child_convs = [found[id(c)] for c in parent.children if id(c) in found]
         if not child_convs or id(parent) in found:
             continue
+        # Already attached from the code (TorchScript: ``self.conv(x) + self.bias``).
+        attached = {term.name for conv in child_convs for term in conv.terms}
         rank_of = {id(c): len(c.weight.info.shape) - 2 for c in child_convs}
         position = {id(c): i for i, c in enumerate(child_convs)}
         every: dict[tuple[int, int], list[_Found]] = {}
@@ -482,6 +590,8 @@ def _attach_parent_biases(order: list[ModuleNode], found: dict[int, _Found], war
         ranks = sorted({key[0] for key in every})
         for name, tensor in parent.params.items():
             if tensor is None or "bias" not in name.lower():
+                continue
+            if join_name(parent.path, name) in attached or name in parent.input_adds:
                 continue
             shape = tensor.info.shape
             keys = []

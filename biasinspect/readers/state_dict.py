@@ -70,11 +70,26 @@ Bias terms
       any other shape -> ADD with ``aligned=False`` on the conv when it is ``P``'s only child
       conv, else attached to none (nothing says which conv it would belong to).  This is the
       rule :mod:`biasinspect.readers.module_tree` applies to pickled modules.
+    * a separate bias module (not a conv, no submodule tensors, every tensor bias-named, e.g.
+      ``SpatialBias`` whose forward is ``x + self.bias``) that follows the conv -- the module
+      registered right after it when the key order is the registration order, or the next
+      ``Sequential`` index -- with a tensor shaped [C_out, *spatial] / [1, C_out, *spatial]
+      (stored shape) or [C_out] (reported as [C_out, 1, ...], the way it meets the output) ->
+      ADD, with a note naming the guess (:func:`_separate_biases`).  A module before the conv
+      is never taken: it adds to the conv's input (a positional embedding).
+    * an untied term fixes the output size (``output_spatial``), which nothing else in a state
+      dict does.
+
+    A ``weight`` and ``bias`` of one shape of rank >= 2 are an element-wise affine (LayerNorm
+    over [C, H, W]), not a conv.  Before any bias is matched by width, a norm that directly
+    follows a bias-free conv as a sibling settles Conv vs ConvTranspose
+    (:func:`_settle_from_following_norms`).
 
 followed_by (only for convs with no bias term at all)
     ``"BatchNorm"``: a module with 1-D ``running_mean`` and ``running_var`` (and, if present,
-    ``weight``/``bias``) of the conv's width.  ``"Norm"``: a module whose only tensors are a 1-D
-    ``weight`` and ``bias`` of that width (GroupNorm, LayerNorm, affine InstanceNorm...).
+    ``weight``/``bias``) of the conv's width.  ``"Norm"``: a module whose only tensors are a
+    ``weight`` and ``bias`` of one shape [C] or [C, *spatial] with C the conv's width
+    (GroupNorm, LayerNorm, affine InstanceNorm...).
     Which module "follows":
 
     * always: the conv's own child ``X.bn`` (QAT ConvBn{1,2,3}d keeps its BatchNorm there);
@@ -88,18 +103,8 @@ followed_by (only for convs with no bias term at all)
       only unmatched bias-less conv of that width in the parent (``conv_stem``/``bn1``).
 
 model_params
-    Sum of elements of every floating/quantized tensor except buffers: names whose last
-    component is ``running_mean``, ``running_var``, ``num_batches_tracked`` or
-    ``position_ids``; old spectral-norm ``X.weight_u``/``X.weight_v`` (when ``X.weight_orig``
-    exists); new spectral-norm ``X.parametrizations.<p>.<i>._u``/``._v``.  Names that share
-    one storage (same ``storage_key``, offset, shape and dtype) are counted once, as
-    ``model.parameters()`` does for tied weights.  The ``scale`` / ``zero_point`` of an
-    eager-mode quantized module (beside a quantized weight, or alone in a converted QuantStub)
-    are buffers too; the quantized weights and biases themselves count, as for pickled modules.
-    So are the tensors of torch.ao.quantization observers and fake-quantize modules (modules
-    named ``activation_post_process*`` or ``weight_fake_quant`` by ``prepare``/``prepare_qat``:
-    ``scale``, ``zero_point``, ``min_val``, ``max_val``, ``eps``...), except the ``scale`` and
-    ``zero_point`` of a learnable fake-quantize (it has ``learning_enabled``): parameters.
+    Every floating/quantized tensor except buffers, tied names once: the rules are in
+    :mod:`biasinspect.readers.state_dict_params`.
 """
 
 from __future__ import annotations
@@ -111,10 +116,15 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 from biasinspect.model import BiasSource, BiasTerm, ConvNode, ModelDescription
-from biasinspect.readers.tensors import QUANTIZED_DTYPES, TensorInfo, join_name, untied_width
-
-BUFFER_LEAVES = frozenset({"running_mean", "running_var", "num_batches_tracked", "position_ids"})
-"""Last name components that are buffers, never parameters (excluded from model_params)."""
+from biasinspect.readers.state_dict_params import BUFFER_LEAVES, count_model_params
+from biasinspect.readers.tensors import (
+    TensorInfo,
+    added_bias_layout,
+    join_name,
+    split_name,
+    untied_spatial,
+    untied_width,
+)
 
 TRANSPOSE_HINTS = ("transpose", "deconv", "upconv")
 """Substrings of a module path taken as a hint that the conv is a ConvTranspose."""
@@ -153,18 +163,12 @@ def natural_sort_key(name: str) -> NaturalKey:
     return tuple(key)
 
 
-def _split(name: str) -> tuple[str, str]:
-    """``"a.b.c"`` -> ``("a.b", "c")``; a name without a dot lives in the root module ``""``."""
-    module, _, leaf = name.rpartition(".")
-    return module, leaf
-
-
 def _owner_module(name: str) -> str:
     """The module a key belongs to, folding ``X.parametrizations.*`` into ``X``."""
     match = _PARAMETRIZATION_RE.match(name)
     if match is not None:
         return match.group(1)
-    return _split(name)[0]
+    return split_name(name)[0]
 
 
 def _is_valid(info: object) -> bool:
@@ -244,7 +248,7 @@ class _StateDict:
         # module -> {leaf: full name} for the module's direct tensors.
         self.leaves: dict[str, dict[str, str]] = {}
         for name in self.names:
-            module, leaf = _split(name)
+            module, leaf = split_name(name)
             self.leaves.setdefault(module, {})[leaf] = name
 
     def get(self, module: str, leaf: str) -> TensorInfo | None:
@@ -268,75 +272,34 @@ class _StateDict:
                     return None
             return "BatchNorm", width_shape[0]
         if set(shapes) == {"weight", "bias"}:
+            # GroupNorm, affine InstanceNorm: [C]; a LayerNorm over the whole conv output:
+            # [C, *spatial] (its bias is the norm's shift, not the conv's bias).
             weight, bias = shapes["weight"], shapes["bias"]
-            if len(weight) == 1 and weight == bias:
+            if len(weight) >= 1 and weight == bias:
                 return "Norm", weight[0]
         return None
 
-
-def _buffer_names(sd: _StateDict) -> set[str]:
-    """Names of floating buffers that must not count as parameters."""
-    buffers: set[str] = set()
-    for name in sd.names:
-        module, leaf = _split(name)
-        spectral_old = leaf in ("weight_u", "weight_v") and sd.get(module, "weight_orig") is not None
-        spectral_new = leaf in ("_u", "_v") and ".parametrizations." in f".{name}"
-        if (
-            leaf in BUFFER_LEAVES
-            or spectral_old
-            or spectral_new
-            or _is_quantization_param(sd, module, leaf)
-            or _is_observer_state(sd, module, leaf)
-        ):
-            buffers.add(name)
-    return buffers
-
-
-def _is_observer_state(sd: _StateDict, module: str, leaf: str) -> bool:
-    """A tensor of a torch.ao.quantization observer or fake-quantize module, which hold only
-    buffers (a QAT or calibrated checkpoint: ``conv.weight_fake_quant.scale``,
-    ``conv.activation_post_process.activation_post_process.min_val``; FX mode names them
-    ``activation_post_process_3``).  ``prepare``/``prepare_qat`` fix these module names.  The
-    exception is the learnable fake-quantize (LSQ, it has a ``learning_enabled`` flag), whose
-    ``scale`` and ``zero_point`` are parameters."""
-    owner = _split(module)[1]
-    if owner != "weight_fake_quant" and not owner.startswith("activation_post_process"):
-        return False
-    return not (leaf in ("scale", "zero_point") and "learning_enabled" in sd.leaves.get(module, {}))
-
-
-def _is_quantization_param(sd: _StateDict, module: str, leaf: str) -> bool:
-    """``X.scale`` / ``X.zero_point`` of an eager-mode quantized module (a quantized conv or
-    linear beside a quantized weight, or a converted QuantStub holding only those two): its
-    output quantization parameters, a buffer in PyTorch, not a parameter."""
-    if leaf not in ("scale", "zero_point"):
-        return False
-    leaves = sd.leaves.get(module, {})
-    if set(leaves) <= {"scale", "zero_point"}:
-        return "zero_point" in leaves
-    return any(sd.infos[name].dtype in QUANTIZED_DTYPES for name in leaves.values())
-
-
-def _model_params(sd: _StateDict) -> int:
-    buffers = _buffer_names(sd)
-    seen: set[tuple[str, int, tuple[int, ...], str]] = set()
-    total = 0
-    for name in sd.names:
-        info = sd.infos[name]
-        if name in buffers or not info.is_parameter_dtype:
-            continue
-        if info.storage_key is not None:
-            alias = (info.storage_key, info.storage_offset, info.shape, info.dtype)
-            if alias in seen:
+    def bias_only_modules(self, convs: Mapping[str, object]) -> set[str]:
+        """Modules (not convs, not the root) whose tensors are all bias-named and that have no
+        submodule tensors: a separate bias module such as ``SpatialBias`` (``x + self.bias``)."""
+        parents: set[str] = set()
+        for module in self.leaves:
+            while module:
+                module = split_name(module)[0]
+                parents.add(module)
+        found: set[str] = set()
+        for module, leaves in self.leaves.items():
+            if not module or module in convs or module in parents:
                 continue
-            seen.add(alias)
-        total += info.numel()
-    return total
+            own = [leaf for leaf in leaves if leaf not in BUFFER_LEAVES]
+            if own and all("bias" in leaf.lower() for leaf in own):
+                found.add(module)
+        return found
 
 
 def _conv_weight(sd: _StateDict, name: str) -> tuple[str, str] | None:
     """``(module, weight_name)`` when ``name`` is the full-size weight of a conv."""
-    module, leaf = _split(name)
+    module, leaf = split_name(name)
     if leaf == "weight":
         return module, name
     if leaf == "weight_v" and sd.get(module, "weight_g") is not None:
@@ -367,6 +330,11 @@ def _find_convs(sd: _StateDict, warnings: list[str]) -> dict[str, _Conv]:
                 f"{name}: {info.dtype} tensor of shape {list(info.shape)} skipped: integer tensors are"
                 " not parameters (possibly a packed quantized conv weight)"
             )
+            continue
+        bias = sd.get(module, "bias")
+        if bias is not None and bias.shape == info.shape:
+            # A conv's bias is [C_out] (or [C_out, *spatial]), never the weight's shape: a weight
+            # and bias of one shape are an element-wise affine (LayerNorm over [C, H, W]).
             continue
         if len(info.shape) == 3 and "expert" in module.lower():
             warnings.append(
@@ -509,7 +477,7 @@ def _parent_biases(sd: _StateDict, convs: dict[str, _Conv], warnings: list[str])
     parents: dict[str, list[_Conv]] = {}
     for conv in convs.values():
         if conv.module:
-            parent = _split(conv.module)[0]
+            parent = split_name(conv.module)[0]
             parents.setdefault(parent, []).append(conv)
             for width in conv.widths():
                 slot = slots.setdefault((parent, len(conv.shape) - 2, width), _WidthSlot())
@@ -579,6 +547,77 @@ def _parent_biases(sd: _StateDict, convs: dict[str, _Conv], warnings: list[str])
     warnings.extend(ambiguous.values())
 
 
+def _settle_from_following_norms(sd: _StateDict, convs: dict[str, _Conv], registration_order: bool) -> None:
+    """Settle Conv vs ConvTranspose from a norm that directly follows as a sibling, before any
+    bias is matched by width: a conv still open to being a ConvTranspose would otherwise make a
+    parent bias of another conv's width ambiguous (``bias_c`` [8, 6, 6] fits ``c`` [8, 3, 3, 3]
+    and, as a ConvTranspose, ``d`` [4, 8, 3, 3] until ``bn`` of width 4 after ``d`` makes it a
+    Conv).  The same sibling evidence :func:`_followed_by` uses to settle, taken earlier."""
+    for conv in convs.values():
+        if not conv.settleable:
+            continue
+        candidates = [(join_name(conv.module, "bn"), "its bn submodule")]
+        if registration_order:
+            follower = _next_registered(sd, conv)
+            if follower is not None and split_name(follower)[0] == split_name(conv.module)[0]:
+                candidates.append((follower, "registration order"))
+        following = _next_in_sequential(conv.module)
+        if following is not None:
+            candidates.append((following, "next in Sequential"))
+        for module, evidence in candidates:
+            found = sd.norm_kind(module) if module not in convs else None
+            if found is not None and found[1] in conv.widths():
+                conv.settle_by_width(found[1], f"the {found[0]} that follows ({evidence})")
+                break
+
+
+def _separate_biases(sd: _StateDict, convs: dict[str, _Conv], registration_order: bool) -> None:
+    """Attach the tensors of a separate bias module that follows a conv (``Sequential(conv,
+    SpatialBias)``, ``SpatialBias.forward`` being ``x + self.bias``).
+
+    A state dict does not record the order in which modules are applied, so this is inferred
+    from the order of the keys (the module registered right after the conv, when the key order
+    is the registration order) or from ``Sequential`` indices (``P.0`` conv, ``P.1`` bias module),
+    and from the shape: ``[C_out, *spatial]``/``[1, C_out, *spatial]`` (untied) or ``[C_out]``
+    (tied, in the output layout ``[C_out, 1, ...]``).  Each such term gets a note naming the
+    guess.  A module registered before the conv (a positional embedding added to its input)
+    is never taken."""
+    modules = sd.bias_only_modules(convs)
+    if not modules:
+        return
+    claimed: set[str] = set()
+    for conv in convs.values():
+        candidates: list[tuple[str | None, str]] = []
+        if registration_order:
+            candidates.append((_next_registered(sd, conv), "the module registered next"))
+        candidates.append(
+            (_next_in_sequential(conv.module) if conv.module else None, "the next Sequential index")
+        )
+        for module, evidence in candidates:
+            if module is None or module not in modules or module in claimed:
+                continue
+            spatial_rank = len(conv.shape) - 2
+            attached = False
+            for leaf, name in sd.leaves[module].items():
+                if leaf in BUFFER_LEAVES:
+                    continue
+                shape = sd.infos[name].shape
+                layout = added_bias_layout(shape, spatial_rank, conv.widths())
+                if layout is None:
+                    continue
+                width, term_shape = layout
+                conv.terms.append(BiasTerm(name, term_shape, BiasSource.ADD))
+                conv.settle_by_width(width, name)
+                conv.notes.append(
+                    f"bias {name} {list(shape)} taken as added to this conv's output, inferred from"
+                    f" {evidence} and its shape (a state dict does not record the order of application)"
+                )
+                attached = True
+            if attached:
+                claimed.add(module)
+                break
+
+
 def _paired_name(leaf: str) -> list[str]:
     """Sibling names a norm following conv ``leaf`` is likely to have (``conv1`` -> ``bn1``...)."""
     lowered = leaf.lower()
@@ -592,7 +631,7 @@ def _paired_name(leaf: str) -> list[str]:
 
 
 def _next_in_sequential(module: str) -> str | None:
-    parent, leaf = _split(module)
+    parent, leaf = split_name(module)
     if leaf.isascii() and leaf.isdecimal() and len(leaf) <= _MAX_INDEX_DIGITS:
         return join_name(parent, str(int(leaf) + 1))
     return None
@@ -648,14 +687,14 @@ def _followed_by(sd: _StateDict, convs: dict[str, _Conv], registration_order: bo
             # that block's input, a concatenation wider than the conv's output, and its width
             # may equal the conv's C_in.  From another module it may still be the follower of
             # the width the analysis takes, but it must not make the conv a ConvTranspose.
-            sibling = follower is not None and _split(follower)[0] == _split(conv.module)[0]
+            sibling = follower is not None and split_name(follower)[0] == split_name(conv.module)[0]
             take(conv, follower, sibling, "registration order")
     for conv in absent:
         if conv.followed_by is not None:
             continue
         if take(conv, _next_in_sequential(conv.module), True, "next in Sequential"):
             continue
-        parent, leaf = _split(conv.module)
+        parent, leaf = split_name(conv.module)
         for candidate in _paired_name(leaf):
             if take(conv, join_name(parent, candidate), False, "name"):
                 break
@@ -665,11 +704,11 @@ def _followed_by(sd: _StateDict, convs: dict[str, _Conv], registration_order: bo
     pending: dict[str, list[_Conv]] = {}
     for conv in absent:
         if conv.followed_by is None and conv.module:
-            pending.setdefault(_split(conv.module)[0], []).append(conv)
+            pending.setdefault(split_name(conv.module)[0], []).append(conv)
     siblings: dict[str, list[str]] = {}
     for module in sd.leaves:
         if module:
-            siblings.setdefault(_split(module)[0], []).append(module)
+            siblings.setdefault(split_name(module)[0], []).append(module)
     for parent, kids in pending.items():
         norms: dict[int, list[str]] = {}
         for module in siblings.get(parent, []):
@@ -685,6 +724,17 @@ def _followed_by(sd: _StateDict, convs: dict[str, _Conv], registration_order: bo
                 take(conv, norms[width][0], False, "only match")
 
 
+def _output_spatial(conv: _Conv) -> tuple[int | None, ...] | None:
+    """The output size an attached untied bias fixes (nothing else in a state dict does)."""
+    spatial_rank = len(conv.shape) - 2
+    for term in conv.terms:
+        if term.source is BiasSource.ADD and term.aligned:
+            spatial = untied_spatial(term.shape, spatial_rank)
+            if spatial is not None:
+                return spatial
+    return None
+
+
 def _finish(conv: _Conv) -> ConvNode:
     if conv.settleable:
         what = "bias" if not conv.terms else "per-channel bias"
@@ -697,7 +747,7 @@ def _finish(conv: _Conv) -> ConvNode:
         transposed=conv.transposed,
         groups=conv.groups,
         kernel_shape=conv.shape[2:],
-        output_spatial=None,
+        output_spatial=_output_spatial(conv),
         bias_terms=tuple(conv.terms),
         followed_by=conv.followed_by,
         notes=tuple(conv.notes),
@@ -727,8 +777,10 @@ def describe_state_dict(
     convs = _find_convs(sd, own_warnings)
     for conv in convs.values():
         _own_bias(sd, conv)
-    _parent_biases(sd, convs, own_warnings)
     ordered = registration_order and sd.names != sorted(sd.names)
+    _settle_from_following_norms(sd, convs, ordered)
+    _separate_biases(sd, convs, ordered)
+    _parent_biases(sd, convs, own_warnings)
     _followed_by(sd, convs, ordered)
     found = list(convs.values())
     if ordered:
@@ -739,7 +791,7 @@ def describe_state_dict(
         path=path,
         format=format,
         convs=tuple(_finish(conv) for conv in found),
-        model_params=_model_params(sd),
+        model_params=count_model_params(sd.names, sd.infos, sd.leaves),
         warnings=tuple(own_warnings),
         location=location,
         unsafe_callables=tuple(unsafe_callables),

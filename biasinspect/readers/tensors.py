@@ -62,6 +62,41 @@ def untied_width(shape: tuple[int, ...], spatial_rank: int) -> int | None:
     return None
 
 
+def added_bias_layout(
+    shape: tuple[int, ...], spatial_rank: int, widths: tuple[int, ...]
+) -> tuple[int, tuple[int, ...]] | None:
+    """(C_out, shape in the conv output's layout) of a tensor that a separate module or parameter
+    adds to a conv's output: ``[C_out, *spatial]`` or ``[1, C_out, *spatial]`` as stored (untied,
+    or tied when every spatial extent is 1), ``[C_out]`` as ``[C_out, 1, ...]`` (tied, the way
+    such a module views it before adding).  None for any other shape, or a C_out not in
+    ``widths`` (the conv's possible output widths)."""
+    width = untied_width(shape, spatial_rank)
+    if width is not None and width in widths:
+        return width, shape
+    if len(shape) == 1 and shape[0] in widths:
+        return shape[0], (shape[0],) + (1,) * spatial_rank
+    return None
+
+
+def untied_spatial(shape: tuple[int | None, ...] | None, spatial_rank: int) -> tuple[int | None, ...] | None:
+    """The output size an untied bias term ``[(1,) C_out, *spatial]`` fixes: its spatial extents,
+    with extents of 1 (which broadcast over any size) unknown; None when it fixes nothing."""
+    if shape is None or spatial_rank == 0 or len(shape) not in (spatial_rank + 1, spatial_rank + 2):
+        return None
+    if len(shape) == spatial_rank + 2 and shape[0] != 1:
+        return None
+    spatial = shape[-spatial_rank:]
+    if not any(dim is not None and dim > 1 for dim in spatial):
+        return None
+    return tuple(dim if dim is not None and dim > 1 else None for dim in spatial)
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``"a.b.c"`` -> ``("a.b", "c")``; a name without a dot lives in the root module ``""``."""
+    module, _, leaf = name.rpartition(".")
+    return module, leaf
+
+
 def join_name(prefix: str, name: str) -> str:
     """``prefix.name``, or ``name`` alone at the root (dotted module and tensor names)."""
     return f"{prefix}.{name}" if prefix else name

@@ -111,9 +111,15 @@ _NORM_OPS = frozenset(
         "aten.instance_norm",
         "aten.group_norm",
         "aten.native_group_norm",
+        "aten.layer_norm",
+        "aten.native_layer_norm",
     }
 )
-"""Per-channel normalisations whose shift (``bias`` argument) plays the tied bias's role."""
+"""Normalisations whose shift (``bias`` argument) plays the tied bias's role (a LayerNorm over
+the conv output ``[C, *spatial]`` has a shift of that shape: the norm's, not the conv's bias)."""
+
+_ADD_OPS = frozenset({"aten.add", "aten.add_"})
+"""Additions: ``x + self.bias`` and the in-place ``y.add_(self.bias)``."""
 
 _NUMEL_PRESERVING_OPS = frozenset(
     {
@@ -779,7 +785,7 @@ def _conv_node(
     followed_by = None
     if output is not None:
         users = scope.users.get(output, [])
-        if scope.use_count(output) == 1 and len(users) == 1 and users[0].packet == "aten.add":
+        if scope.use_count(output) == 1 and len(users) == 1 and users[0].packet in _ADD_OPS:
             operand = _stored_operand(scope, users[0], output, placeholders)
             if operand is not None:
                 placeholder, tensor = operand
