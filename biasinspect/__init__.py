@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 __all__ = ["__version__", "inspect"]
 
 
-def inspect(*paths: str | os.PathLike[str]) -> Report:
+def inspect(*paths: str | os.PathLike[str], jobs: int = 1) -> Report:
     """Inspect model files or folders; see :func:`biasinspect.api.inspect`."""
     from biasinspect.api import inspect as _inspect
 
-    return _inspect(*paths)
+    return _inspect(*paths, jobs=jobs)

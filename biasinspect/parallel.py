@@ -1,0 +1,195 @@
+"""Reading many files at once on one machine, in the order a serial run reports them.
+
+Local files are read in worker processes (a :class:`~concurrent.futures.ProcessPoolExecutor`):
+the readers are CPU-bound Python and native parsers, and a native parser that crashes on a
+stranger's file then takes down one worker, not the run.  URLs (any path containing ``://``) are
+read in threads, since their cost is waiting for the network.
+
+Results come back in the candidates' order through a bounded window of submitted files, so a run
+over a million files holds at most a few dozen outcomes at a time, and the first result is
+available as soon as the first file is read.
+
+When a worker process dies (a segfault in a native parser, the kernel's OOM killer, a CPU-time
+limit), :class:`~concurrent.futures.process.BrokenProcessPool` fails every file the pool held.
+Those files are then read again one by one, each in a process of its own, so the file that kills
+its reader is found and reported as ``reader process crashed (signal N)`` while the files that
+were merely waiting beside it are reported normally; the rest of the run continues in a fresh pool.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.context
+import os
+import signal
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import Connection
+
+from biasinspect.api import Candidate, FileOutcome, inspect_candidate
+from biasinspect.model import InspectionFailure
+
+_WINDOW_PER_JOB = 4
+"""Files submitted ahead per job: enough to keep every worker busy while the head of the
+window is slow, few enough that memory does not grow with the number of files."""
+
+
+def default_jobs() -> int:
+    """The number of CPU cores this process may run on (``--jobs`` default)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def is_remote(path: str) -> bool:
+    """A URL (``https://``, ``s3://``...): read in a thread, not a worker process."""
+    return "://" in path
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    # Not "fork": a library caller (a Dask worker, a web server) may have threads, and forking a
+    # multi-threaded process can deadlock the child.  The fork server starts once and forks
+    # workers from a clean process that has already imported the readers.
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["biasinspect.api"])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def _init_worker(light_onnx: bool) -> None:
+    # The command line's processes (workers included) need only onnx's core modules.
+    if light_onnx:
+        from biasinspect.readers.onnx_reader import allow_light_onnx_import
+
+        allow_light_onnx_import()
+    # Ctrl-C reaches the whole process group: the parent alone decides what to do about it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def ordered_outcomes(
+    candidates: Sequence[Candidate], *, contain_bugs: bool, jobs: int, light_onnx: bool = False
+) -> Iterator[FileOutcome]:
+    """Each candidate's outcome in the candidates' order, read by ``jobs`` workers.
+
+    A worker process that dies costs only the file it was reading: that file's outcome is the
+    failure ``reader process crashed (signal N)``.  With ``contain_bugs`` false an unexpected
+    exception from a reader propagates, as in a serial run.
+    """
+    window = max(2, jobs * _WINDOW_PER_JOB)
+    context = _context()
+    pending: deque[tuple[Candidate, Future[FileOutcome]]] = deque()
+    process_pool: ProcessPoolExecutor | None = None
+    thread_pool: ThreadPoolExecutor | None = None
+    remaining = iter(candidates)
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(pending) < window:
+                candidate = next(remaining, None)
+                if candidate is None:
+                    exhausted = True
+                    break
+                future: Future[FileOutcome]
+                if candidate.problem is not None:
+                    future = Future()
+                    future.set_result(inspect_candidate(candidate, contain_bugs))
+                elif is_remote(candidate.path):
+                    if thread_pool is None:
+                        thread_pool = ThreadPoolExecutor(jobs, thread_name_prefix="biasinspect")
+                    future = thread_pool.submit(inspect_candidate, candidate, contain_bugs)
+                else:
+                    if process_pool is None:
+                        process_pool = ProcessPoolExecutor(
+                            jobs, mp_context=context, initializer=_init_worker, initargs=(light_onnx,)
+                        )
+                    future = process_pool.submit(inspect_candidate, candidate, contain_bugs)
+                pending.append((candidate, future))
+            if not pending:
+                return
+            candidate, future = pending[0]
+            try:
+                outcome = future.result()
+            except BrokenProcessPool:
+                if process_pool is not None:
+                    process_pool.shutdown(wait=True, cancel_futures=True)
+                process_pool = None
+                _replace_broken(pending, context, contain_bugs, light_onnx)
+                continue
+            pending.popleft()
+            yield outcome
+    finally:
+        for _, future in pending:
+            future.cancel()
+        if process_pool is not None:
+            process_pool.shutdown(wait=True, cancel_futures=True)
+        if thread_pool is not None:
+            thread_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _replace_broken(
+    pending: deque[tuple[Candidate, Future[FileOutcome]]],
+    context: multiprocessing.context.BaseContext,
+    contain_bugs: bool,
+    light_onnx: bool,
+) -> None:
+    """After the pool died: read every file it failed again, each in a process of its own."""
+    # A broken pool fails all it held at once; URLs read by threads are left to finish.
+    wait([future for candidate, future in pending if not is_remote(candidate.path)])
+    for index, (candidate, future) in enumerate(pending):
+        if is_remote(candidate.path) or not future.done():
+            continue
+        if future.cancelled() or isinstance(future.exception(), BrokenProcessPool):
+            fresh: Future[FileOutcome] = Future()
+            fresh.set_result(_read_isolated(candidate, context, contain_bugs, light_onnx))
+            pending[index] = (candidate, fresh)
+
+
+def _isolated_main(
+    connection: Connection, candidate: Candidate, contain_bugs: bool, light_onnx: bool
+) -> None:
+    _init_worker(light_onnx)
+    try:
+        connection.send((True, inspect_candidate(candidate, contain_bugs)))
+    except BaseException as error:  # handed to the parent, which raises it as a serial run would
+        connection.send((False, error))
+    finally:
+        connection.close()
+
+
+def _read_isolated(
+    candidate: Candidate, context: multiprocessing.context.BaseContext, contain_bugs: bool, light_onnx: bool
+) -> FileOutcome:
+    """Read one file in a process of its own; its death becomes the file's failure."""
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(  # type: ignore[attr-defined]
+        target=_isolated_main, args=(sender, candidate, contain_bugs, light_onnx), daemon=True
+    )
+    process.start()
+    sender.close()
+    try:
+        succeeded, payload = receiver.recv()  # before join: a large result would block the child
+    except EOFError:
+        process.join()
+        return FileOutcome(
+            candidate, failure=InspectionFailure(candidate.path, _death_reason(process.exitcode))
+        )
+    finally:
+        receiver.close()
+    process.join()
+    if not succeeded:
+        raise payload
+    outcome: FileOutcome = payload
+    return outcome
+
+
+def _death_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        return f"reader process crashed (signal {-exitcode})"
+    return f"reader process exited unexpectedly (exit code {exitcode})"
+
+
+__all__ = ["default_jobs", "is_remote", "ordered_outcomes"]
