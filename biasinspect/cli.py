@@ -250,7 +250,7 @@ def _progress_bar(
     tqdm: Any, outcomes: Iterator[FileOutcome], total: int, stderr: TextIO
 ) -> Iterator[FileOutcome]:
     tqdm.monitor_interval = 0  # no monitor thread: worker processes are started while the bar runs
-    with tqdm(total=total, file=stderr, unit="file", dynamic_ncols=True, leave=False) as bar:
+    with tqdm(total=total, file=stderr, unit="file", leave=False) as bar:
         for outcome in outcomes:
             bar.update(1)
             yield outcome
