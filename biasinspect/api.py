@@ -145,16 +145,16 @@ def inspect_candidate(candidate: Candidate, contain_bugs: bool) -> FileOutcome:
 
 
 def iter_outcomes(
-    candidates: Sequence[Candidate], *, contain_bugs: bool, jobs: int = 1, light_onnx: bool = False
+    candidates: Sequence[Candidate], *, contain_bugs: bool, jobs: int = 1, command_line: bool = False
 ) -> Iterator[FileOutcome]:
     """Each candidate's outcome, in the candidates' order.  ``jobs`` == 1 (or a single file to
     read) reads them one after the other in this process, with no pool to start; more uses
-    :func:`biasinspect.parallel.ordered_outcomes`."""
+    :func:`biasinspect.parallel.ordered_outcomes` (``command_line``: only the CLI's own process)."""
     to_read = sum(1 for candidate in candidates if candidate.problem is None)
     if jobs > 1 and to_read > 1:
         from biasinspect.parallel import ordered_outcomes
 
-        return ordered_outcomes(candidates, contain_bugs=contain_bugs, jobs=jobs, light_onnx=light_onnx)
+        return ordered_outcomes(candidates, contain_bugs=contain_bugs, jobs=jobs, command_line=command_line)
     return (inspect_candidate(candidate, contain_bugs) for candidate in candidates)
 
 

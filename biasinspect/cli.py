@@ -230,7 +230,7 @@ def _outcomes(candidates: list[Candidate], jobs: int | None, scheduler: str | No
     from biasinspect.parallel import default_jobs
 
     workers = default_jobs() if jobs is None else jobs
-    return iter_outcomes(candidates, contain_bugs=True, jobs=workers, light_onnx=True)
+    return iter_outcomes(candidates, contain_bugs=True, jobs=workers, command_line=True)
 
 
 def _with_progress(

@@ -162,8 +162,9 @@ def _children_after(paths: list[Path], jobs: int) -> list[str]:
 
 def test_one_file_starts_no_pool(folder: Path) -> None:
     # The fork server that starts pool workers stays a child of the process once started.
-    assert _children_after([folder / "conv_00.onnx"], jobs=4) == []
-    assert _children_after([folder / "conv_00.onnx", folder / "conv_01.onnx"], jobs=4) != []
+    first, second = folder / "nested" / "state_0.safetensors", folder / "nested" / "state_1.safetensors"
+    assert _children_after([first], jobs=4) == []
+    assert _children_after([first, second], jobs=4) != []
 
 
 def _run_with_pty_stderr(argv: list[str]) -> tuple[int, str, bytes]:
