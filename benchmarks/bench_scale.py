@@ -23,6 +23,7 @@ import argparse
 import http.server
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -71,12 +72,20 @@ def build_files(folder: Path, count: int) -> int:
     return count
 
 
-def run_cli(arguments: list[str], expected_models: int) -> float:
+CPU_SECONDS: dict[str, list[float]] = {}
+"""CPU time (user + system) of each labelled run, its worker processes included."""
+
+
+def run_cli(arguments: list[str], expected_models: int, label: str = "") -> float:
     """Wall time of one whole CLI process; checks that it reported every model."""
     command = [sys.executable, "-m", "biasinspect", *arguments, "-f", "jsonl", "--no-progress"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, env=child_env(), check=False)
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    CPU_SECONDS.setdefault(label, []).append(cpu)
     summary = json.loads(result.stdout.splitlines()[-1]) if result.stdout else {}
     if summary.get("models") != expected_models:
         raise RuntimeError(
@@ -153,12 +162,16 @@ def bench_local(folder: Path, models: int, jobs: list[int], rounds: int) -> dict
     walls: dict[int, list[float]] = {count: [] for count in [1, *jobs]}
     for _ in range(rounds):
         for count in walls:
-            walls[count].append(run_cli([str(folder), "--jobs", str(count)], models))
+            walls[count].append(run_cli([str(folder), "--jobs", str(count)], models, f"local {count}"))
     medians = {count: statistics.median(values) for count, values in walls.items()}
     print(f"\nlocal folder, {models:,} files, whole CLI process (median of {rounds}):")
     for count, wall in medians.items():
         speedup = medians[1] / wall
-        print(f"  --jobs {count}: {wall:6.2f} s  {models / wall:8.1f} models/s  ({speedup:.2f}x serial)")
+        cpu = statistics.median(CPU_SECONDS[f"local {count}"])
+        print(
+            f"  --jobs {count}: {wall:6.2f} s  {models / wall:8.1f} models/s  ({speedup:.2f}x serial)"
+            f"  CPU {cpu:.2f} s (workers included)"
+        )
     return medians
 
 
@@ -208,7 +221,9 @@ def bench_dask(folder: Path, models: int, rounds: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--files", type=int, default=1000)
     parser.add_argument("--jobs", type=int, action="append", help="--jobs values to compare with 1 (2)")
     parser.add_argument("--rounds", type=int, default=3)

@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 PARTITION_FORMATS = ("jsonl", "parquet")
 
+_CONNECT_TIMEOUT_S = 30
+"""How long ``--dask-scheduler`` waits for the scheduler to answer."""
+
 _FILES_PER_TASK = 16
 """Enough files per task that scheduling overhead (a few ms a task) is small beside the reading."""
 
@@ -153,7 +156,14 @@ def iter_outcomes_on_scheduler(address: str, candidates: Sequence[Candidate]) ->
         from biasinspect.errors import UsageError
 
         raise UsageError("--dask-scheduler needs Dask: pip install 'biasinspect[dask]'") from error
-    with Client(address, set_as_default=False) as client:
+    try:
+        client = Client(address, set_as_default=False, timeout=_CONNECT_TIMEOUT_S)
+    except (OSError, ValueError) as error:  # unreachable, refused, timed out, malformed address
+        from biasinspect.errors import UsageError
+
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise UsageError(f"cannot reach the Dask scheduler at {address}: {reason}") from error
+    with client:
         yield from iter_outcomes_on_cluster(client, candidates)
 
 
