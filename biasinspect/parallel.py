@@ -94,6 +94,7 @@ def ordered_outcomes(
     exception from a reader propagates, as in a serial run.
     """
     to_read = sum(1 for candidate in candidates if candidate.problem is None)
+    jobs = max(1, min(jobs, to_read))  # 3 files on a 64-core machine need 3 workers, not 64
     batch_size = max(1, min(_MAX_BATCH, to_read // (jobs * _WINDOW_PER_JOB * 2)))
     window = max(2, jobs * _WINDOW_PER_JOB)
     pending: deque[tuple[list[Candidate], Future[list[FileOutcome]]]] = deque()

@@ -238,3 +238,27 @@ def test_bad_jobs_is_a_usage_error(folder: Path, argv: list[str], message: str) 
     code, out, err = run(str(folder), *argv)
     assert (code, out) == (2, "")
     assert message in err
+
+
+def test_jsonl_holds_back_folder_scan_failures_until_the_data_files_are_known(tmp_path: Path) -> None:
+    """An ONNX model's external data file sorts before the model: streamed, it is still no error,
+    and a stray file that is no model is reported after every model, once."""
+    import onnx
+
+    model = onnx.load(str(ROOT / "samples" / "seed_untied.onnx"))
+    onnx.save(
+        model, str(tmp_path / "model.onnx"), save_as_external_data=True, location="a.bin", size_threshold=0
+    )
+    (tmp_path / "0_stray.bin").write_bytes(b"\x00" * 64)
+    for jobs in ("1", "2"):
+        code, out, err = run(str(tmp_path), "-f", "jsonl", "--jobs", jobs)
+        records = [json.loads(line) for line in out.splitlines()]
+        assert [(record["type"], record.get("path")) for record in records] == [
+            ("model", str(tmp_path / "model.onnx")),
+            ("error", str(tmp_path / "0_stray.bin")),
+            ("summary", None),
+        ]
+        assert (records[-1]["models"], records[-1]["errors"]) == (1, 1)
+        assert code == 2
+        assert err.count("\n") == 1
+        assert "0_stray.bin" in err
