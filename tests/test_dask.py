@@ -5,13 +5,15 @@ from __future__ import annotations
 import io
 import json
 import os
+import resource
 from collections.abc import Iterator
 from pathlib import Path
 
+import dask
 import pyarrow.parquet
 import pytest
-from distributed import Client, LocalCluster
-from scale_fixtures import MODEL_FILES, build_folder
+from distributed import Client, LocalCluster, WorkerPlugin
+from scale_fixtures import MODEL_FILES, build_folder, write_slow_pickle
 
 import biasinspect
 from biasinspect.cli import main
@@ -24,7 +26,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def client() -> Iterator[Client]:
     # Worker processes import biasinspect from this checkout, as pytest does.
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    with pytest.MonkeyPatch.context() as patch:
+    # Dask gives up on a task at the first worker that dies running it (the default retries on
+    # three more workers, which would only make the crash test slower).
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+    ):
         patch.setenv("PYTHONPATH", path)
         with (
             LocalCluster(
@@ -109,3 +116,37 @@ def test_cli_dask_scheduler_equals_serial(client: Client, folder: Path) -> None:
     )
     assert dask_out.getvalue() == serial_out.getvalue()
     assert dask_err.getvalue() == serial_err.getvalue()
+
+
+class CpuLimit(WorkerPlugin):
+    """Gives each worker process a CPU-time limit 1 s above what it has used, so that reading a
+    file that needs more gets the worker killed by the kernel (SIGXCPU): a real worker death."""
+
+    name = "cpu-limit"
+
+    def setup(self, worker: object) -> None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_CPU, (int(usage.ru_utime + usage.ru_stime) + 1, hard))
+
+    def teardown(self, worker: object) -> None:
+        _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+        resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
+
+
+def test_a_file_that_kills_its_workers_costs_only_that_file(
+    client: Client, folder: Path, tmp_path: Path
+) -> None:
+    slow = write_slow_pickle(tmp_path / "slow.pkl")  # about 5 s of CPU
+    files = [folder / "conv_00.onnx", slow, folder / "conv_01.onnx", folder / "conv_02.onnx"]
+    client.register_plugin(CpuLimit())
+    try:
+        report = inspect_on_cluster(files, client, files_per_task=2)
+    finally:
+        client.unregister_worker_plugin(CpuLimit.name)
+    serial = biasinspect.inspect(*[path for path in files if path != slow])
+    assert report.models == serial.models
+    assert [(failure.path, failure.message) for failure in report.errors] == [
+        (str(slow), "reader process crashed on the Dask workers (KilledWorker)")
+    ]
