@@ -31,11 +31,11 @@ if TYPE_CHECKING:
 __all__ = ["__version__", "compare", "inspect", "inspect_module"]
 
 
-def inspect(*paths: "str | os.PathLike[str]") -> "Report":
-    """Inspect model files or folders; see :func:`biasinspect.api.inspect`."""
+def inspect(*paths: "str | os.PathLike[str]", jobs: int = 1, timeout: "float | None" = None) -> "Report":
+    """Inspect model files, folders or URLs; see :func:`biasinspect.api.inspect`."""
     from biasinspect.api import inspect as _inspect
 
-    return _inspect(*paths)
+    return _inspect(*paths, jobs=jobs, timeout=timeout)
 
 
 def inspect_module(module: "Any", input_size: "Sequence[int] | None" = None) -> "ModelReport":

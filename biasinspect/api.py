@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,14 +54,18 @@ def inspect_file(location: str | os.PathLike[str], *, timeout: float | None = No
 
 
 @dataclass(frozen=True)
-class _Candidate:
+class Candidate:
+    """One file a run will read (or a path already known to be bad, with its ``problem``)."""
+
     path: str
     problem: str | None
     scanned: bool
     """Found by a folder scan (not named by the caller)."""
+    timeout: float | None = None
+    """Seconds each network request may take (URLs only)."""
 
 
-def _remote_candidates(url: str, timeout: float | None) -> list[_Candidate]:
+def _remote_candidates(url: str, timeout: float | None) -> list[Candidate]:
     """A URL as candidates: a remote folder (an S3 prefix, any fsspec listing) scanned like a
     local one, or the one file it names."""
     from biasinspect.detect import scan_remote_folder
@@ -70,105 +74,174 @@ def _remote_candidates(url: str, timeout: float | None) -> list[_Candidate]:
     try:
         listing = list_remote_folder(url, timeout=timeout)
     except BiasInspectError as error:
-        return [_Candidate(url, _one_line(error), False)]
+        return [Candidate(url, _one_line(error), False, timeout)]
     if listing is None:
-        return [_Candidate(url, None, False)]
+        return [Candidate(url, None, False, timeout)]
     found = scan_remote_folder(url, listing, timeout=timeout)
     if not found:
-        return [_Candidate(url, "no model files found in this folder", False)]
-    return [_Candidate(name, problem, True) for name, problem in found]
+        return [Candidate(url, "no model files found in this folder", False, timeout)]
+    return [Candidate(name, problem, True, timeout) for name, problem in found]
 
 
-def _candidates(paths: Iterable[str | os.PathLike[str]], timeout: float | None = None) -> list[_Candidate]:
-    expanded: list[_Candidate] = []
+def plan(paths: Iterable[str | os.PathLike[str]], *, timeout: float | None = None) -> list[Candidate]:
+    """The files a run will read, in report order: folders (local or remote) expanded, each with
+    a problem or None."""
+    expanded: list[Candidate] = []
     for raw in paths:
         text = os.fspath(raw)
         if not text:
-            expanded.append(_Candidate(text, "empty path", False))  # Path("") would silently mean "."
+            expanded.append(Candidate(text, "empty path", False))  # Path("") would silently mean "."
             continue
         if is_url(text):
             expanded.extend(_remote_candidates(text, timeout))
             continue
         path = Path(text)
         if _is_package(text):
-            expanded.append(_Candidate(text, None, False))  # a CoreML package is one model
+            expanded.append(Candidate(text, None, False))  # a CoreML package is one model
         elif path.is_dir():
             found = list(scan_folder(path))
             if not found:
-                expanded.append(_Candidate(text, "no model files found in this folder", False))
-            expanded.extend(_Candidate(str(item.path), item.problem, True) for item in found)
+                expanded.append(Candidate(text, "no model files found in this folder", False))
+            expanded.extend(Candidate(str(item.path), item.problem, True) for item in found)
         else:
-            expanded.append(_Candidate(text, None, False))
+            expanded.append(Candidate(text, None, False))
     return expanded
 
 
 def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[tuple[str, str | None]]:
     """Turn command-line paths into files to read, folders expanded; each with a problem or None."""
-    return [(_shown(candidate.path), candidate.problem) for candidate in _candidates(paths)]
+    return [(_shown(candidate.path), candidate.problem) for candidate in plan(paths)]
 
 
-def inspect(*paths: str | os.PathLike[str], timeout: float | None = None) -> Report:
+def inspect(*paths: str | os.PathLike[str], jobs: int = 1, timeout: float | None = None) -> Report:
     """Inspect files and folders (scanned recursively); failures are collected, not raised.
 
     Each failure is an :class:`InspectionFailure` with a one-line reason.  An exception that is not
     a :class:`BiasInspectError` is a bug in biasinspect and propagates.  Paths may be URLs
     (``https://``, ``s3://``, any installed fsspec protocol); ``timeout`` bounds each request.
+    ``jobs`` > 1 reads local files in that many worker processes and URLs in that many threads
+    (:mod:`biasinspect.parallel`); the report is the same as with ``jobs=1``.
     """
-    return _inspect_all(paths, contain_bugs=False, timeout=timeout)
+    return assemble_report(iter_outcomes(plan(paths, timeout=timeout), contain_bugs=False, jobs=jobs))
 
 
-def inspect_paths_for_cli(paths: Iterable[str | os.PathLike[str]], *, timeout: float | None = None) -> Report:
+def inspect_paths_for_cli(
+    paths: Iterable[str | os.PathLike[str]], jobs: int = 1, *, timeout: float | None = None
+) -> Report:
     """Like :func:`inspect`, but a bug met on one file is reported as that file's failure, so a
     batch run still reports every other file (the CLI's promise of one line per bad path)."""
-    return _inspect_all(paths, contain_bugs=True, timeout=timeout)
+    return assemble_report(iter_outcomes(plan(paths, timeout=timeout), contain_bugs=True, jobs=jobs))
 
 
-def _inspect_all(
-    paths: Iterable[str | os.PathLike[str]], *, contain_bugs: bool, timeout: float | None = None
-) -> Report:
-    models: list[ModelReport] = []
-    errors: list[tuple[_Candidate, InspectionFailure]] = []
-    companions: set[str] = set()
-    for candidate in _candidates(paths, timeout):
-        path = candidate.path
-        shown = _shown(path)
-        if candidate.problem is not None:
-            errors.append((candidate, InspectionFailure(shown, candidate.problem)))
-            continue
-        # One guard around the whole per-file pipeline (read, analyse, a render dry run): whatever
-        # one file does, it ends as that file's one line and the other files are still reported.
-        try:
-            descriptions = read_file(path, timeout=timeout)
-            reports = [analyze(description) for description in descriptions]
-            for report in reports:
-                check_renderable(report)
-        except BiasInspectError as error:
-            errors.append((candidate, InspectionFailure(shown, _one_line(error))))
-            continue
-        except Exception as error:
-            if not contain_bugs:
-                raise
-            reason = f"internal error (please report): {type(error).__name__}: {error}"
-            errors.append((candidate, InspectionFailure(shown, _redacted_text(" ".join(reason.split())))))
-            continue
-        for description in descriptions:
-            companions.update(_real(name) for name in description.companion_files)
-        models.extend(reports)
-    # A folder holding model.onnx and its external data (weights.bin, model.onnx.data...) is one
-    # model: the data file the model names is not a bad model of its own.  Unless it is a model:
-    # a file with a model format's signature (a pickle torch.load would run, a zip) that fails to
-    # read is reported whatever names it, so it cannot hide behind an ONNX file.
-    kept = [
-        failure
-        for candidate, failure in errors
-        if not (
-            candidate.scanned
-            and candidate.problem is None
-            and _real(candidate.path) in companions
-            and not _has_model_signature(candidate.path)
+@dataclass(frozen=True)
+class FileOutcome:
+    """What one candidate gave: its model reports, or its failure.  Picklable, since it comes
+    back from worker processes."""
+
+    candidate: Candidate
+    models: tuple[ModelReport, ...] = ()
+    failure: InspectionFailure | None = None
+    companions: tuple[str, ...] = ()
+    """Real paths of the files the models name as part of themselves (ONNX external data)."""
+
+
+def inspect_candidate(candidate: Candidate, contain_bugs: bool) -> FileOutcome:
+    """Read, analyse and dry-run render one candidate: one guard around the whole per-file
+    pipeline, so whatever one file does ends as that file's failure and the other files are still
+    reported.  A :class:`BiasInspectError` becomes the outcome's failure, and so does any other
+    exception when ``contain_bugs`` (otherwise it propagates)."""
+    path = candidate.path
+    shown = _shown(path)
+    if candidate.problem is not None:
+        return FileOutcome(candidate, failure=InspectionFailure(shown, candidate.problem))
+    try:
+        descriptions = read_file(path, timeout=candidate.timeout)
+        models = tuple(analyze(description) for description in descriptions)
+        for model in models:
+            check_renderable(model)
+    except BiasInspectError as error:
+        return FileOutcome(candidate, failure=InspectionFailure(shown, _one_line(error)))
+    except Exception as error:
+        if not contain_bugs:
+            raise
+        reason = f"internal error (please report): {type(error).__name__}: {error}"
+        return FileOutcome(
+            candidate, failure=InspectionFailure(shown, _redacted_text(" ".join(reason.split())))
         )
+    companions = {_real(name) for description in descriptions for name in description.companion_files}
+    return FileOutcome(candidate, models=models, companions=tuple(sorted(companions)))
+
+
+def iter_outcomes(
+    candidates: Sequence[Candidate], *, contain_bugs: bool, jobs: int = 1, command_line: bool = False
+) -> Iterator[FileOutcome]:
+    """Each candidate's outcome, in the candidates' order.  ``jobs`` == 1 (or a single file to
+    read) reads them one after the other in this process, with no pool to start; more uses
+    :func:`biasinspect.parallel.ordered_outcomes` (``command_line``: only the CLI's own process)."""
+    to_read = sum(1 for candidate in candidates if candidate.problem is None)
+    if jobs > 1 and to_read > 1:
+        from biasinspect.parallel import ordered_outcomes
+
+        return ordered_outcomes(candidates, contain_bugs=contain_bugs, jobs=jobs, command_line=command_line)
+    return (inspect_candidate(candidate, contain_bugs) for candidate in candidates)
+
+
+def is_companion_failure(outcome: FileOutcome, companions: set[str]) -> bool:
+    """A folder-scan find that failed only because it is a model's external data file."""
+    candidate = outcome.candidate
+    # Unless it is a model: a file with a model format's signature (a pickle torch.load would
+    # run, a zip) that fails to read is reported whatever names it, so it cannot hide behind an
+    # ONNX file.
+    return (
+        outcome.failure is not None
+        and candidate.scanned
+        and candidate.problem is None
+        and _real(candidate.path) in companions
+        and not _has_model_signature(candidate.path)
+    )
+
+
+def assemble_report(outcomes: Iterable[FileOutcome]) -> Report:
+    """The report of a run: models and failures in the candidates' order."""
+    models: list[ModelReport] = []
+    failed: list[FileOutcome] = []
+    companions: set[str] = set()
+    for outcome in outcomes:
+        companions.update(outcome.companions)
+        models.extend(outcome.models)
+        if outcome.failure is not None:
+            failed.append(outcome)
+    # A folder holding model.onnx and its external data (weights.bin, model.onnx.data...) is one
+    # model: the data file the model names is not a bad model of its own.
+    kept = [
+        outcome.failure
+        for outcome in failed
+        if outcome.failure is not None and not is_companion_failure(outcome, companions)
     ]
     return Report(models=tuple(models), errors=tuple(kept))
+
+
+def stream_items(outcomes: Iterable[FileOutcome]) -> Iterator[ModelReport | InspectionFailure]:
+    """The report's models and failures one at a time, as the outcomes arrive (``--format jsonl``).
+
+    A failure of a file found by a folder scan is held back to the end, since a model read later
+    may name that file as its external data (then it is no failure at all, as in
+    :func:`assemble_report`); every other item is yielded as soon as its outcome arrives.
+    """
+    companions: set[str] = set()
+    held_back: list[FileOutcome] = []
+    for outcome in outcomes:
+        companions.update(outcome.companions)
+        yield from outcome.models
+        if outcome.failure is None:
+            continue
+        if outcome.candidate.scanned and outcome.candidate.problem is None:
+            held_back.append(outcome)
+        else:
+            yield outcome.failure
+    for outcome in held_back:
+        if outcome.failure is not None and not is_companion_failure(outcome, companions):
+            yield outcome.failure
 
 
 def _has_model_signature(path: str) -> bool:
@@ -221,4 +294,16 @@ def _one_line(error: BiasInspectError) -> str:
     return message or type(error).__name__
 
 
-__all__ = ["inspect", "inspect_file", "inspect_paths_for_cli", "read_file"]
+__all__ = [
+    "Candidate",
+    "FileOutcome",
+    "assemble_report",
+    "inspect",
+    "inspect_candidate",
+    "inspect_file",
+    "inspect_paths_for_cli",
+    "iter_outcomes",
+    "plan",
+    "read_file",
+    "stream_items",
+]

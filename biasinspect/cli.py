@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn, TextIO
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from biasinspect import __version__
 from biasinspect.errors import BiasInspectError, UsageError
@@ -19,13 +19,17 @@ from biasinspect.render import FORMATS as OUTPUT_FORMATS
 from biasinspect.render import display_path, printable
 
 if TYPE_CHECKING:
-    from biasinspect.model import Report
+    from biasinspect.api import Candidate, FileOutcome
+    from biasinspect.model import InspectionFailure, Report
 
 EXIT_OK = 0
 EXIT_POLICY = 1
 EXIT_INPUT = 2
 
 POLICY_KINDS = ("tied", "untied", "absent", "other", "unsafe")
+
+_PROGRESS_MIN_FILES = 8
+"""Runs over more files than this show a progress bar by default (when stderr is a terminal)."""
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -63,7 +67,11 @@ def _build_inspect_parser() -> argparse.ArgumentParser:
         help="model files or folders (scanned recursively), or URLs (https://, s3://, ...)",
     )
     parser.add_argument(
-        "--format", "-f", choices=OUTPUT_FORMATS, default="table", help="output format (default: table)"
+        "--format",
+        "-f",
+        choices=(*OUTPUT_FORMATS, "jsonl"),
+        default="table",
+        help="output format (default: table); jsonl streams one JSON object per model as each file is read",
     )
     parser.add_argument(
         "--fail-on",
@@ -86,6 +94,30 @@ def _build_inspect_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="for URLs: seconds each network request may take (default: 30)",
     )
+    parser.add_argument(
+        "--jobs",
+        "-j",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="files read at once: N worker processes for local files, N threads for URLs (default: CPU cores)",
+    )
+    progress = parser.add_mutually_exclusive_group()
+    progress.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help=f"show a progress bar on stderr (default: when stderr is a terminal and over {_PROGRESS_MIN_FILES} files)",
+    )
+    progress.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="never show a progress bar"
+    )
+    parser.add_argument(
+        "--dask-scheduler",
+        metavar="ADDRESS",
+        help="read the files on a Dask cluster (tcp://host:8786); needs biasinspect[dask]",
+    )
     parser.add_argument("--version", action="version", version=f"biasinspect {__version__}")
     return parser
 
@@ -97,6 +129,16 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
     if not 0 < value < 1e6:
         raise argparse.ArgumentTypeError(f"timeout must be a positive number of seconds, not {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {text!r}")
     return value
 
 
@@ -266,21 +308,25 @@ def _policy_failures(report: Report, kinds: set[str]) -> list[str]:
 
 
 def _run_inspect(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
-    from biasinspect.api import inspect_paths_for_cli
+    from biasinspect.api import plan
     from biasinspect.readers.onnx_reader import allow_light_onnx_import
-    from biasinspect.render import render
 
     args = _build_inspect_parser().parse_args(list(argv))
     allow_light_onnx_import()  # this process is ours: skip the parts of `import onnx` we never use
     kinds = {kind for group in args.fail_on for kind in group}
-    report = inspect_paths_for_cli(args.paths, timeout=args.timeout)
-    _emit(render(report, args.format), args.output, stdout)
-    for failure in report.errors:
+    candidates = plan(args.paths, timeout=args.timeout)
+    outcomes = _outcomes(candidates, args.jobs, args.dask_scheduler)
+    outcomes = _with_progress(outcomes, len(candidates), args.progress, stderr)
+    failures: Sequence[InspectionFailure]
+    if args.format == "jsonl":
+        failures, policy_messages = _stream_jsonl(outcomes, kinds, stdout, args.output)
+    else:
+        failures, policy_messages = _write_report(outcomes, args.format, kinds, stdout, args.output)
+    for failure in failures:
         stderr.write(f"biasinspect: {display_path(failure.path)}: {printable(failure.message)}\n")
-    policy_messages = _policy_failures(report, kinds)
     for message in policy_messages:
         stderr.write(f"biasinspect: policy: {printable(message)}\n")
-    if report.errors:
+    if failures:
         return EXIT_INPUT
     return EXIT_POLICY if policy_messages else EXIT_OK
 
@@ -300,6 +346,107 @@ def _emit(text: str, output: str | None, stdout: TextIO) -> None:
     except BrokenPipeError:
         # The reader of stdout went away (`| head`): the exit code and the error lines still matter.
         _silence(stdout)
+
+
+def _outcomes(candidates: list[Candidate], jobs: int | None, scheduler: str | None) -> Iterator[FileOutcome]:
+    """Each file's outcome in report order: serially, in a local pool or on a Dask cluster."""
+    if scheduler is not None:
+        from biasinspect.dask_adapter import iter_outcomes_on_scheduler
+
+        return iter_outcomes_on_scheduler(scheduler, candidates)
+    from biasinspect.api import iter_outcomes
+    from biasinspect.parallel import default_jobs
+
+    workers = default_jobs() if jobs is None else jobs
+    return iter_outcomes(candidates, contain_bugs=True, jobs=workers, command_line=True)
+
+
+def _with_progress(
+    outcomes: Iterator[FileOutcome], total: int, wanted: bool | None, stderr: TextIO
+) -> Iterator[FileOutcome]:
+    """A tqdm bar on stderr over the outcomes, when asked for or when stderr is a terminal."""
+    if wanted is False or (wanted is None and (total <= _PROGRESS_MIN_FILES or not _is_terminal(stderr))):
+        return outcomes
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is a dependency, but a stripped install still gets its report
+        return outcomes
+    return _progress_bar(tqdm, outcomes, total, stderr)
+
+
+def _progress_bar(
+    tqdm: Any, outcomes: Iterator[FileOutcome], total: int, stderr: TextIO
+) -> Iterator[FileOutcome]:
+    tqdm.monitor_interval = 0  # no monitor thread: worker processes are started while the bar runs
+    with tqdm(total=total, file=stderr, unit="file", leave=False) as bar:
+        for outcome in outcomes:
+            bar.update(1)
+            yield outcome
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _write_report(
+    outcomes: Iterator[FileOutcome], fmt: str, kinds: set[str], stdout: TextIO, output: str | None
+) -> tuple[Sequence[InspectionFailure], list[str]]:
+    from biasinspect.api import assemble_report
+    from biasinspect.render import render
+
+    report = assemble_report(outcomes)
+    _emit(render(report, fmt), output, stdout)
+    return report.errors, _policy_failures(report, kinds)
+
+
+def _stream_jsonl(
+    outcomes: Iterator[FileOutcome], kinds: set[str], stdout: TextIO, output: str | None = None
+) -> tuple[list[InspectionFailure], list[str]]:
+    """Write one line per model and per failure as they arrive, then the summary line; only the
+    failures and policy messages (for stderr and the exit code) are kept.  With ``output``, the
+    lines go to that file as they arrive."""
+    if output is not None:
+        try:
+            handle = open(output, "w", encoding="utf-8")  # noqa: SIM115 (closed just below)
+        except OSError as error:
+            raise UsageError(f"cannot write --output {output}: {error.strerror or error}") from error
+        with handle:
+            return _stream_jsonl(outcomes, kinds, handle)
+    from biasinspect import jsonl
+    from biasinspect.api import stream_items
+    from biasinspect.model import ModelReport, Report
+
+    failures: list[InspectionFailure] = []
+    policy_messages: list[str] = []
+    models = 0
+    writing = True
+    for item in stream_items(outcomes):
+        if isinstance(item, ModelReport):
+            models += 1
+            policy_messages.extend(_policy_failures(Report(models=(item,)), kinds))
+            record = jsonl.model_record(item)
+        else:
+            failures.append(item)
+            record = jsonl.error_record(item)
+        if writing:
+            writing = _write_line(stdout, jsonl.line(record))
+    if writing:
+        _write_line(stdout, jsonl.line(jsonl.summary_record(models, len(failures))))
+    return failures, policy_messages
+
+
+def _write_line(stdout: TextIO, text: str) -> bool:
+    """Write and flush one line; False once the reader of stdout has gone away."""
+    try:
+        stdout.write(text)
+        stdout.flush()
+    except BrokenPipeError:
+        _silence(stdout)
+        return False
+    return True
 
 
 def _silence(stream: TextIO) -> None:
@@ -328,7 +475,9 @@ def main(
         return _run_inspect(arguments, out, err)
     except UsageError as error:
         err.write(f"biasinspect: error: {printable(str(error))}\n")
-        err.write("usage: biasinspect PATH... [--format FORMAT] [--fail-on KIND] | biasinspect calc --help\n")
+        err.write(
+            "usage: biasinspect PATH... [--format FORMAT] [--fail-on KIND] [--jobs N] | biasinspect calc --help\n"
+        )
         return EXIT_INPUT
     except BiasInspectError as error:
         err.write(f"biasinspect: {printable(str(error))}\n")
