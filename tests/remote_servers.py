@@ -179,8 +179,12 @@ class WebServer:
         """Wait (at most 10 s) until no request is being answered, then zero the counts, so that a
         previous test's unfinished response is not counted in the next one."""
         deadline = time.monotonic() + 10
-        while self.server.active and time.monotonic() < deadline:
-            time.sleep(0.01)
+        seen = -1
+        # Quiet means nothing being answered and no request arriving for 50 ms: a request still in
+        # the listen queue (accepted, not yet handled) is not yet "active".
+        while time.monotonic() < deadline and (self.server.active or self.log.requests != seen):
+            seen = self.log.requests
+            time.sleep(0.05)
         self.log.reset()
 
     def set_slow(self, seconds: float) -> None:
