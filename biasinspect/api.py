@@ -16,6 +16,7 @@ from biasinspect.analysis import analyze
 from biasinspect.detect import FileFormat, scan_folder, sniff
 from biasinspect.errors import BiasInspectError, ResourceLimitError
 from biasinspect.model import InspectionFailure, ModelDescription, ModelReport, Report
+from biasinspect.source import LocalSource
 
 
 def _reader_for(file_format: FileFormat) -> Callable[[Path], list[ModelDescription]]:
@@ -25,9 +26,11 @@ def _reader_for(file_format: FileFormat) -> Callable[[Path], list[ModelDescripti
 
         return read_onnx
     if file_format is FileFormat.ZIP:
-        from biasinspect.readers.torch_reader import read_torch_zip
-
-        return read_torch_zip
+        return _read_zip
+    if file_format is FileFormat.TFLITE:
+        return _read_tflite
+    if file_format is FileFormat.HDF5:
+        return _read_hdf5
     if file_format is FileFormat.PICKLE:
         from biasinspect.readers.torch_reader import read_pickle_file
 
@@ -39,6 +42,31 @@ def _reader_for(file_format: FileFormat) -> Callable[[Path], list[ModelDescripti
     from biasinspect.readers.sharded import read_sharded_index
 
     return read_sharded_index
+
+
+def _read_zip(path: Path) -> list[ModelDescription]:
+    from biasinspect.readers.keras_reader import is_keras_archive, read_keras_archive
+
+    if is_keras_archive(path):
+        with LocalSource(path) as source:
+            return read_keras_archive(source)
+    from biasinspect.readers.torch_reader import read_torch_zip
+
+    return read_torch_zip(path)
+
+
+def _read_tflite(path: Path) -> list[ModelDescription]:
+    from biasinspect.readers.tflite_reader import read_tflite
+
+    with LocalSource(path) as source:
+        return read_tflite(source)
+
+
+def _read_hdf5(path: Path) -> list[ModelDescription]:
+    from biasinspect.readers.keras_reader import read_keras_h5
+
+    with LocalSource(path) as source:
+        return read_keras_h5(source)
 
 
 def read_file(path: Path) -> list[ModelDescription]:

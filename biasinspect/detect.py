@@ -16,6 +16,8 @@ from pathlib import Path
 from biasinspect.errors import BiasInspectError, UnreadableFileError, UnsupportedFormatError
 from biasinspect.limits import MAX_SAFETENSORS_HEADER_BYTES, MAX_SCAN_FILES
 from biasinspect.readers.files import check_file_mode, unreadable
+from biasinspect.readers.keras_reader import sniff_hdf5
+from biasinspect.readers.tflite_reader import sniff_tflite
 
 
 class FileFormat(str, enum.Enum):
@@ -26,6 +28,8 @@ class FileFormat(str, enum.Enum):
     PICKLE = "pickle"
     SAFETENSORS = "safetensors"
     SHARD_INDEX = "shard-index"
+    TFLITE = "tflite"
+    HDF5 = "hdf5"
 
 
 MODEL_SUFFIXES = frozenset(
@@ -42,6 +46,10 @@ MODEL_SUFFIXES = frozenset(
         ".ptl",
         ".torchscript",
         ".jit",
+        ".tflite",
+        ".keras",
+        ".h5",
+        ".hdf5",
     }
 )
 """Suffixes a folder scan picks up (a file named explicitly is read whatever its name)."""
@@ -68,7 +76,6 @@ _OTHER_MAGIC = (
     (b"BZh", "a bzip2 file"),
     (b"\xfd7zXZ", "an xz file"),
     (b"\x93NUMPY", "a NumPy .npy array"),
-    (b"\x89HDF", "an HDF5 file (Keras?)"),
 )
 
 _SNIFF_BYTES = 512
@@ -128,6 +135,10 @@ def sniff(path: Path) -> FileFormat:
         raise UnsupportedFormatError("empty file (0 bytes)")
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return FileFormat.ZIP
+    if sniff_tflite(head):
+        return FileFormat.TFLITE
+    if sniff_hdf5(head):
+        return FileFormat.HDF5
     # safetensors first: a header length of 640, 896, 1152 or 1408 (mod 65536) starts with the
     # bytes of a pickle PROTO opcode, while no pickle has a '{' at byte 8 after a plausible length.
     if _safetensors_header_plausible(head, info.st_size):
@@ -152,7 +163,8 @@ def sniff(path: Path) -> FileFormat:
     if suffix == ".onnx":
         return FileFormat.ONNX
     raise UnsupportedFormatError(
-        "not a recognised model format (ONNX, PyTorch zip/legacy/pickle, TorchScript, torch.export, safetensors)"
+        "not a recognised model format (ONNX, PyTorch zip/legacy/pickle, TorchScript, torch.export, "
+        "safetensors, TFLite, Keras)"
     )
 
 
