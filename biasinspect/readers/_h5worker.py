@@ -5,11 +5,12 @@ process: :mod:`biasinspect.readers.h5_isolated` starts this module in a fresh in
 no current folder, no user site, no ``PYTHON*`` variables on ``sys.path``) with an address-space and
 CPU-time limit, and turns a crash into one line.
 
-Request (one JSON line on stdin): ``{"path": str, "offset": int, "length": int}`` for a window of a
-local file, or ``{"stdin": int}`` followed by that many bytes of an HDF5 image.
+Requests (one JSON line each on stdin): ``{"path": str, "offset": int, "length": int}``, a window
+of a local file (a whole ``.h5``, a stored zip member, or a temporary file holding inflated bytes).
+The process serves requests until stdin closes, so a batch pays for importing h5py once.
 
-Reply (stdout): ``{"datasets": [[path, shape, dtype], ...], "attrs": {group: {name: value}}}`` or
-``{"error": str}``.  Only structure is read: dataset shapes and dtypes, and string attributes (the
+Reply (one JSON line on stdout per request): ``{"datasets": [[path, shape, dtype], ...], "attrs":
+{group: {name: value}}}`` or ``{"error": str}``.  Only structure is read: dataset shapes and dtypes, and string attributes (the
 Keras ``model_config``, ``layer_names``, ``weight_names``); dataset values never are.
 """
 
@@ -113,29 +114,32 @@ def describe(handle: Any) -> dict[str, Any]:
     return {"datasets": datasets, "attrs": attrs}
 
 
-def main() -> int:
-    """Serve one request from stdin; always prints exactly one JSON object."""
-    request = json.loads(sys.stdin.buffer.readline())
+def serve_one(request: dict[str, Any]) -> dict[str, Any]:
+    """Parse one HDF5 window; every failure h5py reports becomes ``{"error": ...}``."""
     try:
         import h5py
 
-        while h5py.h5pl.size():  # no HDF5 filter plugin is ever loaded (none is needed for shapes)
-            h5py.h5pl.remove(0)
-        if "stdin" in request:
-            data = sys.stdin.buffer.read(int(request["stdin"]))
-            source: Any = io.BytesIO(data)
-        else:
-            source = _Window(str(request["path"]), int(request["offset"]), int(request["length"]))
-        with h5py.File(source, "r") as handle:
-            reply = describe(handle)
+        source = _Window(str(request["path"]), int(request["offset"]), int(request["length"]))
+        with source, h5py.File(source, "r") as handle:
+            return describe(handle)
     except MemoryError:
-        reply = {"error": "out of memory parsing the HDF5 structure"}
+        return {"error": "out of memory parsing the HDF5 structure"}
     except RecursionError:
-        reply = {"error": "HDF5 structure nested too deeply"}
+        return {"error": "HDF5 structure nested too deeply"}
     except Exception as error:  # h5py raises OSError/ValueError/KeyError/RuntimeError for bad files
-        reply = {"error": " ".join(f"{type(error).__name__}: {error}".split())[:500]}
-    sys.stdout.write(json.dumps(reply))
-    sys.stdout.flush()
+        return {"error": " ".join(f"{type(error).__name__}: {error}".split())[:500]}
+
+
+def main() -> int:
+    """Serve requests, one JSON line each on stdin, until stdin closes; one JSON line per reply."""
+    import h5py
+
+    while h5py.h5pl.size():  # no HDF5 filter plugin is ever loaded (none is needed for shapes)
+        h5py.h5pl.remove(0)
+    for line in sys.stdin.buffer:
+        reply = serve_one(json.loads(line))
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
     return 0
 
 

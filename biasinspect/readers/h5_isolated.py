@@ -3,18 +3,26 @@
 The child (:mod:`biasinspect.readers._h5worker`) runs in a fresh interpreter started with ``-I``
 (isolated mode: neither the current folder nor ``PYTHONPATH`` is on ``sys.path``, so a planted
 ``h5py.py`` next to the model is never imported; the worker file is run by its path, from ``/``),
-with an address-space limit, a CPU-time limit, a wall-clock timeout and HDF5 filter plugins
-disabled.  A crash becomes ``HDF5 parser crashed (signal N)``; a timeout or a memory overrun
-becomes a :class:`~biasinspect.errors.ResourceLimitError`.  The parent never imports h5py.
+with an address-space limit, no core dumps, HDF5 filter plugins disabled, and a wall-clock timeout
+per file enforced here.  One child serves every HDF5 file of a run (importing h5py costs more than
+parsing a model's structure); after a crash or a timeout it is replaced for the next file.
+
+A crash becomes ``HDF5 parser crashed (signal N)``; a timeout or a memory overrun a
+:class:`~biasinspect.errors.ResourceLimitError`.  The parent never imports h5py.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import selectors
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +39,117 @@ _WORKER = str(Path(__file__).resolve().with_name("_h5worker.py"))
 
 _BOOT = (
     "import resource, runpy, sys\n"
-    "memory, cpu = int(sys.argv[2]), int(sys.argv[3])\n"
+    "memory = int(sys.argv[2])\n"
     "resource.setrlimit(resource.RLIMIT_AS, (memory, memory))\n"
-    "resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))\n"
     "resource.setrlimit(resource.RLIMIT_CORE, (0, 0))\n"
     "runpy.run_path(sys.argv[1], run_name='__main__')\n"
 )
+
+
+class _Parser:
+    """The running child, its pipes, and the process that started it (a fork does not share it)."""
+
+    def __init__(self) -> None:
+        environment = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HDF5_USE_FILE_LOCKING": "FALSE",
+            "HDF5_PLUGIN_PATH": os.devnull,
+            "OPENBLAS_NUM_THREADS": "1",
+            "OMP_NUM_THREADS": "1",
+            "LC_ALL": "C.UTF-8",
+        }
+        command = [sys.executable, "-I", "-c", _BOOT, _WORKER, str(H5_MEMORY_BYTES)]
+        try:
+            self.process = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                env=environment,
+                cwd="/",
+            )
+        except OSError as error:
+            raise UnreadableFileError(f"cannot start the HDF5 parser: {error.strerror or error}") from error
+        self.owner = os.getpid()
+        self.pending = b""
+
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Send one request and wait (bounded) for its reply line."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        try:
+            self.process.stdin.write(json.dumps(request).encode() + b"\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise self._died() from None
+        deadline = time.monotonic() + H5_TIMEOUT_SECONDS
+        stdout = self.process.stdout.fileno()
+        with selectors.DefaultSelector() as selector:
+            selector.register(stdout, selectors.EVENT_READ)
+            while b"\n" not in self.pending:
+                left = deadline - time.monotonic()
+                if left <= 0 or not selector.select(left):
+                    self.stop()
+                    raise ResourceLimitError(f"HDF5 parser timed out after {H5_TIMEOUT_SECONDS:.0f} s")
+                chunk = os.read(stdout, 1 << 20)
+                if not chunk:
+                    raise self._died()
+                self.pending += chunk
+                if len(self.pending) > MAX_H5_REPLY_BYTES:
+                    self.stop()
+                    raise ResourceLimitError("HDF5 structure description is too large")
+        line, self.pending = self.pending.split(b"\n", 1)
+        try:
+            reply = json.loads(line)
+        except ValueError as error:
+            self.stop()
+            raise MalformedModelError("HDF5 parser gave an unreadable reply") from error
+        if not isinstance(reply, dict):
+            raise MalformedModelError("HDF5 parser gave no structure")
+        return reply
+
+    def _died(self) -> Exception:
+        try:
+            code = self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            code = self.process.returncode
+        if code is not None and code < 0:
+            if -code == signal.SIGKILL:
+                return ResourceLimitError("HDF5 parser was killed (out of memory?)")
+            return MalformedModelError(f"HDF5 parser crashed (signal {-code})")
+        return MalformedModelError(f"HDF5 parser exited unexpectedly (status {code})")
+
+    def alive(self) -> bool:
+        return self.owner == os.getpid() and self.process.poll() is None
+
+    def stop(self) -> None:
+        """End the child (ours: by its own handle, never by name)."""
+        if self.process.poll() is None:
+            self.process.kill()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+
+
+_lock = threading.Lock()
+_parser: _Parser | None = None
+
+
+def _shutdown() -> None:
+    global _parser
+    if _parser is not None and _parser.owner == os.getpid():
+        _parser.stop()
+    _parser = None
+
+
+atexit.register(_shutdown)
 
 
 def describe_hdf5(
@@ -49,64 +162,33 @@ def describe_hdf5(
     """The structure of an HDF5 image: a window of a local file, or bytes in memory.
 
     Returns ``{"datasets": [[path, shape, dtype], ...], "attrs": {group: {name: value}}}``.
+    Bytes in memory are written to a private temporary file for the child and removed after.
     """
     if data is not None:
-        request: dict[str, Any] = {"stdin": len(data)}
-        payload = json.dumps(request).encode() + b"\n" + data
-    else:
-        if path is None or length is None:
-            raise ValueError("describe_hdf5 needs a path and length, or data")
-        request = {"path": os.fspath(path), "offset": offset, "length": length}
-        payload = json.dumps(request).encode() + b"\n"
-    environment = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HDF5_USE_FILE_LOCKING": "FALSE",
-        "HDF5_PLUGIN_PATH": os.devnull,
-        "OPENBLAS_NUM_THREADS": "1",
-        "OMP_NUM_THREADS": "1",
-        "LC_ALL": "C.UTF-8",
-    }
-    command = [
-        sys.executable,
-        "-I",
-        "-c",
-        _BOOT,
-        _WORKER,
-        str(H5_MEMORY_BYTES),
-        str(int(H5_TIMEOUT_SECONDS)),
-    ]
-    try:
-        completed = subprocess.run(
-            command,
-            input=payload,
-            capture_output=True,
-            timeout=H5_TIMEOUT_SECONDS,
-            env=environment,
-            cwd="/",
-            check=False,
-        )
-    except subprocess.TimeoutExpired as error:
-        raise ResourceLimitError(f"HDF5 parser timed out after {H5_TIMEOUT_SECONDS:.0f} s") from error
-    except OSError as error:
-        raise UnreadableFileError(f"cannot start the HDF5 parser: {error.strerror or error}") from error
-    if completed.returncode < 0:
-        number = -completed.returncode
-        if number == signal.SIGXCPU:
-            raise ResourceLimitError("HDF5 parser exceeded its CPU-time limit")
-        raise MalformedModelError(f"HDF5 parser crashed (signal {number})")
-    if len(completed.stdout) > MAX_H5_REPLY_BYTES:
-        raise ResourceLimitError("HDF5 structure description is too large")
-    try:
-        reply = json.loads(completed.stdout)
-    except ValueError as error:
-        last = completed.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
-        if "MemoryError" in last[0]:
-            raise ResourceLimitError("HDF5 parser ran out of memory") from error
-        raise MalformedModelError(
-            f"HDF5 parser failed (exit {completed.returncode}): {' '.join(last[0].split())[:300]}"
-        ) from error
-    if not isinstance(reply, dict):
-        raise MalformedModelError("HDF5 parser gave no structure")
+        with tempfile.NamedTemporaryFile(prefix="biasinspect-h5-", suffix=".h5") as scratch:
+            scratch.write(data)
+            scratch.flush()
+            return _ask({"path": scratch.name, "offset": 0, "length": len(data)})
+    if path is None or length is None:
+        raise ValueError("describe_hdf5 needs a path and length, or data")
+    return _ask({"path": os.fspath(path), "offset": offset, "length": length})
+
+
+def _ask(request: dict[str, Any]) -> dict[str, Any]:
+    global _parser
+    with _lock:
+        if _parser is None or not _parser.alive():
+            if _parser is not None and _parser.owner == os.getpid():
+                _parser.stop()
+            _parser = _Parser()
+        parser = _parser
+        try:
+            reply = parser.ask(request)
+        except BaseException:
+            # A crash, a timeout, an interrupt mid-reply: the next file gets a fresh child.
+            parser.stop()
+            _parser = None
+            raise
     if "error" in reply:
         raise MalformedModelError(f"not a readable HDF5 file: {reply['error']}")
     return reply

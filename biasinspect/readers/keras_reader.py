@@ -217,9 +217,7 @@ def read_keras_h5(source: ByteSource) -> list[ModelDescription]:
     else:
         warnings.append("weights-only HDF5 file (no model_config): layer classes inferred from weight names")
         layers = _layers_from_weights(legacy)
-    variables = {
-        layer.path: legacy.get((layer.path[0], layer.path[-1]), {}) for layer in layers if layer.path
-    }
+    variables = {layer.path: _legacy_lookup(legacy, layer.path) for layer in layers if layer.path}
     convs = _describe_layers(layers, variables, warnings)
     model_params = _count_params(structure, exclude=("optimizer_weights",), root=weights_root)
     return [
@@ -301,6 +299,28 @@ def _legacy_variables(structure: dict[str, Any], root: str) -> dict[tuple[str, s
             sublayer = parts[-2] if len(parts) >= 2 else top
             found.setdefault((top, sublayer), {})[base] = variable
     return found
+
+
+def _legacy_lookup(
+    legacy: dict[tuple[str, str], dict[str, _Variable]], path: tuple[str, ...]
+) -> dict[str, _Variable]:
+    """A layer's variables: a top-level layer owns its whole group (old Keras names the inner
+    folder ``conv2d_1_1``, not ``conv2d_1``); a nested one is found by its own name, or by that
+    name with a ``_N`` suffix."""
+    top, leaf = path[0], path[-1]
+    if len(path) == 1:
+        merged: dict[str, _Variable] = {}
+        for (group, _sublayer), variables in legacy.items():
+            if group == top:
+                merged.update(variables)
+        return merged
+    exact = legacy.get((top, leaf))
+    if exact is not None:
+        return exact
+    for (group, sublayer), variables in legacy.items():
+        if group == top and sublayer.startswith(leaf + "_") and sublayer[len(leaf) + 1 :].isdigit():
+            return variables
+    return {}
 
 
 def _joined_list(values: dict[str, Any], key: str) -> list[str]:
