@@ -14,6 +14,7 @@ A crash becomes ``HDF5 parser crashed (signal N)``; a timeout or a memory overru
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import selectors
@@ -126,16 +127,12 @@ class _Parser:
         """End the child (ours: by its own handle, never by name)."""
         if self.process.poll() is None:
             self.process.kill()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
         for stream in (self.process.stdin, self.process.stdout):
             if stream is not None:
-                try:
+                with contextlib.suppress(OSError):
                     stream.close()
-                except OSError:
-                    pass
 
 
 _lock = threading.Lock()
