@@ -7,7 +7,11 @@ only) sees exactly what a real file would give it.
 
 from __future__ import annotations
 
+import io
 import json
+import signal
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -398,10 +402,40 @@ def test_planted_h5py_module_next_to_the_model_is_not_imported(tmp_path):
     assert not marker.exists()
 
 
-def test_folder_of_mixed_formats(tmp_path):
+def libhdf5_crasher(path: Path) -> Path:
+    """An HDF5 file that makes libhdf5 (2.0.0, bundled with h5py 3.16) dereference a bad pointer:
+    a variable-length string attribute whose datatype says vlen kind 3 (only 0 and 1 exist)."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as handle:
+        handle.attrs["backend"] = "tensorflow"
+        handle.create_group("model_weights").attrs["layer_names"] = [b"conv"]
+    data = bytearray(buffer.getvalue())
+    where = bytes(data).find(b"backend\x00\x19\x01")  # name, then datatype class 9 (vlen) v1, kind 1
+    assert where > 0
+    data[where + 9] = 3
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_libhdf5_crash_is_one_line_and_spares_the_batch(tmp_path, capsys):
+    """A file that segfaults h5py in-process ends in one line; the other files are reported."""
+    crasher = libhdf5_crasher(tmp_path / "crash.h5")
+    plain = subprocess.run(
+        [sys.executable, "-c", f"import h5py; h5py.File({str(crasher)!r}, 'r').attrs['backend']"],
+        capture_output=True,
+        check=False,
+    )
+    assert plain.returncode == -signal.SIGSEGV, "libhdf5 no longer crashes on this file: find a new crasher"
     for name in ("seed_tied.keras", "nested_legacy.h5", "seed_tied.tflite", "seed_tied.onnx"):
         (tmp_path / name).write_bytes((SAMPLES / name).read_bytes())
     (tmp_path / "broken.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
+    assert main([str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        f"biasinspect: {tmp_path / 'broken.h5'}: not a readable HDF5 file: "
+        "OSError: Unable to synchronously open file (bad byte number in an address)",
+        f"biasinspect: {crasher}: HDF5 parser crashed (signal 11)",
+    ]
     report = inspect(tmp_path)
     assert sorted((Path(model.path).name, model.format) for model in report.models) == [
         ("nested_legacy.h5", "keras"),
@@ -409,7 +443,7 @@ def test_folder_of_mixed_formats(tmp_path):
         ("seed_tied.onnx", "onnx"),
         ("seed_tied.tflite", "tflite"),
     ]
-    assert [Path(error.path).name for error in report.errors] == ["broken.h5"]
+    assert sorted(Path(error.path).name for error in report.errors) == ["broken.h5", "crash.h5"]
 
 
 def test_keras_json_contract(capsys):
