@@ -136,8 +136,16 @@ def main() -> int:
 
     while h5py.h5pl.size():  # no HDF5 filter plugin is ever loaded (none is needed for shapes)
         h5py.h5pl.remove(0)
+    import resource
+
     for line in sys.stdin.buffer:
-        reply = serve_one(json.loads(line))
+        request = json.loads(line)
+        # A CPU-time backstop per request: should the parent vanish while libhdf5 loops forever,
+        # SIGXCPU still ends this process.
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        budget = int(used.ru_utime + used.ru_stime) + int(request.get("cpu_seconds", 120)) + 1
+        resource.setrlimit(resource.RLIMIT_CPU, (budget, resource.RLIM_INFINITY))
+        reply = serve_one(request)
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
     return 0

@@ -78,6 +78,7 @@ class _Parser:
         """Send one request and wait (bounded) for its reply line."""
         assert self.process.stdin is not None and self.process.stdout is not None
         try:
+            request = {**request, "cpu_seconds": int(H5_TIMEOUT_SECONDS) + 1}
             self.process.stdin.write(json.dumps(request).encode() + b"\n")
             self.process.stdin.flush()
         except (BrokenPipeError, OSError):
@@ -117,6 +118,8 @@ class _Parser:
         if code is not None and code < 0:
             if -code == signal.SIGKILL:
                 return ResourceLimitError("HDF5 parser was killed (out of memory?)")
+            if -code == signal.SIGXCPU:
+                return ResourceLimitError("HDF5 parser exceeded its CPU-time limit")
             return MalformedModelError(f"HDF5 parser crashed (signal {-code})")
         return MalformedModelError(f"HDF5 parser exited unexpectedly (status {code})")
 

@@ -212,7 +212,7 @@ def read_keras_h5(source: ByteSource) -> list[ModelDescription]:
     legacy = _legacy_variables(structure, weights_root)
     config_text = root.get("model_config")
     if isinstance(config_text, str):
-        config = _json(config_text.encode(), "model_config")
+        config = _json(config_text, "model_config")
         layers = list(_walk_config(config))
     else:
         warnings.append("weights-only HDF5 file (no model_config): layer classes inferred from weight names")
@@ -231,7 +231,7 @@ def read_keras_h5(source: ByteSource) -> list[ModelDescription]:
     ]
 
 
-def _json(data: bytes, what: str) -> Any:
+def _json(data: bytes | str, what: str) -> Any:
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as error:
