@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -391,7 +392,6 @@ def test_planted_h5py_module_next_to_the_model_is_not_imported(tmp_path):
     (tmp_path / "h5py.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
     target = tmp_path / "seed_tied.keras"
     target.write_bytes((SAMPLES / "seed_tied.keras").read_bytes())
-    import os
 
     cwd = os.getcwd()
     os.chdir(tmp_path)
@@ -463,3 +463,22 @@ def test_h5_bytes_in_memory_round_trip():
     from_file = describe_hdf5(SAMPLES / "nested_legacy.h5", length=len(data))
     assert from_bytes == from_file
     assert ["model_weights/head/head/bias:0", [2], "float32"] in from_file["datasets"]
+
+
+def test_relative_paths_from_the_command_line(tmp_path):
+    """The parser child runs from /, so a relative path is made absolute before it is sent."""
+    (tmp_path / "m.h5").write_bytes((SAMPLES / "nested_legacy.h5").read_bytes())
+    (tmp_path / "m.keras").write_bytes((SAMPLES / "seed_tied.keras").read_bytes())
+    completed = subprocess.run(
+        [sys.executable, "-m", "biasinspect", "m.h5", "m.keras", "--format", "json"],
+        cwd=tmp_path,
+        capture_output=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(SAMPLES.parent)},
+    )
+    assert completed.returncode == 0, completed.stderr
+    models = json.loads(completed.stdout)["models"]
+    assert [(model["path"], model["totals"]["model_params"]) for model in models] == [
+        ("m.h5", 98),
+        ("m.keras", 2432),
+    ]

@@ -171,7 +171,8 @@ def describe_hdf5(
             return _ask({"path": scratch.name, "offset": 0, "length": len(data)})
     if path is None or length is None:
         raise ValueError("describe_hdf5 needs a path and length, or data")
-    return _ask({"path": os.fspath(path), "offset": offset, "length": length})
+    # The child runs from /: a relative path must be made absolute here.
+    return _ask({"path": os.path.abspath(os.fspath(path)), "offset": offset, "length": length})
 
 
 def _ask(request: dict[str, Any]) -> dict[str, Any]:
