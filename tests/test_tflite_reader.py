@@ -94,6 +94,18 @@ def test_zoo_2d_samples_in_every_precision(name):
     assert report.totals.conv_bias_params == 42
 
 
+def test_layer_names_come_from_the_converted_tf_ops():
+    report = report_of(SAMPLES / "zoo_2d.tflite")
+    assert [layer.name for layer in report.layers] == [
+        "zoo_2d/conv/Conv2D",
+        "zoo_2d/conv_nobias/Conv2D",
+        "zoo_2d/depthwise/BiasAdd",
+        "zoo_2d/separable/separable_conv2d/depthwise",
+        "zoo_2d/separable/BiasAdd",
+        "StatefulPartitionedCall:0",  # the model's output: the converter keeps no other name
+    ]
+
+
 def test_zoo_2d_model_params():
     # 112 + 222 + 120 + 120 + 65 + 138: every constant tensor once.
     assert report_of(SAMPLES / "zoo_2d.tflite").totals.model_params == 777

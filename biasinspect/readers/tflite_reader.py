@@ -347,17 +347,33 @@ def _conv_node(graph: _Graph, op: _Op, prefix: str, warnings: list[str]) -> Conv
     )
 
 
+_NAME_SUFFIXES = {
+    CONV_2D: ("/Conv2D", "/convolution", "/Conv1D", "/conv1d", "/BiasAdd"),
+    DEPTHWISE_CONV_2D: ("/depthwise", "/BiasAdd"),
+    TRANSPOSE_CONV: ("conv2d_transpose", "conv1d_transpose", "/BiasAdd"),
+    CONV_3D: ("/Conv3D", "/BiasAdd"),
+    CONV_3D_TRANSPOSE: ("conv3d_transpose", "/BiasAdd"),
+}
+"""How the TF ops a conv was converted from end their names (``model/conv/Conv2D``)."""
+
+
 def _layer_name(graph: _Graph, op: _Op, output_index: int, weight_index: int) -> str:
-    # The converter names a fused output "a/conv/Relu;a/conv/BiasAdd;a/conv/Conv2D;..."; the part
-    # naming the conv itself is the most useful, the whole thing is too long for a table.
-    for index in (output_index, weight_index):
-        if index >= 0:
-            parts = [part for part in graph.tensors[index].name.split(";") if part]
-            if parts:
-                for part in parts:
-                    if any(key in part for key in ("Conv", "conv", "depthwise", "Depthwise")):
-                        return part
-                return parts[0]
+    """The converter's name for the conv: the part of a fused tensor name (``a/conv/Relu;
+    a/conv/BiasAdd;a/conv/Conv2D``) that names the conv's own TF op, from the filter's name first
+    (the output's name also lists folded neighbours), else the output's first part."""
+    suffixes = _NAME_SUFFIXES.get(op.code, ())
+    weight_source = _constant_source(graph, weight_index) if weight_index >= 0 else None
+    candidates = [
+        index for index in (weight_index, weight_source, output_index) if index is not None and index >= 0
+    ]
+    for index in candidates:
+        for part in graph.tensors[index].name.split(";"):
+            if part.endswith(suffixes):
+                return part
+    if output_index >= 0:
+        first = graph.tensors[output_index].name.split(";")[0]
+        if first:
+            return first
     return f"operator{op.index}"
 
 
