@@ -371,3 +371,86 @@ def test_folder_scan_picks_up_tflite(tmp_path):
     write(tmp_path, conv2d_model(), "a.tflite")
     report = inspect(tmp_path)
     assert [model.format for model in report.models] == ["tflite"] and not report.errors
+
+
+# -- hostile files -------------------------------------------------------------------------------
+
+
+def _cli_one_line(path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"biasinspect: {path}: "), err
+    return err[0]
+
+
+def test_truncated_at_every_length_is_a_clean_error(tmp_path):
+    """Every prefix of a valid model is a report or a MalformedModelError, never anything else."""
+    data = conv2d_model()
+    path = tmp_path / "cut.tflite"
+    outcomes = set()
+    for length in range(8, len(data), 7):
+        path.write_bytes(data[:length])
+        try:
+            read_file(path)
+            outcomes.add("ok")
+        except MalformedModelError:
+            outcomes.add("malformed")
+    assert "malformed" in outcomes
+
+
+def test_offsets_past_the_end(tmp_path, capsys):
+    data = bytearray(conv2d_model())
+    data[0:4] = (len(data) + 100).to_bytes(4, "little")  # root table offset past the end
+    line = _cli_one_line(write(tmp_path, bytes(data), "root.tflite"), capsys)
+    assert "lies outside the file" in line
+
+
+def test_vector_length_past_the_end(tmp_path, capsys):
+    data = bytearray(conv2d_model())
+    shape = bytes(data).find((32).to_bytes(4, "little") + (5).to_bytes(4, "little") * 2)  # [32, 5, 5, 3]
+    assert shape > 4
+    data[shape - 4 : shape] = (0x7FFFFFFF).to_bytes(4, "little")  # its element count
+    line = _cli_one_line(write(tmp_path, bytes(data), "vector.tflite"), capsys)
+    assert "past the end of the file" in line or "exceeds" in line
+
+
+def test_tensor_and_opcode_indices_out_of_range(tmp_path, capsys):
+    tensors = [T("input", (1, 4, 4, 1)), T("w", (2, 3, 3, 1), const=True), T("o", (1, 2, 2, 2))]
+    path = write(tmp_path, tb.single(tensors, [Op(tb.CONV_2D, (0, 1, 7), (2,))]), "index.tflite")
+    assert "uses tensor 7, but the subgraph has 3" in _cli_one_line(path, capsys)
+
+
+def test_huge_and_negative_dims(tmp_path):
+    """Dims near 2**31 multiply without overflow; -1 (dynamic) dims are unknown, never guessed."""
+    big = 2**31 - 1
+    tensors = [
+        T("input", (1, -1, -1, 3)),
+        T("w", (big, 1, 1, 3), const=True),
+        T("b", (big,), const=True),
+        T("o", (1, -1, -1, big)),
+    ]
+    report = report_of(write(tmp_path, tb.single(tensors, [Op(tb.CONV_2D, (0, 1, 2), (3,))])))
+    (layer,) = report.layers
+    assert layer.weight_params == big * 3
+    assert layer.output_spatial == (None, None)
+    assert report.totals.model_params == big * 4
+
+
+def test_producer_cycle_does_not_trap_the_walk(tmp_path):
+    """DEQUANTIZE ops feeding each other in a loop (an invalid graph) end the constant search."""
+    tensors = [
+        T("input", (1, 4, 4, 2)),
+        T("a", (2, 1, 1, 2)),
+        T("b", (2, 1, 1, 2)),
+        T("o", (1, 4, 4, 2)),
+    ]
+    ops = [Op(tb.DEQUANTIZE, (2,), (1,)), Op(tb.DEQUANTIZE, (1,), (2,)), Op(tb.CONV_2D, (0, 1, -1), (3,))]
+    report = report_of(write(tmp_path, tb.single(tensors, ops)))
+    assert rows(report) == [("CONV_2D", "1x1", 2, 2, 1, "absent", 0)]
+
+
+def test_not_tflite_without_identifier(tmp_path, capsys):
+    data = bytearray(conv2d_model())
+    data[4:8] = b"XXXX"
+    line = _cli_one_line(write(tmp_path, bytes(data), "noid.tflite"), capsys)
+    assert "not a recognised model format" in line or "not a TFLite model" in line
