@@ -150,6 +150,9 @@ def test_nested_legacy_sample():
         ("head", "Conv2D", "1x1", 4, 2, 1, "tied", 2),
     ]
     assert report.layers[0].followed_by == "BatchNormalization"
+    # Legacy files record no per-layer input shapes: they are propagated from the inputs through
+    # layers of known shape; a nested model's output shape is not, so "head" stays unknown.
+    assert [layer.output_spatial for layer in report.layers] == [(6, 6), None]
     assert report.totals.model_params == 72 + 16 + 10
 
 
@@ -312,6 +315,7 @@ def test_functional_followed_by_and_old_keras_folder_names(tmp_path):
     report = report_of(path)
     assert rows(report) == [("conv", "Conv2D", "3x3", 3, 4, 1, "absent", 0)]
     assert report.layers[0].followed_by == "BatchNormalization"
+    assert report.layers[0].output_spatial == (6, 6)
     assert report.totals.model_params == 108 + 16
 
 
@@ -482,3 +486,48 @@ def test_relative_paths_from_the_command_line(tmp_path):
         ("m.h5", 98),
         ("m.keras", 2432),
     ]
+
+
+def test_legacy_shape_propagation_through_pools_paddings_and_merges(tmp_path):
+    """Input shapes flow through ZeroPadding, MaxPooling, Add and Concatenate to later convs."""
+
+    def layer(cls, name, inbound, **config):
+        return {
+            "class_name": cls,
+            "name": name,
+            "config": {"name": name, **config},
+            "inbound_nodes": [[[s, 0, 0, {}] for s in inbound]] if inbound else [],
+        }
+
+    config = {
+        "class_name": "Functional",
+        "config": {
+            "name": "m",
+            "layers": [
+                layer("InputLayer", "in", [], batch_input_shape=[None, 32, 32, 3]),
+                layer("ZeroPadding2D", "pad", ["in"], padding=[[1, 1], [2, 2]]),  # 34x36
+                layer(
+                    "Conv2D", "a", ["pad"], filters=4, kernel_size=[3, 3], strides=[2, 2], padding="valid"
+                ),  # 16x17
+                layer("Conv2D", "b", ["pad"], filters=4, kernel_size=[3, 3], strides=[2, 2], padding="valid"),
+                layer("Add", "sum", ["a", "b"]),
+                layer("Concatenate", "cat", ["a", "sum"], axis=-1),  # 16x17x8
+                layer("MaxPooling2D", "pool", ["cat"], pool_size=[2, 2], padding="valid"),  # 8x8x8
+                layer(
+                    "DepthwiseConv2D", "dw", ["pool"], kernel_size=[3, 3], padding="same", depth_multiplier=2
+                ),
+            ],
+        },
+    }
+    weights = {
+        "a": {"a/kernel:0": (3, 3, 3, 4), "a/bias:0": (4,)},
+        "b": {"b/kernel:0": (3, 3, 3, 4), "b/bias:0": (4,)},
+        "dw": {"dw/depthwise_kernel:0": (3, 3, 8, 2), "dw/bias:0": (16,)},
+    }
+    report = report_of(legacy_h5(tmp_path / "shapes.h5", config, weights))
+    assert [(layer.name, layer.output_spatial) for layer in report.layers] == [
+        ("a", (16, 17)),
+        ("b", (16, 17)),
+        ("dw", (8, 8)),
+    ]
+    assert rows(report)[-1] == ("dw", "DepthwiseConv2D", "3x3", 8, 16, 8, "tied", 16)

@@ -389,6 +389,10 @@ def _walk_model(
     sequential = str(model.get("class_name", "")).endswith("Sequential")
     named = [entry for entry in entries if isinstance(entry, dict)]
     consumers = _consumers(named, sequential)
+    # Legacy configs record no per-layer input shapes: propagate them from the inputs through
+    # the layers whose output shape is known from their config (convs, pools, paddings, ...).
+    shapes: dict[str, MaybeShape] = {}
+    previous: MaybeShape = _ints_shape(inner.get("build_input_shape")) if isinstance(inner, dict) else None
     for entry in named:
         budget[0] += 1
         if budget[0] > MAX_CONFIG_LAYERS:
@@ -401,14 +405,128 @@ def _walk_model(
             continue
         class_name = str(entry.get("class_name", ""))
         path = (*prefix, name)
+        input_shape = _build_shape(entry)
+        if input_shape is None:
+            if sequential:
+                input_shape = previous
+            else:
+                sources = list(dict.fromkeys(_referenced(entry.get("inbound_nodes"), 0)))
+                input_shape = _merged_shape(
+                    [shapes.get(source) for source in sources], class_name, layer_config
+                )
+        if input_shape is None:
+            input_shape = _ints_shape(
+                layer_config.get("batch_input_shape") or layer_config.get("batch_shape")
+            )
         if class_name in _MODEL_CLASSES or isinstance(layer_config.get("layers"), list):
             yield from _walk_model(entry, path, depth + 1, budget)
+            shapes[name] = previous = None
             continue
         follower = None
         next_layers = consumers.get(name, [])
         if len(next_layers) == 1 and next_layers[0] in _NORMS:
             follower = next_layers[0]
-        yield _Layer(path, class_name, layer_config, _build_shape(entry), follower)
+        layer = _Layer(path, class_name, layer_config, input_shape, follower)
+        shapes[name] = previous = _output_shape(layer)
+        yield layer
+
+
+def _merged_shape(inputs: list[MaybeShape], class_name: str, config: dict[str, Any]) -> MaybeShape:
+    """The shape a layer sees from its inputs: one input as is; several (Add, Concatenate) only
+    when all are known and agree (Concatenate: the channel extents are summed)."""
+    if not inputs or any(shape is None for shape in inputs):
+        return None
+    known = [shape for shape in inputs if shape is not None]
+    if len(known) == 1:
+        return known[0]
+    if class_name == "Concatenate" and config.get("axis", -1) == -1:
+        if len({shape[:-1] for shape in known}) != 1 or any(shape[-1] is None for shape in known):
+            return None
+        return (*known[0][:-1], sum(shape[-1] or 0 for shape in known))
+    return known[0] if len(set(known)) == 1 else None
+
+
+_SHAPE_KEEPING = frozenset(
+    {
+        "InputLayer", "BatchNormalization", "SyncBatchNormalization", "LayerNormalization",
+        "GroupNormalization", "Activation", "ReLU", "LeakyReLU", "PReLU", "ELU", "ThresholdedReLU",
+        "Softmax", "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
+        "GaussianNoise", "GaussianDropout", "AlphaDropout", "ActivityRegularization", "Add",
+        "Subtract", "Multiply", "Average", "Maximum", "Minimum",
+    }
+)  # fmt: skip
+
+
+def _ints_shape(value: Any) -> MaybeShape:
+    if not isinstance(value, list) or not all(dim is None or isinstance(dim, int) for dim in value):
+        return None
+    return tuple(dim if dim is None or dim >= 0 else None for dim in value)
+
+
+def _output_shape(layer: _Layer) -> MaybeShape:
+    """A layer's output shape (batch included) from its input shape and config, when known."""
+    shape = layer.build_shape
+    if shape is None or len(shape) < 2:
+        return None
+    config = layer.config
+    name = layer.class_name
+    if name in _SHAPE_KEEPING or name == "Concatenate":
+        return shape
+    channels_first = config.get("data_format") == "channels_first"
+    rank = len(shape) - 2
+    kind = _layer_kind(name)
+    if kind is not None:
+        spatial = _output_spatial(layer, kind[0], kind[1])
+        if spatial is None:
+            return None
+        if kind[0] == _DEPTHWISE:
+            channels = shape[1] if channels_first else shape[-1]
+            multiplier = config.get("depth_multiplier", 1)
+            filters = None if channels is None or not isinstance(multiplier, int) else channels * multiplier
+        else:
+            filters = config.get("filters") if isinstance(config.get("filters"), int) else None
+        return (shape[0], filters, *spatial) if channels_first else (shape[0], *spatial, filters)
+    spatial = shape[2:] if channels_first else shape[1:-1]
+    channels = shape[1] if channels_first else shape[-1]
+    if "Pooling" in name and not name.startswith("Global"):
+        size = _ints(config.get("pool_size"), rank)
+        strides = _ints(config.get("strides") or config.get("pool_size"), rank)
+        padding = config.get("padding", "valid")
+        if size is None or strides is None:
+            return None
+        out: list[int | None] = []
+        for extent, window, stride in zip(spatial, size, strides, strict=False):
+            if extent is None or stride <= 0:
+                out.append(None)
+            elif padding == "same":
+                out.append(-(-extent // stride))
+            else:
+                out.append((extent - window) // stride + 1 if extent >= window else None)
+    elif name.startswith("ZeroPadding"):
+        padding = config.get("padding")
+        pads: list[tuple[int, int]] = []
+        for axis in range(rank):
+            value = padding[axis] if isinstance(padding, list) and len(padding) == rank else padding
+            if isinstance(value, int):
+                pads.append((value, value))
+            elif isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value):
+                pads.append((value[0], value[1]))
+            else:
+                return None
+        out = [
+            None if extent is None else extent + low + high
+            for extent, (low, high) in zip(spatial, pads, strict=False)
+        ]
+    elif name.startswith("UpSampling"):
+        size = _ints(config.get("size"), rank)
+        if size is None:
+            return None
+        out = [
+            None if extent is None else extent * factor for extent, factor in zip(spatial, size, strict=False)
+        ]
+    else:
+        return None
+    return (shape[0], channels, *out) if channels_first else (shape[0], *out, channels)
 
 
 def _build_shape(entry: dict[str, Any]) -> MaybeShape:
