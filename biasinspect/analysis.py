@@ -9,7 +9,8 @@ The rules:
   broadcasting (its shape is right-aligned and padded with 1s).  Any spatial extent
   greater than 1 makes it **untied**; otherwise a channel extent equal to C_out makes
   it **tied**; anything else (a scalar, a batch-sized term, a wrong channel count,
-  an unknown extent) is **other**.  The conv's own bias input is always tied.
+  an unknown extent) is **other**.  The conv's own bias input is always tied, except a
+  locally connected layer's own ``[C_out, *spatial]`` bias, classified by its shape.
 * A layer is untied if any term is untied, else tied if any is tied, else other if
   there are terms, else **absent**.
 * C_out is weight dim 0, except for transposed convs, where it is weight dim 1 x groups.
@@ -121,8 +122,12 @@ def classify_term(
     spatial extent other than 1 or the output's) is **other**: it is reported, not interpreted.
     """
     shape = term.shape
-    if term.source is BiasSource.CONV and (shape is None or len(shape) <= 1):
-        return BiasKind.TIED  # a conv's own bias input ([C_out]); a locally connected layer's is shaped
+    if term.source is BiasSource.CONV and (
+        shape is None or spatial_rank is None or len(shape) != spatial_rank + 1
+    ):
+        # A conv's own bias input ([C_out]) is tied; only a locally connected layer's own bias is
+        # stored [C_out, *spatial], and that one is classified by its shape.
+        return BiasKind.TIED
     if shape is None or spatial_rank is None or not term.aligned:
         return BiasKind.OTHER
     output_rank = 2 + spatial_rank
