@@ -531,3 +531,29 @@ def test_legacy_shape_propagation_through_pools_paddings_and_merges(tmp_path):
         ("dw", (8, 8)),
     ]
     assert rows(report)[-1] == ("dw", "DepthwiseConv2D", "3x3", 8, 16, 8, "tied", 16)
+
+
+def test_deep_nesting_in_hdf5_groups_and_in_config_json(tmp_path):
+    """200 nested HDF5 groups are walked; 300 are past the 256-level cap; a config.json nested
+    100,000 lists deep is refused cleanly (RecursionError inside json is caught)."""
+    config = sequential_config(("Conv2D", {"name": "conv", "filters": 4, "kernel_size": [3, 3]}))
+    path = legacy_h5(
+        tmp_path / "deep.h5", config, {"conv": {"conv/kernel:0": (3, 3, 3, 4), "conv/bias:0": (4,)}}
+    )
+    with h5py.File(path, "a") as handle:
+        group = handle["model_weights"]
+        for depth in range(200):
+            group = group.create_group(f"g{depth}")
+        deepest = group.name
+    assert rows(report_of(path)) == [("conv", "Conv2D", "3x3", 3, 4, 1, "tied", 4)]
+    with h5py.File(path, "a") as handle:
+        for depth in range(100):
+            deepest = handle[deepest].create_group(f"h{depth}").name
+    with pytest.raises(MalformedModelError, match="nested more than 256 deep"):
+        read_file(path)
+    archive = tmp_path / "deep.keras"
+    with zipfile.ZipFile(archive, "w") as target:
+        target.writestr("config.json", "[" * 100_000 + "]" * 100_000)
+        target.writestr("metadata.json", "{}")
+    with pytest.raises(MalformedModelError, match="config.json is not valid JSON"):
+        read_file(archive)

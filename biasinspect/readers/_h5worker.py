@@ -24,6 +24,8 @@ from typing import Any
 
 MAX_OBJECTS = 500_000
 """Groups plus datasets visited."""
+MAX_DEPTH = 256
+"""Deepest group nesting walked (a Keras 3 file nests two groups per nested model)."""
 MAX_ATTRIBUTE_BYTES = 64 * 1024 * 1024
 """Total bytes of attribute text kept."""
 _WANTED_ATTRIBUTES = ("name", "model_config", "layer_names", "weight_names", "keras_version", "backend")
@@ -101,16 +103,36 @@ def describe(handle: Any) -> dict[str, Any]:
         if kept:
             attrs[path] = kept
 
-    def visit(path: str, obj: Any) -> None:
-        budget["objects"] += 1
-        if budget["objects"] > MAX_OBJECTS:
-            raise ValueError(f"HDF5 file holds more than {MAX_OBJECTS:,} groups and datasets")
-        if isinstance(obj, h5py.Dataset):
-            datasets.append([path, [int(dim) for dim in obj.shape or ()], str(obj.dtype)])
-        keep_attributes(path, obj)
+    visited: set[int] = set()
+    """Hashes of the objects seen (h5py hashes an ObjectID by file and object address); keeping
+    the IDs themselves would keep every object open."""
+
+    def walk(group: Any, prefix: str, depth: int) -> None:
+        # Children are opened relative to their group (cost per object does not grow with depth);
+        # only hard links are followed (a soft or external link could name another file), and an
+        # object reached twice (a hard-link cycle) is visited once.
+        if depth > MAX_DEPTH:
+            raise ValueError(f"HDF5 groups nested more than {MAX_DEPTH} deep")
+        for name in group:
+            if not isinstance(group.get(name, getlink=True), h5py.HardLink):
+                continue
+            obj = group[name]
+            key = hash(obj.id)
+            if key in visited:
+                continue
+            visited.add(key)
+            budget["objects"] += 1
+            if budget["objects"] > MAX_OBJECTS:
+                raise ValueError(f"HDF5 file holds more than {MAX_OBJECTS:,} groups and datasets")
+            path = f"{prefix}{name}"
+            if isinstance(obj, h5py.Dataset):
+                datasets.append([path, [int(dim) for dim in obj.shape or ()], str(obj.dtype)])
+            keep_attributes(path, obj)
+            if isinstance(obj, h5py.Group):
+                walk(obj, path + "/", depth + 1)
 
     keep_attributes("", handle)
-    handle.visititems(visit)
+    walk(handle, "", 1)
     return {"datasets": datasets, "attrs": attrs}
 
 
