@@ -555,5 +555,5 @@ def test_deep_nesting_in_hdf5_groups_and_in_config_json(tmp_path):
     with zipfile.ZipFile(archive, "w") as target:
         target.writestr("config.json", "[" * 100_000 + "]" * 100_000)
         target.writestr("metadata.json", "{}")
-    with pytest.raises(MalformedModelError, match="config.json is not valid JSON"):
+    with pytest.raises(MalformedModelError, match=r"config\.json is not valid JSON"):
         read_file(archive)
