@@ -33,7 +33,6 @@ from typing import Any
 from biasinspect.errors import BiasInspectError, MalformedModelError, UnsupportedFormatError
 from biasinspect.limits import MAX_JSON_BYTES
 from biasinspect.model import BiasSource, BiasTerm, ConvNode, MaybeShape, ModelDescription, Shape
-from biasinspect.readers.h5_isolated import describe_hdf5
 from biasinspect.source import ByteSource
 
 FORMAT = "keras"
@@ -140,6 +139,7 @@ class _Layer:
 
 def read_keras_archive(source: ByteSource) -> list[ModelDescription]:
     """Read a Keras 3 ``.keras`` zip archive into one :class:`ModelDescription`."""
+    from biasinspect.readers.h5_isolated import describe_hdf5
     from biasinspect.readers.safe_zip import SafeZip
 
     path = getattr(source, "path", None)
@@ -187,6 +187,8 @@ def read_keras_archive(source: ByteSource) -> list[ModelDescription]:
 
 def read_keras_h5(source: ByteSource) -> list[ModelDescription]:
     """Read a legacy Keras HDF5 file (a whole model or weights only) into one description."""
+    from biasinspect.readers.h5_isolated import describe_hdf5
+
     path = getattr(source, "path", None)
     if isinstance(path, Path):
         structure = describe_hdf5(path, offset=0, length=source.size)
