@@ -557,3 +557,37 @@ def test_deep_nesting_in_hdf5_groups_and_in_config_json(tmp_path):
         target.writestr("metadata.json", "{}")
     with pytest.raises(MalformedModelError, match=r"config\.json is not valid JSON"):
         read_file(archive)
+
+
+class MemorySource:
+    """A ByteSource over bytes in memory (what a remote source looks like to a reader: no path)."""
+
+    def __init__(self, data: bytes, name: str = "memory.h5", size: int | None = None) -> None:
+        self._data = data
+        self.name = name
+        self._size = len(data) if size is None else size
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        assert self._size == len(self._data), "an oversized source must be refused before any read"
+        return self._data[offset : offset + length]
+
+    def sibling(self, relative: str) -> MemorySource:
+        raise NotImplementedError(relative)
+
+    def close(self) -> None:
+        pass
+
+
+def test_non_local_hdf5_is_fetched_up_to_the_cap():
+    """A source without a local path is read whole (libhdf5 needs a file) up to 256 MiB; a
+    larger one is refused with the reason, before a byte is read."""
+    from biasinspect.readers.keras_reader import read_keras_h5
+
+    (description,) = read_keras_h5(MemorySource((SAMPLES / "nested_legacy.h5").read_bytes()))
+    assert (len(description.convs), description.model_params) == (2, 98)
+    with pytest.raises(UnsupportedFormatError, match="fetched only up to 268,435,456 bytes"):
+        read_keras_h5(MemorySource(b"", size=300 * 1024 * 1024))
