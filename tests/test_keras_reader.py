@@ -591,3 +591,10 @@ def test_non_local_hdf5_is_fetched_up_to_the_cap():
     assert (len(description.convs), description.model_params) == (2, 98)
     with pytest.raises(UnsupportedFormatError, match="fetched only up to 268,435,456 bytes"):
         read_keras_h5(MemorySource(b"", size=300 * 1024 * 1024))
+
+
+def test_keras3_weights_file_alone_says_what_is_missing(tmp_path):
+    path = tmp_path / "model.weights.h5"
+    path.write_bytes(zipfile.ZipFile(SAMPLES / "seed_tied.keras").read("model.weights.h5"))
+    with pytest.raises(UnsupportedFormatError, match=r"holds no layer config: read the \.keras archive"):
+        read_file(path)
