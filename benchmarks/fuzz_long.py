@@ -119,10 +119,15 @@ def classify_tree(kind: str, index: int, seed: int, folder: Path) -> tuple[str, 
     return ("CRASH", "; ".join(problems)[:500]) if problems else ("ok", "")
 
 
-def _worker(tasks: list[tuple[str, int]], seed: int, results: Any, workdir: str) -> None:
+def _worker(tasks: list[tuple[str, int]], seed: int, results: Any, workdir: str, timeout: float) -> None:
     # Report "start" before each case so the supervisor knows which one hung.  Each worker has its
     # own pipe: killing a hung worker must not corrupt a channel the others share.
     resource.setrlimit(resource.RLIMIT_AS, (WORKER_ADDRESS_SPACE, WORKER_ADDRESS_SPACE))
+    from biasinspect.readers import h5_isolated
+
+    # libhdf5 loops forever on some mutants: its own timeout must end those cases before the
+    # supervisor's does (then they are clean errors, as for a user).
+    h5_isolated.H5_TIMEOUT_SECONDS = min(h5_isolated.H5_TIMEOUT_SECONDS, timeout / 3)
     folder = Path(tempfile.mkdtemp(dir=workdir))
     for fmt, index in tasks:
         results.send(("start", fmt, index, "", ""))
@@ -181,7 +186,9 @@ def run(
 
         def spawn(pending: list[tuple[str, int]]) -> _Slot:
             reader, writer = context.Pipe(duplex=False)
-            process = context.Process(target=_worker, args=(pending, seed, writer, workdir), daemon=True)
+            process = context.Process(
+                target=_worker, args=(pending, seed, writer, workdir, timeout), daemon=True
+            )
             process.start()
             writer.close()  # the child holds the only write end: EOF on the reader means it exited
             return _Slot(process, reader, list(pending))

@@ -9,7 +9,8 @@ The rules:
   broadcasting (its shape is right-aligned and padded with 1s).  Any spatial extent
   greater than 1 makes it **untied**; otherwise a channel extent equal to C_out makes
   it **tied**; anything else (a scalar, a batch-sized term, a wrong channel count,
-  an unknown extent) is **other**.  The conv's own bias input is always tied.
+  an unknown extent) is **other**.  The conv's own bias input is always tied, except a
+  locally connected layer's own ``[C_out, *spatial]`` bias, classified by its shape.
 * A layer is untied if any term is untied, else tied if any is tied, else other if
   there are terms, else **absent**.
 * C_out is weight dim 0, except for transposed convs, where it is weight dim 1 x groups.
@@ -121,9 +122,13 @@ def classify_term(
     A term that cannot broadcast against the output (a channel extent other than 1 or C_out, a
     spatial extent other than 1 or the output's) is **other**: it is reported, not interpreted.
     """
-    if term.source is BiasSource.CONV:
-        return BiasKind.TIED
     shape = term.shape
+    if term.source is BiasSource.CONV and (
+        shape is None or spatial_rank is None or len(shape) != spatial_rank + 1
+    ):
+        # A conv's own bias input ([C_out]) is tied; only a locally connected layer's own bias is
+        # stored [C_out, *spatial], and that one is classified by its shape.
+        return BiasKind.TIED
     if shape is None or spatial_rank is None or not term.aligned:
         return BiasKind.OTHER
     output_rank = 2 + spatial_rank
@@ -171,6 +176,7 @@ def parameter_formula(
     weight_shape: MaybeShape,
     terms: Sequence[BiasTerm],
     kind: BiasKind,
+    locations: MaybeShape = None,
 ) -> str:
     """Spell out a layer's parameter count.
 
@@ -179,6 +185,23 @@ def parameter_formula(
     (a transposed conv whose groups are unknown) the weight shape itself is written out.
     """
     bias_total = _sum_params(terms)
+    if locations is not None:
+        # A locally connected layer: a distinct filter per output location.
+        per_location = product(fan_in) if fan_in is not None else None
+        count = product(locations)
+        weight_total = (
+            None
+            if per_location is None or count is None or out_channels is None
+            else per_location * out_channels * count
+        )
+        fan_text = "?" if fan_in is None else format_dims(fan_in)
+        channels = "?" if out_channels is None else str(out_channels)
+        parts = [
+            f"{fan_text} x {channels} x {format_dims(locations)}",
+            *(_term_expression(t.shape) for t in terms),
+        ]
+        total = None if weight_total is None or bias_total is None else weight_total + bias_total
+        return f"{' + '.join(parts)} = {format_count(total)}"
     if fan_in is not None and (out_channels is not None or weight_shape is None or weight_shape[0] is None):
         fan_text = format_dims(fan_in)
         weights = product(fan_in)
@@ -235,14 +258,27 @@ def analyze_conv(node: ConvNode) -> ConvLayer:
         kernel_shape=kernel,
         output_spatial=node.output_spatial,
         weight_shape=node.weight_shape,
-        weight_params=shape_params(node.weight_shape),
+        weight_params=_weight_params(node),
         bias=bias,
         followed_by=node.followed_by if kind is BiasKind.ABSENT else None,
         formula=parameter_formula(
-            geometry.fan_in, geometry.out_channels, node.weight_shape, node.bias_terms, kind
+            geometry.fan_in,
+            geometry.out_channels,
+            node.weight_shape,
+            node.bias_terms,
+            kind,
+            node.weight_locations,
         ),
         transposed=node.transposed,
     )
+
+
+def _weight_params(node: ConvNode) -> int | None:
+    if node.weight_locations is None:
+        return shape_params(node.weight_shape)
+    per_location = shape_params(node.weight_shape)
+    count = product(node.weight_locations)
+    return None if per_location is None or count is None else per_location * count
 
 
 def _sum_known(values: Iterable[int | None]) -> int | None:

@@ -90,6 +90,9 @@ class ConvNode:
     followed_by: str | None = None
     notes: tuple[str, ...] = ()
     """Reader remarks about this layer that end up in the model's warnings."""
+    weight_locations: MaybeShape = None
+    """For a locally connected layer (Keras ``LocallyConnected1D/2D``): the output extents over
+    which it holds a separate filter each; its weights are ``weight_shape`` per location."""
 
 
 @dataclass(frozen=True)

@@ -181,6 +181,25 @@ def _sniff_coreml(sample: SniffInput) -> Stage | None:
     return Stage.NAMED if sample.suffix == ".mlmodel" and sample.head[:1] == b"\x08" else None
 
 
+def _sniff_keras_archive(sample: SniffInput) -> Stage | None:
+    # A Keras 3 .keras zip starts with one of its own members (never a torch record folder).
+    if _first_zip_member(sample.head) in ("metadata.json", "config.json", "model.weights.h5"):
+        return Stage.MAGIC
+    return None
+
+
+def _sniff_tflite(sample: SniffInput) -> Stage | None:
+    from biasinspect.readers.tflite_reader import sniff_tflite
+
+    return Stage.MAGIC if sniff_tflite(sample.head) else None
+
+
+def _sniff_hdf5(sample: SniffInput) -> Stage | None:
+    from biasinspect.readers.keras_reader import sniff_hdf5
+
+    return Stage.MAGIC if sniff_hdf5(sample.head) else None
+
+
 def _sniff_onnx(sample: SniffInput) -> Stage | None:
     if sample.head and sample.head[0] in _ONNX_FIRST_BYTES:
         return Stage.STRUCTURE
@@ -208,6 +227,13 @@ FORMATS: list[FormatSpec] = [
         "openvino", _sniff_openvino, (".xml",), "biasinspect.readers.openvino_reader:read_openvino", 50
     ),
     FormatSpec("coreml", _sniff_coreml, (".mlmodel",), "biasinspect.readers.coreml_reader:read_coreml", 35),
+    FormatSpec(
+        "keras", _sniff_keras_archive, (".keras",), "biasinspect.readers.keras_reader:read_keras_archive", 8
+    ),
+    FormatSpec("tflite", _sniff_tflite, (".tflite",), "biasinspect.readers.tflite_reader:read_tflite", 45),
+    FormatSpec(
+        "keras-h5", _sniff_hdf5, (".h5", ".hdf5"), "biasinspect.readers.keras_reader:read_keras_h5", 46
+    ),
 ]
 """Every format biasinspect reads.  A new format: append one spec (its module is imported lazily)."""
 
@@ -223,7 +249,6 @@ OTHER_MAGIC = (
     (b"\x7fELF", "an ELF executable"),
     (b"BZh", "a bzip2 file"),
     (b"\xfd7zXZ", "an xz file"),
-    (b"\x89HDF", "an HDF5 file (Keras?)"),
 )
 """Content that is known not to be a model (checked after every ``MAGIC`` rule)."""
 
@@ -287,7 +312,8 @@ def sniff(head: bytes, name: str, size: int) -> FormatSpec:
     if found is not None:
         return found
     raise UnsupportedFormatError(
-        "not a recognised model format (ONNX, PyTorch zip/legacy/pickle, TorchScript, torch.export, safetensors)"
+        "not a recognised model format (ONNX, PyTorch zip/legacy/pickle, TorchScript, torch.export, "
+        "safetensors, NumPy, TFLite, Keras, OpenVINO, CoreML)"
     )
 
 

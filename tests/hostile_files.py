@@ -919,13 +919,17 @@ FUZZ_FORMATS: dict[str, str] = {
     "coreml": ".mlmodel",
     "module-tree": ".pkl",
     "archive-differential": ".pt",
+    "tflite": ".tflite",
+    "keras-h5": ".h5",
+    "keras-zip-h5": ".keras",
 }
 """Fuzzed formats and the file suffix their mutants get.  ``module-tree`` mutates pickles of deep
 (nested convs) and wide module trees; ``archive-differential`` mutates the files torch.load reads
 differently from a naive reader (two end records, zip storage blob, legacy tar, computed magic).  ``torch-zip-pickle`` mutates the
 data.pkl member of a torch zip and re-zips it (valid zip, CRCs included), so mutations reach the
 pickle reader instead of stopping at the zip layer; ``npz-member`` does the same with an .npy
-member of a Lasagne-style .npz."""
+member of a Lasagne-style .npz, and ``keras-zip-h5`` with the model.weights.h5 member of a
+``.keras`` archive (the HDF5 parser runs in the isolated child)."""
 
 
 def _numpy_params() -> list[object]:
@@ -999,6 +1003,16 @@ def fuzz_seeds(fmt: str) -> tuple[bytes, ...]:
         return (module_tree_pickle(depth=40, leaves=60), module_tree_pickle(depth=1, leaves=150))
     if fmt == "archive-differential":
         return differential_seeds()
+    if fmt == "tflite":
+        names = ("zoo_2d.tflite", "zoo_1d.tflite", "zoo_3d.tflite", "zoo_2d_int8.tflite")
+        return (seed_tflite(), *[(SAMPLES_DIR / name).read_bytes() for name in names])
+    if fmt == "keras-h5":
+        return tuple(
+            (SAMPLES_DIR / name).read_bytes() for name in ("nested_legacy.h5", "locally_connected.h5")
+        )
+    if fmt == "keras-zip-h5":
+        archive = (SAMPLES_DIR / "seed_tied.keras").read_bytes()
+        return (zipfile.ZipFile(io.BytesIO(archive)).read("model.weights.h5"),)
     raise ValueError(fmt)
 
 
@@ -1056,12 +1070,48 @@ def module_tree_pickle(depth: int, leaves: int) -> bytes:
         sys.setrecursionlimit(old_limit)
 
 
+def seed_tflite() -> bytes:
+    """A TFLite flatbuffer built in code: a conv with its bias input, a conv with an ADDed
+    constant behind DEQUANTIZE, a depthwise conv and a transposed conv."""
+    import tflite_builders as tb
+    from tflite_builders import Op, T
+
+    tensors = [
+        T("input", (1, 8, 8, 3)),
+        T("w1", (4, 3, 3, 3), const=True),
+        T("b1", (4,), const=True),
+        T("c1", (1, 6, 6, 4)),
+        T("w2", (4, 1, 1, 4), const=True),
+        T("c2", (1, 6, 6, 4)),
+        T("b2_16", (1, 6, 6, 4), tb.FLOAT16, const=True),
+        T("b2", (1, 6, 6, 4)),
+        T("a2", (1, 6, 6, 4)),
+        T("dw", (1, 3, 3, 4), const=True),
+        T("c3", (1, 4, 4, 4)),
+        T("shape", (4,), tb.INT32, const=True),
+        T("tw", (2, 3, 3, 4), const=True),
+        T("c4", (1, 6, 6, 2)),
+    ]
+    ops = [
+        Op(tb.CONV_2D, (0, 1, 2), (3,)),
+        Op(tb.CONV_2D, (3, 4, -1), (5,)),
+        Op(tb.DEQUANTIZE, (6,), (7,)),
+        Op(tb.ADD, (5, 7), (8,)),
+        Op(tb.DEPTHWISE_CONV_2D, (8, 9, -1), (10,), depth_multiplier=1),
+        Op(tb.TRANSPOSE_CONV, (11, 12, 10, -1), (13,)),
+    ]
+    return tb.single(tensors, ops)
+
+
 def finish_fuzz_case(fmt: str, mutated: bytes) -> bytes:
     """Turn mutated seed bytes into the file to inspect (re-zips a mutated data.pkl)."""
     if fmt == "torch-zip-pickle":
         return replace_zip_member(seed_torch_zip(), "/data.pkl", lambda _old: mutated)
     if fmt == "npz-member":
         return replace_zip_member(seed_numpy_files()[0], "arr_1.npy", lambda _old: mutated)
+    if fmt == "keras-zip-h5":
+        archive = (SAMPLES_DIR / "seed_tied.keras").read_bytes()
+        return replace_zip_member(archive, "model.weights.h5", lambda _old: mutated)
     return mutated
 
 

@@ -105,6 +105,17 @@ class SafeZip:
         """Declared uncompressed size of a member (KeyError if absent)."""
         return self._by_name[name].size
 
+    def stored_span(self, name: str) -> tuple[int, int] | None:
+        """``(offset, size)`` of a stored (uncompressed, unencrypted) member's bytes in the archive
+        file, for readers that hand a window of the file to a parser; ``None`` for other members.
+        KeyError if absent."""
+        entry = self._by_name[name]
+        if entry.method != _STORED or entry.flags & 0x1 or entry.compressed_size != entry.size:
+            return None
+        if entry.data_offset + entry.size > self._size:
+            raise MalformedModelError(f"truncated zip: {name!r} extends past the end of the file")
+        return entry.data_offset, entry.size
+
     def read(self, name: str, limit: int) -> bytes:
         """Decompress one member (KeyError if absent), refusing past ``limit`` or the archive caps."""
         entry = self._by_name[name]
