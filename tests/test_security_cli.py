@@ -202,6 +202,7 @@ _ALLOWED_OPENING_CALLS = {
     ("readers/files.py", "os.open"),  # open_regular_file: O_NONBLOCK, then fstat
     ("readers/files.py", "os.fdopen"),
     ("cli.py", "os.open"),  # os.devnull, to silence a broken stdout
+    ("readers/_h5worker.py", "os.open"),  # the isolated HDF5 child: O_NONBLOCK, then fstat (no imports)
     ("cli.py", "open"),  # --output: the report file the user names, written, never read
     ("dask_adapter.py", "fsspec.open"),  # the JSONL/Parquet partitions the user asks for, written only
     ("readers/onnx_core.py", "pb_path.is_file"),  # the onnx package's own file, not a user's

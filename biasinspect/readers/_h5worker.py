@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import stat
 import sys
 from typing import Any
 
@@ -36,7 +37,12 @@ class _Window(io.RawIOBase):
 
     def __init__(self, path: str, offset: int, length: int) -> None:
         super().__init__()
-        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        # The isolated child cannot import biasinspect: open_regular_file's rule, restated here
+        # (no blocking open, then the open descriptor must be a regular file).
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+        if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+            os.close(self._fd)
+            raise OSError(f"not a regular file: {path}")
         self._offset = offset
         self._length = length
         self._position = 0
