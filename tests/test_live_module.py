@@ -31,6 +31,11 @@ def _conv_totals(model: biasinspect.model.ModelReport) -> tuple[object, ...]:
         (ms.ConvTranspose, "conv_transpose.onnx", (1, 16, 8, 8)),
         (ms.Depthwise, "depthwise.onnx", (1, 8, 16, 16)),
         (ms.SmallCNN, "small_cnn.pt", (1, 3, 16, 16)),
+        (
+            lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 32, 5, bias=False), ms.SpatialBias(32, 28, 28)),
+            "separate_bias.pt",
+            (1, 3, 32, 32),
+        ),
     ],
 )
 def test_same_totals_as_the_sample_file(factory, sample, input_size):
@@ -39,8 +44,9 @@ def test_same_totals_as_the_sample_file(factory, sample, input_size):
     (saved,) = biasinspect.inspect(SAMPLES / sample).models
     assert _conv_totals(live) == _conv_totals(saved)
     assert [layer.bias.kind for layer in live.layers] == [layer.bias.kind for layer in saved.layers]
-    if saved.format == "onnx":
-        # Output sizes come from the forward pass and agree with ONNX shape inference.
+    if saved.format == "onnx" or sample == "separate_bias.pt":
+        # Output sizes come from the forward pass and agree with ONNX shape inference (and with
+        # the size the state dict's untied bias fixes).
         assert [layer.output_spatial for layer in live.layers] == [
             layer.output_spatial for layer in saved.layers
         ]
