@@ -37,6 +37,7 @@ from biasinspect.model import (
     ModelReport,
     Shape,
     Totals,
+    shape_elements,
 )
 
 _KIND_PRECEDENCE = (BiasKind.UNTIED, BiasKind.TIED, BiasKind.OTHER)
@@ -54,7 +55,7 @@ def product(dims: Iterable[Dim]) -> int | None:
 
 def shape_params(shape: MaybeShape) -> int | None:
     """Element count of a shape, ``None`` when unknown."""
-    return None if shape is None else product(shape)
+    return shape_elements(shape)
 
 
 def format_count(count: int | None) -> str:

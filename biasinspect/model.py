@@ -25,6 +25,18 @@ MaybeShape = Shape | None
 """A shape, or ``None`` when not even the rank is known."""
 
 
+def shape_elements(shape: MaybeShape) -> int | None:
+    """Element count of a shape (1 for a scalar), ``None`` when the rank or any dim is unknown."""
+    if shape is None:
+        return None
+    count = 1
+    for dim in shape:
+        if dim is None:
+            return None
+        count *= dim
+    return count
+
+
 class _StrEnum(str, enum.Enum):
     """``enum.StrEnum`` for Python 3.10: members compare and format as their value."""
 

@@ -32,7 +32,16 @@ from biasinspect.errors import (
     UnreadableFileError,
     UnsupportedFormatError,
 )
-from biasinspect.model import BiasSource, BiasTerm, ConvNode, Dim, MaybeShape, ModelDescription, Shape
+from biasinspect.model import (
+    BiasSource,
+    BiasTerm,
+    ConvNode,
+    Dim,
+    MaybeShape,
+    ModelDescription,
+    Shape,
+    shape_elements,
+)
 from biasinspect.readers.files import parse_json_object, quote
 from biasinspect.readers.wire_fields import LEN, VARINT, Span, WireReader
 from biasinspect.source import ByteSource, LocalSource
@@ -146,17 +155,6 @@ def _dim(value: int, what: str) -> int:
     if value > MAX_DIM:
         raise ResourceLimitError(f"{what}: dimension {value:,} is larger than the supported {MAX_DIM:,}")
     return value
-
-
-def _product(shape: MaybeShape) -> int | None:
-    if shape is None:
-        return None
-    count = 1
-    for dim in shape:
-        if dim is None:
-            return None
-        count *= dim
-    return count
 
 
 # -- NeuralNetwork --------------------------------------------------------------------------------
@@ -314,7 +312,7 @@ def _nn_conv(
         output_spatial=spatial,
         bias_terms=terms,
     )
-    ctx.add_params(_product(weight))
+    ctx.add_params(shape_elements(weight))
     if has_bias:
         ctx.add_params(out_channels)
     return node, ((out_channels, *spatial) if spatial is not None else None)
@@ -332,18 +330,18 @@ def _layer_params(ctx: _Context, layer: _NNLayer) -> int | None:
     if params is None:
         return 0
     if layer.kind in (_L_LOAD_CONSTANT, _L_LOAD_CONSTANT_ND, _L_BIAS):
-        return _product(_constant_shape(ctx, layer)) if _spans(wire, params, 2) else 0
+        return shape_elements(_constant_shape(ctx, layer)) if _spans(wire, params, 2) else 0
     if layer.kind == _L_BATCHNORM:
         return 4 * _scalar(wire, params, 1)
     if layer.kind == _L_SCALE:
-        scale = _product(tuple(_varints(wire, params, 1))) or 1
-        bias = (_product(tuple(_varints(wire, params, 4))) or 1) if _scalar(wire, params, 3) else 0
+        scale = shape_elements(tuple(_varints(wire, params, 1))) or 1
+        bias = (shape_elements(tuple(_varints(wire, params, 4))) or 1) if _scalar(wire, params, 3) else 0
         return scale + bias
     if layer.kind in (_L_INNER_PRODUCT, _L_EMBEDDING):
         fan_in, fan_out = _scalar(wire, params, 1), _scalar(wire, params, 2)
         return fan_in * fan_out + (fan_out if _scalar(wire, params, 10) else 0)
     if layer.kind == _L_LAYERNORM:
-        return 2 * (_product(tuple(_varints(wire, params, 1))) or 0)
+        return 2 * (shape_elements(tuple(_varints(wire, params, 1))) or 0)
     if layer.kind in _UNCOUNTED_WEIGHTED:
         return None
     return 0
@@ -551,7 +549,7 @@ def _read_block(
             if not (op.type == "const" and feeds_constexpr):
                 for _name, dtype, dims in op.outputs:
                     if dtype in _MIL_COUNTED:
-                        ctx.add_params(_product(dims))
+                        ctx.add_params(shape_elements(dims))
         for sub in op.blocks:
             _read_block(ctx, sub, f"{prefix}{op.name}/", dict(types), depth + 1)
         if op.type in _MIL_CONVS:

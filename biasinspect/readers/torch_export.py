@@ -34,7 +34,7 @@ from biasinspect.errors import (
     UnsupportedFormatError,
 )
 from biasinspect.limits import MAX_JSON_BYTES, MAX_MODEL_INT
-from biasinspect.model import BiasSource, BiasTerm, ConvNode, MaybeShape, ModelDescription
+from biasinspect.model import BiasSource, BiasTerm, ConvNode, MaybeShape, ModelDescription, shape_elements
 from biasinspect.readers.archive import Archive
 from biasinspect.readers.files import parse_json_object
 
@@ -586,22 +586,11 @@ def _resolve(
         if source is None:
             return None
         if strict:
-            before = _numel(_shape(current_scope, source))
-            if before is None or before != _numel(_shape(current_scope, current)):
+            before = shape_elements(_shape(current_scope, source))
+            if before is None or before != shape_elements(_shape(current_scope, current)):
                 return None
         current = source
     return None
-
-
-def _numel(shape: MaybeShape) -> int | None:
-    if shape is None:
-        return None
-    count = 1
-    for dim in shape:
-        if dim is None:
-            return None
-        count *= dim
-    return count
 
 
 def _split_stack_entry(entry: str) -> list[str]:
@@ -873,7 +862,7 @@ def _describe(
                 f"{member}: parameter '{placeholder.stored_name}' (placeholder '{tensor}') "
                 "has no entry in graph.tensor_values"
             )
-        count = _numel(_shape(root, tensor))
+        count = shape_elements(_shape(root, tensor))
         if count is None:
             warnings.append(f"parameter '{placeholder.stored_name}' has a symbolic size; model total unknown")
             model_params = None
