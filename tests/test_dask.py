@@ -119,16 +119,23 @@ def test_cli_dask_scheduler_equals_serial(client: Client, folder: Path) -> None:
 
 
 class CpuLimit(WorkerPlugin):
-    """Gives each worker process a CPU-time limit 1 s above what it has used, so that reading a
-    file that needs more gets the worker killed by the kernel (SIGXCPU): a real worker death."""
+    """Gives each worker process a CPU-time limit 2 s above what it has used once the readers are
+    imported, so that reading a file that needs more (the 5-second pickle) gets the worker killed
+    by the kernel (SIGXCPU): a real worker death.  A worker restarted after that death must still
+    read a small ONNX file within its budget, imports included, hence the warm-up first."""
 
     name = "cpu-limit"
 
     def setup(self, worker: object) -> None:
+        import biasinspect.api
+        import biasinspect.readers.onnx_reader
+        import biasinspect.readers.torch_reader
+
+        biasinspect.readers.onnx_reader._onnx()  # onnx's own import, the costliest part
         usage = resource.getrusage(resource.RUSAGE_SELF)
         _, hard = resource.getrlimit(resource.RLIMIT_CPU)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        resource.setrlimit(resource.RLIMIT_CPU, (int(usage.ru_utime + usage.ru_stime) + 1, hard))
+        resource.setrlimit(resource.RLIMIT_CPU, (int(usage.ru_utime + usage.ru_stime) + 2, hard))
 
     def teardown(self, worker: object) -> None:
         _, hard = resource.getrlimit(resource.RLIMIT_CPU)
