@@ -172,6 +172,15 @@ def inspect_candidate(candidate: Candidate, contain_bugs: bool) -> FileOutcome:
     return FileOutcome(candidate, models=models, companions=tuple(sorted(companions)))
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (the ``--jobs`` default); here rather than in
+    :mod:`biasinspect.parallel`, whose multiprocessing import a serial run never pays."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def iter_outcomes(
     candidates: Sequence[Candidate], *, contain_bugs: bool, jobs: int = 1, command_line: bool = False
 ) -> Iterator[FileOutcome]:

@@ -234,7 +234,7 @@ def _build_diff_parser() -> argparse.ArgumentParser:
 def _run_diff(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
     from biasinspect.api import inspect_paths_for_cli
     from biasinspect.diff import diff_models
-    from biasinspect.readers.onnx_reader import allow_light_onnx_import
+    from biasinspect.readers.onnx_core import allow_light_onnx_import
     from biasinspect.render_diff import render_diff
 
     args = _build_diff_parser().parse_args(list(argv))
@@ -309,7 +309,7 @@ def _policy_failures(report: Report, kinds: set[str]) -> list[str]:
 
 def _run_inspect(argv: Sequence[str], stdout: TextIO, stderr: TextIO) -> int:
     from biasinspect.api import plan
-    from biasinspect.readers.onnx_reader import allow_light_onnx_import
+    from biasinspect.readers.onnx_core import allow_light_onnx_import
 
     args = _build_inspect_parser().parse_args(list(argv))
     allow_light_onnx_import()  # this process is ours: skip the parts of `import onnx` we never use
@@ -354,10 +354,9 @@ def _outcomes(candidates: list[Candidate], jobs: int | None, scheduler: str | No
         from biasinspect.dask_adapter import iter_outcomes_on_scheduler
 
         return iter_outcomes_on_scheduler(scheduler, candidates)
-    from biasinspect.api import iter_outcomes
-    from biasinspect.parallel import default_jobs
+    from biasinspect.api import available_cores, iter_outcomes
 
-    workers = default_jobs() if jobs is None else jobs
+    workers = available_cores() if jobs is None else jobs
     return iter_outcomes(candidates, contain_bugs=True, jobs=workers, command_line=True)
 
 

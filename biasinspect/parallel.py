@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.context
-import os
 import signal
 import threading
 from collections import deque
@@ -29,7 +28,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, 
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import Connection
 
-from biasinspect.api import Candidate, FileOutcome, inspect_candidate
+from biasinspect.api import Candidate, FileOutcome, available_cores, inspect_candidate
 from biasinspect.model import InspectionFailure
 
 _WINDOW_PER_JOB = 4
@@ -44,10 +43,7 @@ so that every worker gets some."""
 
 def default_jobs() -> int:
     """The number of CPU cores this process may run on (``--jobs`` default)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    return available_cores()
 
 
 def is_remote(path: str) -> bool:
