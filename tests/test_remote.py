@@ -376,3 +376,22 @@ def test_s3_prefix_scan_reports_every_model(models: Path, s3_bucket: str) -> Non
 def test_s3_missing_object_is_one_line(s3_bucket: str) -> None:
     url = f"{s3_bucket}/missing.safetensors"
     assert _run(url) == (2, "", f"biasinspect: {url}: not found\n")
+
+
+def test_urls_read_in_threads_by_a_fresh_process(web: WebServer) -> None:
+    """``--jobs`` reads URLs in threads: the first (light) onnx import must happen once, not half
+    way in two threads (it used to give 'internal error ... no attribute onnx_ml_pb2').  A fresh
+    process, since this one imported onnx long ago."""
+    import subprocess
+    import sys
+
+    urls = [f"{web.url('inline.onnx')}?copy={index}" for index in range(12)]
+    result = subprocess.run(
+        [sys.executable, "-m", "biasinspect", *urls, "--jobs", "4", "-f", "jsonl", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.count('"type": "model"') == 12

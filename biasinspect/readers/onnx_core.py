@@ -7,6 +7,7 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,8 +128,20 @@ def _load_onnx_core() -> _OnnxApi | None:
     return _OnnxApi(pb=loaded[0], infer=loaded[1].shape_inference.infer_shapes)
 
 
+_onnx_lock = threading.Lock()
+"""URLs are read in threads (``--jobs``): the first load must happen once, not half-way twice
+(a second thread would otherwise see a partly imported ``onnx`` package)."""
+
+
 def _onnx() -> _OnnxApi:
-    """The onnx pieces the reader needs, loaded once."""
+    """The onnx pieces the reader needs, loaded once (thread-safe)."""
+    if _onnx_api is not None:
+        return _onnx_api
+    with _onnx_lock:
+        return _load_once()
+
+
+def _load_once() -> _OnnxApi:
     global _onnx_api
     if _onnx_api is None:
         api = None
