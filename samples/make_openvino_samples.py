@@ -8,6 +8,8 @@ repository root: ``python samples/make_openvino_samples.py``.  Writes ``samples/
   layer;
 * ``conv_bn.xml/.bin``: ``samples/conv_bn.onnx`` converted the same way (the BatchNorm is
   folded into the conv: a tied bias in the IR);
+* ``depthwise.xml/.bin``: ``samples/depthwise.onnx`` converted the same way (a GroupConvolution
+  and a pointwise Convolution, each with its bias Add);
 * ``patterns.xml/.bin``: one graph built with the opset API holding every bias pattern the
   reader handles (a bias-free conv followed by BatchNormInference, a grouped transposed conv
   with a tied bias, int8 weights behind a Convert/Subtract/Multiply dequantization subgraph
@@ -89,6 +91,8 @@ def main() -> None:
     # The converter folds the BatchNormalization after this bias-free conv into its weights
     # and a [1, C, 1, 1] Add: absent in the ONNX file, tied in the IR.
     ov.save_model(ov.convert_model(str(HERE / "conv_bn.onnx")), str(OUT / "conv_bn.xml"))
+    # A depthwise conv becomes a GroupConvolution (weights [G, C_out/G, C_in/G, kH, kW]).
+    ov.save_model(ov.convert_model(str(HERE / "depthwise.onnx")), str(OUT / "depthwise.xml"))
     ov.save_model(patterns(), str(OUT / "patterns.xml"), compress_to_fp16=False)
     for path in sorted(OUT.iterdir()):
         print(path.relative_to(HERE.parent), path.stat().st_size)

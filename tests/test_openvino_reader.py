@@ -60,6 +60,20 @@ def test_openvino_folds_the_batchnorm_of_a_bias_free_conv():
     assert model.totals.model_params == 224
 
 
+def test_depthwise_converted_by_openvino_is_a_group_convolution():
+    model = _only_model(OPENVINO / "depthwise.xml")
+    rows = [
+        (layer.name, layer.op, layer.groups, layer.weight_shape, layer.bias.kind, layer.bias.params)
+        for layer in model.layers
+    ]
+    assert rows == [
+        ("/depthwise/Conv", "GroupConvolution", 8, (8, 1, 3, 3), BiasKind.TIED, 8),
+        ("/pointwise/Conv", "Convolution", 1, (16, 8, 1, 1), BiasKind.TIED, 16),
+    ]
+    (onnx_model,) = biasinspect.inspect(SAMPLES / "depthwise.onnx").models
+    assert model.totals == onnx_model.totals
+
+
 def test_every_pattern_in_the_opset_built_model():
     model = _only_model(OPENVINO / "patterns.xml")
     rows = [
