@@ -181,6 +181,14 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _in_daemon_process() -> bool:
+    """A daemonic process (a multiprocessing worker that calls biasinspect) may not start the
+    worker processes of a pool: it reads serially instead."""
+    import multiprocessing
+
+    return bool(multiprocessing.current_process().daemon)
+
+
 def iter_outcomes(
     candidates: Sequence[Candidate], *, contain_bugs: bool, jobs: int = 1, command_line: bool = False
 ) -> Iterator[FileOutcome]:
@@ -188,7 +196,7 @@ def iter_outcomes(
     read) reads them one after the other in this process, with no pool to start; more uses
     :func:`biasinspect.parallel.ordered_outcomes` (``command_line``: only the CLI's own process)."""
     to_read = sum(1 for candidate in candidates if candidate.problem is None)
-    if jobs > 1 and to_read > 1:
+    if jobs > 1 and to_read > 1 and not _in_daemon_process():
         from biasinspect.parallel import ordered_outcomes
 
         return ordered_outcomes(candidates, contain_bugs=contain_bugs, jobs=jobs, command_line=command_line)

@@ -261,3 +261,26 @@ def test_jsonl_holds_back_folder_scan_failures_until_the_data_files_are_known(tm
         assert code == 2
         assert err.count("\n") == 1
         assert "0_stray.bin" in err
+
+
+def _report_in_daemon(paths: list[str], queue: object) -> None:
+    report = biasinspect.inspect(*paths, jobs=2)
+    queue.put((len(report.models), len(report.errors)))  # type: ignore[attr-defined]
+
+
+def test_a_daemonic_caller_reads_serially_instead_of_failing() -> None:
+    """A multiprocessing worker (daemonic) may not start a pool's processes: ``jobs`` then reads
+    serially rather than raising 'daemonic processes are not allowed to have children'."""
+    import multiprocessing
+
+    samples = Path(__file__).resolve().parent.parent / "samples"
+    paths = [str(samples / "seed_tied.onnx"), str(samples / "seed_untied.onnx")]
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    worker = context.Process(target=_report_in_daemon, args=(paths, queue), daemon=True)
+    worker.start()
+    try:
+        assert queue.get(timeout=120) == (2, 0)
+    finally:
+        worker.join(timeout=30)
+    assert worker.exitcode == 0
