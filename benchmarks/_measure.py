@@ -151,6 +151,29 @@ def verdict(ok: bool, text: str) -> str:
     return f"{'PASS' if ok else 'FAIL'}  {text}"
 
 
+def print_loader_verdicts(
+    what: str, ours: Series, loader: Series, loader_name: str, wall_ratio_goal: float, rss_goal_bytes: int
+) -> bool:
+    """Print the two goal lines of biasinspect against a framework's loader (speed-up and peak
+    RSS); True when both pass."""
+    ratio = loader.median_wall / ours.median_wall
+    checks = (
+        (
+            ratio >= wall_ratio_goal,
+            f"{what}: biasinspect {ours.median_wall:.3f} s vs {loader_name} {loader.median_wall:.3f} s "
+            f"= {ratio:.1f}x faster (goal >= {wall_ratio_goal:.0f}x)",
+        ),
+        (
+            ours.max_rss <= rss_goal_bytes,
+            f"{what}: biasinspect peak RSS {ours.max_rss / MIB:.1f} MiB (goal <= {rss_goal_bytes / MIB:.0f} MiB; "
+            f"loader {loader.max_rss / MIB:.1f} MiB)",
+        ),
+    )
+    for ok, text in checks:
+        print(verdict(ok, text))
+    return all(ok for ok, _text in checks)
+
+
 _ZEROS = bytes(8 * MIB)
 
 

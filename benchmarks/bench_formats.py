@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _measure import MIB, Series, alternate, check_vgg19_report, child_env, print_table, verdict
+from _measure import MIB, Series, alternate, check_vgg19_report, child_env, print_loader_verdicts, print_table
 
 WALL_RATIO_GOAL = 3.0
 RSS_GOAL_BYTES = 150 * MIB
@@ -141,21 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         failed = False
         for suffix, series in ours.items():
             loader = loaders[suffix]
-            ratio = loader.median_wall / series.median_wall
-            for ok, text in (
-                (
-                    ratio >= WALL_RATIO_GOAL,
-                    f"{suffix}: biasinspect {series.median_wall:.3f} s vs {loader.label} "
-                    f"{loader.median_wall:.3f} s = {ratio:.1f}x faster (goal >= {WALL_RATIO_GOAL:.0f}x)",
-                ),
-                (
-                    series.max_rss <= RSS_GOAL_BYTES,
-                    f"{suffix}: biasinspect peak RSS {series.max_rss / MIB:.1f} MiB (goal <= "
-                    f"{RSS_GOAL_BYTES / MIB:.0f} MiB; loader {loader.max_rss / MIB:.1f} MiB)",
-                ),
-            ):
-                failed |= not ok
-                print(verdict(ok, text))
+            failed |= not print_loader_verdicts(
+                suffix, series, loader, loader.label, WALL_RATIO_GOAL, RSS_GOAL_BYTES
+            )
         return 1 if failed else 0
     finally:
         if args.keep:

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _measure import MIB, Series, alternate, check_vgg19_report, print_table, verdict
+from _measure import MIB, Series, alternate, check_vgg19_report, print_loader_verdicts, print_table
 from bench_onnx import VGG19_CLASSIFIER, VGG19_FEATURES
 
 os.environ.setdefault("OV_TELEMETRY_DISABLE", "1")
@@ -152,17 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         print()
         failed = False
         for kind, (ours, base) in pairs.items():
-            ratio = base.median_wall / ours.median_wall
-            for ok, text in (
-                (ratio >= WALL_RATIO_GOAL,
-                 f"{kind}: biasinspect {ours.median_wall:.3f} s vs {base.label.split(' ')[0]} {base.median_wall:.3f} s "
-                 f"= {ratio:.1f}x faster (goal >= {WALL_RATIO_GOAL:.0f}x)"),
-                (ours.max_rss <= RSS_GOAL_BYTES,
-                 f"{kind}: biasinspect peak RSS {ours.max_rss / MIB:.1f} MiB (goal <= {RSS_GOAL_BYTES / MIB:.0f} MiB; "
-                 f"loader {base.max_rss / MIB:.1f} MiB)"),
-            ):  # fmt: skip
-                failed |= not ok
-                print(verdict(ok, text))
+            loader_name = base.label.split(" ")[0]
+            failed |= not print_loader_verdicts(
+                kind, ours, base, loader_name, WALL_RATIO_GOAL, RSS_GOAL_BYTES
+            )
         return 1 if failed else 0
     finally:
         if args.keep:
