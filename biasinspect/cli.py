@@ -39,14 +39,19 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _split_kinds(value: str) -> list[str]:
-    kinds = [part.strip().lower() for part in value.split(",") if part.strip()]
-    unknown = [kind for kind in kinds if kind not in POLICY_KINDS]
-    if unknown or not kinds:
+def _word_list(value: str, choices: Sequence[str], what: str) -> list[str]:
+    """A comma-separated list of words from ``choices`` (an argparse type for repeatable options)."""
+    words = [part.strip().lower() for part in value.split(",") if part.strip()]
+    unknown = [word for word in words if word not in choices]
+    if unknown or not words:
         raise argparse.ArgumentTypeError(
-            f"invalid kind {', '.join(unknown) or repr(value)} (choose from {', '.join(POLICY_KINDS)})"
+            f"invalid {what} {', '.join(unknown) or repr(value)} (choose from {', '.join(choices)})"
         )
-    return kinds
+    return words
+
+
+def _split_kinds(value: str) -> list[str]:
+    return _word_list(value, POLICY_KINDS, "kind")
 
 
 def _build_inspect_parser() -> argparse.ArgumentParser:
@@ -188,13 +193,7 @@ DIFF_CHANGE_KINDS = ("kind", "params", "weight_shape", "only_source", "only_expo
 
 
 def _split_change_kinds(value: str) -> list[str]:
-    kinds = [part.strip().lower() for part in value.split(",") if part.strip()]
-    unknown = [kind for kind in kinds if kind not in DIFF_CHANGE_KINDS]
-    if unknown or not kinds:
-        raise argparse.ArgumentTypeError(
-            f"invalid change {', '.join(unknown) or repr(value)} (choose from {', '.join(DIFF_CHANGE_KINDS)})"
-        )
-    return kinds
+    return _word_list(value, DIFF_CHANGE_KINDS, "change")
 
 
 def _build_diff_parser() -> argparse.ArgumentParser:
